@@ -1,0 +1,1 @@
+"""Code both sides use: models, data, prompts, retrieval, metrics and the methods' math."""

@@ -1,0 +1,112 @@
+"""LaMP-style per-author tasks from the HuffPost News Category dataset.
+
+An author is a user. Their articles, sorted by date (file order breaks ties), are split in
+time as LaMP does: the latest ``queries_per_user`` are queries, the earlier ones history.
+``news-headline`` asks for the headline of an article (LaMP-4 style); ``news-category`` for its
+category (LaMP-2N style) over the sorted, lowercased categories of the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from shared.data.base import InMemoryDataset
+from shared.errors import PflError
+from shared.tasks import NEWS_HEADLINE, TaskSpec, news_category
+from shared.types import HistoryItem, Query, User
+
+FILENAME = "News_Category_Dataset_v3.jsonl"
+KEYS = ("headline", "category", "short_description", "authors", "date")
+
+
+def author_id(author: str) -> str:
+    """A stable pseudonym for an author name."""
+    return "hp-" + hashlib.sha256(author.encode("utf-8")).hexdigest()[:10]
+
+
+def _item_id(article: dict, line_no: int) -> str:
+    link = str(article.get("link") or "")
+    return hashlib.sha256(link.encode()).hexdigest()[:12] if link else f"line{line_no}"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """The .jsonl file for a file or a directory holding :data:`FILENAME`."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / FILENAME
+        if not p.is_file():
+            raise PflError(f"no {FILENAME} in directory {path}")
+    elif not p.is_file():
+        raise PflError(f"HuffPost data not found: {path}")
+    return p
+
+
+def read_articles(path: Path) -> list[tuple[int, dict]]:
+    """(line number, article) for every non-blank line; PflError on bad JSON or missing keys."""
+    articles = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                article = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PflError(f"{path}: invalid JSON at line {line_no} column {e.colno}: "
+                               f"{e.msg}") from None
+            if not isinstance(article, dict):
+                raise PflError(f"{path}: line {line_no} is not a JSON object")
+            missing = [k for k in KEYS if k not in article]
+            if missing:
+                raise PflError(f"{path}: line {line_no} lacks {', '.join(missing)} "
+                               f"(expected HuffPost keys {', '.join(KEYS)})")
+            articles.append((line_no, article))
+    return articles
+
+
+def load_huffpost(path: str | Path, task: str = "news-headline", *, min_history: int = 10,
+                  queries_per_user: int = 1) -> InMemoryDataset:
+    """Per-author users of ``task`` ("news-headline" or "news-category") from ``path``.
+
+    Authors with fewer than ``min_history`` history items are dropped; users are ordered by
+    history size (descending), then id.
+    """
+    if task not in ("news-headline", "news-category"):
+        raise PflError(f"unknown HuffPost task {task!r}; known: news-headline, news-category")
+    if queries_per_user < 1:
+        raise PflError(f"queries_per_user must be at least 1, got {queries_per_user}")
+    file = resolve_path(path)
+    articles = read_articles(file)
+    labels = tuple(sorted({str(a["category"]).strip().lower() for _, a in articles}))
+    spec: TaskSpec = NEWS_HEADLINE if task == "news-headline" else news_category(labels)
+
+    by_author: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    for line_no, a in articles:
+        author = str(a["authors"] or "").strip()
+        if author and str(a["short_description"] or "").strip():
+            by_author[author].append((line_no, a))
+
+    users = []
+    for author, items in by_author.items():
+        items.sort(key=lambda la: (str(la[1]["date"]), la[0]))  # by date, then file order
+        if len(items) - queries_per_user < min_history:
+            continue
+        users.append(_user(spec, author, items, queries_per_user))
+    users.sort(key=lambda u: (-len(u.history), u.id))
+    return InMemoryDataset(spec, users, f"huffpost/{spec.name}")
+
+
+def _user(spec: TaskSpec, author: str, items: list[tuple[int, dict]], n_queries: int) -> User:
+    def fields(a: dict) -> dict[str, str]:
+        return {"text": str(a["short_description"]).strip(), "title": str(a["headline"]).strip(),
+                "category": str(a["category"]).strip().lower()}
+
+    split = len(items) - n_queries
+    history = tuple(HistoryItem(_item_id(a, n), fields(a)) for n, a in items[:split])
+    queries = []
+    for n, a in items[split:]:
+        f = fields(a)
+        queries.append(Query(_item_id(a, n), spec.format_input(f["text"]), f[spec.output_field]))
+    return User(author_id(author), history, tuple(queries))

@@ -1,0 +1,85 @@
+"""Metrics exactly as LaMP's evaluation computes them.
+
+- Classification (LaMP-1, LaMP-2, news-category): the stripped prediction must match a label
+  exactly, else it is invalid (index -1). Accuracy, and macro F1 over the label list only, so
+  an invalid prediction costs recall of the gold label and adds no false positive to any label.
+- Rating (LaMP-3, synthetic): float(prediction); an unparsable prediction becomes whichever of
+  1 and 5 is farther from the gold. MAE and RMSE.
+- Generation (LaMP-4/5/6/7, news-headline): ROUGE-1 and ROUGE-L F-measure (rouge-score, no
+  stemmer), averaged over queries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from rouge_score import rouge_scorer
+from sklearn.metrics import accuracy_score, f1_score
+
+from shared.tasks import TaskSpec
+
+#: Which way each metric improves (for tables and comparisons).
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "mae": False, "rmse": False,
+                    "rouge-1": True, "rouge-L": True}
+
+
+def label_index(prediction: str, labels: Sequence[str]) -> int:
+    """LaMP's mapping: exact match of the stripped text into the label list, else -1."""
+    text = prediction.strip()
+    return labels.index(text) if text in labels else -1
+
+
+def classification_metrics(predictions: Sequence[str], golds: Sequence[str],
+                           labels: Sequence[str]) -> dict[str, float]:
+    labels = list(labels)
+    pred_idx = [label_index(p, labels) for p in predictions]
+    gold_idx = [label_index(g, labels) for g in golds]
+    if -1 in gold_idx:
+        bad = golds[gold_idx.index(-1)]
+        raise ValueError(f"gold label {bad!r} is not in the task's label list")
+    return {
+        "accuracy": float(accuracy_score(gold_idx, pred_idx)),
+        "f1": float(f1_score(gold_idx, pred_idx, labels=list(range(len(labels))),
+                             average="macro", zero_division=0)),
+    }
+
+
+def parse_rating(prediction: str, gold: float) -> float:
+    """float(prediction), or the one of 1 and 5 farther from the gold when unparsable."""
+    try:
+        value = float(prediction.strip())
+        if math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    return 1.0 if abs(1.0 - gold) > abs(5.0 - gold) else 5.0
+
+
+def rating_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    gold_values = [float(g) for g in golds]
+    errors = [parse_rating(p, g) - g for p, g in zip(predictions, gold_values)]
+    return {"mae": sum(abs(e) for e in errors) / len(errors),
+            "rmse": math.sqrt(sum(e * e for e in errors) / len(errors))}
+
+
+_SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+
+
+def generation_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    scores = [_SCORER.score(target=g, prediction=p) for p, g in zip(predictions, golds)]
+    return {"rouge-1": sum(s["rouge1"].fmeasure for s in scores) / len(scores),
+            "rouge-L": sum(s["rougeL"].fmeasure for s in scores) / len(scores)}
+
+
+def evaluate(task: TaskSpec, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """The task's LaMP metrics for paired predictions and golds."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds")
+    if not golds:
+        raise ValueError("no predictions to evaluate")
+    if task.kind == "classification":
+        return classification_metrics(predictions, golds, task.labels)
+    if task.kind == "rating":
+        return rating_metrics(predictions, golds)
+    return generation_metrics(predictions, golds)

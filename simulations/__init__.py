@@ -1,0 +1,1 @@
+"""Entry points (the ``pfl`` CLI), simulation configs, benchmarks and result reports."""

@@ -1,0 +1,197 @@
+"""The ``pfl`` command.
+
+    pfl eval        evaluate methods on target users (in-process, one base model)
+    pfl data stats  users, queries and history sizes of a task's data
+    pfl bench model forward and training throughput of a model
+
+A problem the user can fix prints ``pfl: error: ...`` on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from shared.errors import PflError
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _write_json(path: str, payload: dict) -> None:
+    out = Path(path)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_eval(args) -> int:
+    from simulations.evaluate import EvalConfig, run_eval
+    from simulations.report import results_table
+
+    config = EvalConfig(task=args.task, data=args.data, methods=_csv(args.methods),
+                        model=args.model, users=args.users, seed=args.seed,
+                        batch_size=args.batch_size, device=args.device,
+                        cache_dir=args.cache_dir, min_history=args.min_history,
+                        progress=not args.quiet, sample=args.sample)
+    results = run_eval(config)
+    print(results_table(results))
+    if args.out:
+        _write_json(args.out, results)
+        print(f"results written to {args.out}")
+    return 0
+
+
+def _infer_task(path_or_task: str, task: str | None) -> tuple[str, str | None]:
+    """(task, path) from ``pfl data stats``' argument: a task name or a data path."""
+    from shared.tasks import TASK_NAMES, lamp_task
+
+    if task:
+        return task, path_or_task
+    names = {n.lower() for n in TASK_NAMES}
+    if path_or_task.lower() in names:
+        return path_or_task, None
+    path = Path(path_or_task)
+    if not path.exists():
+        raise PflError(f"{path_or_task!r} is neither a task ({', '.join(TASK_NAMES)}) "
+                       "nor an existing path")
+    if path.suffix == ".jsonl" or (path.is_dir() and any(path.glob("*.jsonl"))):
+        return "news-headline", path_or_task
+    for part in reversed(path.resolve().parts):
+        try:
+            return lamp_task(part).name, path_or_task
+        except PflError:
+            continue
+    raise PflError(f"cannot tell the task of {path_or_task}: pass --task")
+
+
+def cmd_data_stats(args) -> int:
+    from shared.data import dataset_stats, format_stats, load_dataset
+
+    task, path = _infer_task(args.path_or_task, args.task)
+    dataset = load_dataset(task, path, split=args.split, min_history=args.min_history,
+                           num_users=args.num_users)
+    stats = dataset_stats(dataset)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_bench_model(args) -> int:
+    from simulations.bench_model import bench_model, bench_table
+
+    result = bench_model(args.model, batch_sizes=args.batch_sizes, seq_len=args.seq_len,
+                         target_len=args.target_len, repeats=args.repeats, device=args.device,
+                         cache_dir=args.cache_dir)
+    print(bench_table(result))
+    if args.out:
+        _write_json(args.out, result)
+        print(f"results written to {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------- parser
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="smollm2-135m (default, embedded), tiny, or a local HF checkpoint path")
+    parser.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where converted weights are cached (default $PFL_CACHE_DIR "
+                             "or ~/.cache/pfl)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pfl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ev = commands.add_parser("eval", help="evaluate methods on target users",
+                             description="Personalize each target user with each method, "
+                                         "answer their queries, print a table, write JSON.")
+    ev.add_argument("--task", required=True,
+                    help="news-headline, news-category, synthetic, LaMP-1..LaMP-7, LaMP-2N")
+    ev.add_argument("--data", default=None,
+                    help="data path (HuffPost folder or .jsonl, LaMP questions file or folder)")
+    ev.add_argument("--methods", default="nonpersonalized,rag1,pag",
+                    help="comma-separated method names, e.g. nonpersonalized,random1,rag1,rag2,"
+                         "rag4,pag,pag+rag1 (default: %(default)s)")
+    ev.add_argument("--users", type=int, default=20, help="number of target users (default 20)")
+    ev.add_argument("--min-history", type=int, default=None,
+                    help="minimum history items per user (default: the task's; HuffPost 10)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    ev.add_argument("--sample", action="store_true",
+                    help="sample (T=0.1, top-k 10, top-p 0.9) instead of greedy decoding")
+    ev.add_argument("--out", default=None, help="write the results JSON here")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_options(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    data = commands.add_parser("data", help="inspect data").add_subparsers(
+        dest="data_command", metavar="SUBCOMMAND", required=True)
+    stats = data.add_parser("stats", help="users, queries and history items per user")
+    stats.add_argument("path_or_task", help="a task name (synthetic) or a data path")
+    stats.add_argument("--task", default=None, help="the task, when the path does not tell")
+    stats.add_argument("--split", default="dev", help="LaMP split: train, dev or test")
+    stats.add_argument("--min-history", type=int, default=None,
+                       help="minimum history items per user (default: the task's)")
+    stats.add_argument("--num-users", type=int, default=1000, help="synthetic: number of users")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(func=cmd_data_stats)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", metavar="SUBCOMMAND", required=True)
+    bm = bench.add_parser("model", help="forward / training tokens per second")
+    bm.add_argument("--batch-sizes", type=_ints, default=[1, 4, 8])
+    bm.add_argument("--seq-len", type=int, default=128)
+    bm.add_argument("--target-len", type=int, default=8)
+    bm.add_argument("--repeats", type=int, default=3)
+    bm.add_argument("--out", default=None, help="write the results JSON here")
+    _model_options(bm)
+    bm.set_defaults(func=cmd_bench_model)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except PflError as exc:
+        print(f"pfl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pfl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""In-process evaluation of methods on the same base model and the same target users.
+
+For each method: the core prepares (collective work), then each target user is personalized
+from their own history (timed), their queries are answered with greedy decoding, and the
+task's LaMP metrics are computed over all queries. PAG profiles are generated once per user
+per run and shared by every method that uses them (their generation time is charged to each
+such method's per-user time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from shared.data import load_dataset
+from shared.generation import GenerationConfig, generate
+from shared.methods import registry  # noqa: F401  (registers every core)
+from shared.methods.base import (Core, MethodSpec, PersonalState, PromptAugmentation, Runtime,
+                                 parse_method)
+from shared.metrics import evaluate
+from shared.models import load_model
+from shared.profiles import generate_profiles
+from shared.prompts import build_prompt
+from shared.retrieval import BM25Retriever, random_k
+from shared.types import User
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("nonpersonalized", "random1", "rag1", "rag2", "rag4", "pag", "pag+rag1")
+
+
+@dataclass
+class EvalConfig:
+    task: str
+    data: str | None = None
+    methods: Sequence[str] = DEFAULT_METHODS
+    model: str | None = None
+    users: int = 20
+    seed: int = 0
+    batch_size: int = 8
+    device: str | None = None
+    cache_dir: str | None = None
+    min_history: int | None = None  # None: the task's default
+    progress: bool = True
+    sample: bool = False
+    options: dict = field(default_factory=dict)
+
+
+def augmented_prompts(runtime: Runtime, user: User, augmentation: PromptAugmentation,
+                      profile: str | None) -> list[str]:
+    """The prompt of each of the user's queries under a prompt augmentation."""
+    task = runtime.task
+    retriever = BM25Retriever(task, user.history) if augmentation.retrieval == "bm25" else None
+    prompts = []
+    for query in user.queries:
+        retrieved: list = []
+        if retriever is not None:
+            retrieved = retriever.top_k(task.retrieval_query(query.input), augmentation.k)
+        elif augmentation.retrieval == "random":
+            retrieved = random_k(user.history, augmentation.k, f"{runtime.seed}-{user.id}-{query.id}")
+        prompts.append(build_prompt(query.input, profile=profile if augmentation.profile else None,
+                                    retrieved=retrieved, task=task))
+    return prompts
+
+
+def _profile_bytes(profile: str | None) -> int:
+    return len(profile.encode("utf-8")) if profile else 0
+
+
+def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequence[User],
+                    profiles: dict[str, str], profile_seconds: float,
+                    generation: GenerationConfig) -> dict:
+    """Personalize every target with one method, answer its queries, score them."""
+    core: Core = spec.make_core()
+    augmentation = spec.augmentation
+    started = time.perf_counter()
+    core.prepare(runtime, dataset, augmentation)
+    prepare_seconds = time.perf_counter() - started
+
+    states: list[PersonalState] = []
+    seconds: list[float] = []
+    prompts_per_user: list[list[str]] = []
+    for user in tqdm(targets, desc=f"{spec.name}: personalize", disable=not runtime.progress,
+                     leave=False):
+        profile = profiles.get(user.id) if augmentation.profile else None
+        t0 = time.perf_counter()
+        state = core.personalize(runtime, user, augmentation, profile)
+        prompts_per_user.append(augmented_prompts(runtime, user, augmentation, profile))
+        seconds.append(time.perf_counter() - t0 + (profile_seconds if augmentation.profile else 0))
+        state.bytes += _profile_bytes(profile)
+        states.append(state)
+
+    predictions: list[str] = []
+    if core.shared_model:  # one model for all: batch every user's queries together
+        flat = [p for prompts in prompts_per_user for p in prompts]
+        with core.model_for(runtime, states[0] if states else PersonalState()) as model:
+            predictions = generate(model, runtime.tokenizer, flat, generation,
+                                   desc=f"{spec.name}: generate", progress=runtime.progress)
+    else:
+        for user, state, prompts in zip(targets, states, prompts_per_user):
+            with core.model_for(runtime, state) as model:
+                predictions += generate(model, runtime.tokenizer, prompts, generation,
+                                        progress=False)
+    golds = [q.gold for user in targets for q in user.queries]
+    n = max(1, len(targets))
+    return {
+        "metrics": evaluate(runtime.task, predictions, golds),
+        "params_per_user": sum(s.params for s in states) / n,
+        "bytes_per_user": sum(s.bytes for s in states) / n,
+        "seconds_per_user": sum(seconds) / n,
+        "prepare_seconds": prepare_seconds,
+        "examples": [{"user": u.id, "query": q.id, "prediction": p, "gold": q.gold}
+                     for (u, q), p in zip(((u, q) for u in targets for q in u.queries),
+                                          predictions)][:5],
+    }
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """Evaluate ``config.methods`` on ``config.users`` target users; returns the results dict."""
+    specs = [parse_method(m) for m in config.methods]  # fail fast on a bad name
+    dataset = load_dataset(config.task, config.data, min_history=config.min_history,
+                           seed=config.seed)
+    targets = [u for u in dataset.users(limit=config.users)]
+    missing = [u.id for u in targets if any(q.gold is None for q in u.queries)]
+    if missing:
+        from shared.errors import PflError
+        raise PflError(f"{len(missing)} users have queries without gold outputs "
+                       f"(e.g. {missing[0]}): evaluate on a split with outputs")
+    loaded = load_model(config.model, device=config.device, cache=config.cache_dir,
+                        seed=config.seed)
+    runtime = Runtime(loaded=loaded, task=dataset.task, seed=config.seed,
+                      progress=config.progress, options=dict(config.options))
+    generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens,
+                                  batch_size=config.batch_size, sample=config.sample,
+                                  seed=config.seed)
+
+    profiles: dict[str, str] = {}
+    profile_seconds = 0.0
+    if any(s.augmentation.profile for s in specs):
+        t0 = time.perf_counter()
+        profiles = generate_profiles(loaded.model, loaded.tokenizer, dataset.task, targets,
+                                     batch_size=config.batch_size, progress=config.progress)
+        profile_seconds = (time.perf_counter() - t0) / max(1, len(targets))
+
+    results = {
+        "task": dataset.task.name,
+        "base_model": loaded.name,
+        "users": len(targets),
+        "queries": sum(len(u.queries) for u in targets),
+        "data": config.data,
+        "seed": config.seed,
+        "methods": {},
+    }
+    for spec in specs:
+        log.info("evaluating %s", spec.name)
+        results["methods"][spec.name] = evaluate_method(runtime, spec, dataset, targets, profiles,
+                                                        profile_seconds, generation)
+    return results
