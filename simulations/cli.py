@@ -1,5 +1,6 @@
 """The ``pfl`` command.
 
+    pfl demo        the main job: every baseline on built-in synthetic users, embedded model
     pfl eval        evaluate methods on target users (in-process, one base model)
     pfl data stats  users, queries and history sizes of a task's data
     pfl bench model forward and training throughput of a model
@@ -53,6 +54,17 @@ def cmd_eval(args) -> int:
         _write_json(args.out, results)
         print(f"results written to {args.out}")
     return 0
+
+
+def cmd_demo(args) -> int:
+    """The out-of-the-box run: no data to fetch, the embedded model, a results table."""
+    from simulations.evaluate import DEFAULT_METHODS
+
+    print(f"pfl demo: {args.users} synthetic users, methods {', '.join(DEFAULT_METHODS)}, "
+          f"model {args.model or 'smollm2-135m (embedded)'}", flush=True)
+    args.task, args.data, args.methods = "synthetic", None, ",".join(DEFAULT_METHODS)
+    args.min_history, args.sample = None, False
+    return cmd_eval(args)
 
 
 def _infer_task(path_or_task: str, task: str | None) -> tuple[str, str | None]:
@@ -116,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfl", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="the main job on the embedded model and built-in data",
+                               description=cmd_demo.__doc__)
+    demo.add_argument("--users", type=int, default=20, help="synthetic target users (default 20)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    demo.add_argument("--out", default="results/demo.json",
+                      help="write the results JSON here (default %(default)s)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_options(demo)
+    demo.set_defaults(func=cmd_demo)
 
     ev = commands.add_parser("eval", help="evaluate methods on target users",
                              description="Personalize each target user with each method, "

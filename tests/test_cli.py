@@ -1,0 +1,74 @@
+"""The pfl command: end-to-end eval on the tiny model, data stats, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from simulations.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_prompt_baselines_end_to_end(capsys, tmp_path):
+    out_file = tmp_path / "r.json"
+    code, out, err = run(capsys, "eval", "--task", "synthetic", "--model", "tiny", "--methods",
+                         "nonpersonalized,random1,rag1,rag2,pag,pag+rag1", "--users", "3",
+                         "--out", str(out_file), "--quiet")
+    assert code == 0, err
+    results = json.loads(out_file.read_text())
+    assert results["task"] == "synthetic" and results["base_model"] == "tiny"
+    assert results["users"] == 3
+    assert list(results["methods"]) == ["nonpersonalized", "random1", "rag1", "rag2", "pag",
+                                        "pag+rag1"]
+    for r in results["methods"].values():
+        assert set(r["metrics"]) == {"mae", "rmse"}
+        assert 0 <= r["metrics"]["mae"] <= 4
+        assert {"params_per_user", "bytes_per_user", "seconds_per_user"} <= set(r)
+    assert "pag+rag1" in out and "mae" in out  # the table
+
+
+def test_data_stats_synthetic_json(capsys):
+    code, out, _ = run(capsys, "data", "stats", "synthetic", "--num-users", "50", "--json")
+    stats = json.loads(out)
+    assert code == 0 and stats["users"] == 50 and stats["queries"] == 100
+
+
+def test_data_stats_huffpost_table(capsys, huffpost_dir):
+    code, out, _ = run(capsys, "data", "stats", str(huffpost_dir))
+    assert code == 0 and "news-headline" in out and "users" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--task", "nope"], "unknown task 'nope'"),
+    (["eval", "--task", "synthetic", "--methods", "rag1,foo"], "unknown method 'foo'"),
+    (["eval", "--task", "synthetic", "--methods", "oppu+lora-x"], "unknown method"),
+    (["eval", "--task", "news-headline", "--data", "/no/such/dir"], "/no/such/dir"),
+    (["eval", "--task", "synthetic", "--model", "gpt-17", "--users", "1"], "unknown model"),
+    (["data", "stats", "/no/such/file.json"], "neither a task"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("pfl: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_malformed_lamp_file_is_one_line_error(capsys, tmp_path):
+    bad = tmp_path / "dev_questions.json"
+    bad.write_text('[{"id": "1", "input": "x", "profile": [}')
+    code, _, err = run(capsys, "eval", "--task", "LaMP-4", "--data", str(bad))
+    assert code == 2 and "dev_questions.json" in err and err.count("\n") == 1
+
+
+def test_console_script_reports_errors_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "eval", "--task", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("pfl: error: unknown task")
+    assert "Traceback" not in proc.stderr
