@@ -1,0 +1,21 @@
+"""PerFit: personalization as low-rank shifts of hidden representations (LoReFT, two stages).
+
+Parts (peft style): :mod:`.config` (PerFitConfig), :mod:`.intervention` (the LoReFT math),
+:mod:`.positions` (which tokens are intervened), :mod:`.model` (hooks, generation, training).
+"""
+
+from shared.methods.perfit.config import PerFitConfig, default_layers
+from shared.methods.perfit.intervention import (LoReftIntervention, orthonormality_error,
+                                                reorthonormalize)
+from shared.methods.perfit.model import (InterventionController, PerFitStage, PrefixCache,
+                                         evaluate_loss, generate, intervened, new_stages,
+                                         train_stage1, train_stage2)
+from shared.methods.perfit.positions import (intervention_mask, parse_positions,
+                                             prompt_lengths_from_labels)
+
+__all__ = [
+    "PerFitConfig", "default_layers", "LoReftIntervention", "orthonormality_error",
+    "reorthonormalize", "InterventionController", "PerFitStage", "PrefixCache",
+    "evaluate_loss", "generate", "intervened", "new_stages", "train_stage1", "train_stage2",
+    "intervention_mask", "parse_positions", "prompt_lengths_from_labels",
+]

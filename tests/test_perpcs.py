@@ -1,0 +1,410 @@
+"""PER-PCS: LoRA pieces, gates, auto-regressive assembly, recipes, retrieval baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared.data.synthetic import SyntheticDataset
+from shared.errors import PflError
+from shared.methods.lora_pieces import (ATTENTION_MODULES, LoraUpdate, Piece, PieceLinear,
+                                        combine_factors, combine_sum_of_products, gated_delta,
+                                        get_module, peft_state_dict_from_pieces,
+                                        pieces_from_peft_state_dict, pieces_installed,
+                                        updates_installed)
+from shared.methods.perpcs import (PerPcsConfig, Recipe, assemble, peft_retrieval_recipe,
+                                   rebuild, retrieve_sharers, select_shared_pieces,
+                                   select_sharers_from_clusters, select_sharers_kmeans,
+                                   select_sharers_most_active, train_gates)
+from shared.methods.perpcs.assembly import scoring_mask
+from shared.models import build_tiny_model
+from shared.tasks import SYNTHETIC
+from shared.training import TrainConfig, batches, history_examples, train
+
+LORA_R, LORA_ALPHA = 4, 8
+SCALING = LORA_ALPHA / LORA_R
+
+
+# ------------------------------------------------------------------------ helpers
+def user_examples(tokenizer, index: int, n: int = 8):
+    user = SyntheticDataset(num_users=8, seed=0, min_history=n, max_history=n).user(index)
+    return history_examples(SYNTHETIC, user.history[:n], tokenizer, max_prompt_tokens=96)
+
+
+def random_pieces(model, sharer: str, seed: int, *, r: int = 2, b_scale: float = 0.5,
+                  gated: bool = True) -> list[Piece]:
+    """Random pieces for every (layer, attention module) of ``model`` (shapes from it)."""
+    gen = torch.Generator().manual_seed(seed)
+    pieces = []
+    for layer in range(model.config.num_hidden_layers):
+        for module in ATTENTION_MODULES:
+            d_out, d_in = get_module(model, (layer, module)).weight.shape
+            A = torch.randn(r, d_in, generator=gen) / d_in ** 0.5
+            B = torch.randn(d_out, r, generator=gen) * b_scale
+            gate = torch.randn(d_in, generator=gen) if gated else None
+            pieces.append(Piece(sharer, layer, module, A, B, 1.0, gate))
+    return pieces
+
+
+def logits(model, batch):
+    """The model's final hidden states (what the LM head reads; cheaper than all logits)."""
+    with torch.no_grad():
+        return model.get_decoder()(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+def first_batch(examples, pad_id, size=4):
+    return next(batches(examples, size, pad_id, shuffle=False))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls are far faster on one thread, above all on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pad_id(tiny):
+    return tiny.tokenizer.pad_token_id
+
+
+@pytest.fixture(scope="module")
+def sharer_lora(tiny, pad_id):
+    """A real peft LoRA (q,k,v,o) trained briefly on a sharer's history, on a private copy of
+    the tiny model (same seed, so the same base weights as the shared one)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    private = build_tiny_model(len(tiny.tokenizer), seed=0)
+    peft_model = get_peft_model(private, LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(ATTENTION_MODULES)))
+    examples = user_examples(tiny.tokenizer, 0)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    train(peft_model, params, examples, TrainConfig(lr=2e-2, max_steps=20, epochs=20,
+                                                     batch_size=4), pad_id, progress=False)
+    peft_model.eval()
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return peft_model, state, examples
+
+
+@pytest.fixture(scope="module")
+def gated(tiny, pad_id, sharer_lora):
+    """Gate training of the sharer's pieces (done once for several tests)."""
+    _, state, examples = sharer_lora
+    pieces = pieces_from_peft_state_dict(state, SCALING, "sharer-0")
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    config = PerPcsConfig(gate_steps=30, gate_lr=2e-2)
+    result = train_gates(tiny.model, pieces, examples, pad_id, config)
+    return pieces, result, before
+
+
+# --------------------------------------------------------------------------- pieces
+def test_zero_gate_scales_a_piece_by_exactly_half():
+    gen = torch.Generator().manual_seed(1)
+    piece = Piece("s", 0, "q_proj", torch.randn(3, 16, generator=gen),
+                  torch.randn(8, 3, generator=gen), 2.0)
+    x = torch.randn(2, 5, 16, generator=gen)
+    ungated = gated_delta(x, piece)
+    half = gated_delta(x, piece.with_gate(torch.zeros(16)))
+    assert torch.equal(half, 0.5 * ungated)
+    assert not torch.equal(half, ungated)
+    # The same through the module wrapper: base(x) + 0.5 * delta, bit for bit.
+    base = torch.nn.Linear(16, 8, bias=False)
+    wrapper = PieceLinear(base)
+    wrapper.add_piece(piece.with_gate(torch.zeros(16)))
+    with torch.no_grad():
+        assert torch.equal(wrapper(x), base(x) + 0.5 * ungated)
+
+
+def test_piece_ids_are_stable_and_change_with_any_byte():
+    A = torch.arange(6, dtype=torch.float32).reshape(2, 3) / 8
+    B = torch.arange(8, dtype=torch.float32).reshape(4, 2) / 4
+    piece = Piece("alice", 1, "v_proj", A, B, 2.0, torch.ones(3))
+    # Fixed across runs and machines (a canonical encoding, not Python's hash).
+    assert piece.piece_id == EXPECTED_ID
+    assert Piece("bob", 1, "v_proj", A.clone(), B.clone(), 2.0, torch.ones(3)).piece_id == EXPECTED_ID
+    flipped = A.clone()
+    flipped.view(torch.uint8)[0, 0] ^= 1  # one bit of one byte
+    variants = [
+        Piece("alice", 1, "v_proj", flipped, B, 2.0, torch.ones(3)),
+        Piece("alice", 2, "v_proj", A, B, 2.0, torch.ones(3)),
+        Piece("alice", 1, "k_proj", A, B, 2.0, torch.ones(3)),
+        Piece("alice", 1, "v_proj", A, B, 1.0, torch.ones(3)),
+        Piece("alice", 1, "v_proj", A, B, 2.0, None),
+        Piece("alice", 1, "v_proj", A, B, 2.0, torch.ones(3) * 2),
+        Piece("alice", 1, "v_proj", A.double(), B.double(), 2.0, torch.ones(3)),
+        Piece("alice", 1, "v_proj", A.reshape(3, 2).t().contiguous().reshape(2, 3), B, 2.0,
+              torch.ones(3)),
+    ]
+    ids = {v.piece_id for v in variants}
+    assert EXPECTED_ID not in ids and len(ids) == len(variants)
+    # A piece is an immutable copy: mutating the source tensor does not change it.
+    A2 = A.clone()
+    p2 = Piece("alice", 1, "v_proj", A2, B, 2.0, torch.ones(3))
+    A2.mul_(3)
+    assert p2.piece_id == EXPECTED_ID
+
+
+EXPECTED_ID = "d59d586678f163abbff83d323eb88a0fb83d4b8757272f27b240f4313b512726"
+
+
+def test_peft_state_dict_round_trip_and_same_math_as_peft(tiny, pad_id, sharer_lora):
+    peft_model, state, examples = sharer_lora
+    pieces = pieces_from_peft_state_dict(state, SCALING, "sharer-0")
+    assert len(pieces) == tiny.num_layers * len(ATTENTION_MODULES)
+    back = peft_state_dict_from_pieces(pieces)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert any(p.B.abs().sum() > 0 for p in pieces)  # B trained away from peft's zero init
+    # The pieces, ungated, on the shared base model compute what peft computes.
+    batch = first_batch(examples, pad_id)
+    with pieces_installed(tiny.model, pieces):
+        ours = logits(tiny.model, batch)
+    theirs = logits(peft_model, batch)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ours, logits(tiny.model, batch), atol=1e-4)
+
+
+def test_combinations_differ_and_sum_of_products_is_exact():
+    A1, B1 = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [1.0]])
+    A2, B2 = torch.tensor([[-2.0, 1.0]]), torch.tensor([[1.0], [4.0]])
+    p1, p2 = Piece("a", 0, "q_proj", A1, B1, 2.0), Piece("b", 0, "q_proj", A2, B2, 0.5)
+    w = [0.25, 0.75]
+    sop = combine_sum_of_products([p1, p2], w)
+    assert sop.rank == 2
+    assert torch.equal(sop.delta_weight(), 0.25 * 2.0 * (B1 @ A1) + 0.75 * 0.5 * (B2 @ A2))
+    fac = combine_factors([p1, p2], w)
+    assert fac.rank == 1
+    assert torch.equal(fac.delta_weight(),
+                       (0.25 * B1 + 0.75 * B2) @ (0.25 * 2.0 * A1 + 0.75 * 0.5 * A2))
+    assert not torch.allclose(sop.delta_weight(), fac.delta_weight())
+    x = torch.tensor([[1.0, -1.0], [0.5, 2.0]])
+    assert torch.equal(sop(x), x @ sop.delta_weight().t())
+
+
+def test_install_uninstall_restores_the_exact_model(tiny, pad_id):
+    model = tiny.model
+    batch = first_batch(user_examples(tiny.tokenizer, 2), pad_id)
+    originals = {key: get_module(model, key) for key in [(l, m) for l in range(tiny.num_layers)
+                                                         for m in ATTENTION_MODULES]}
+    before = logits(model, batch)
+    pieces = random_pieces(model, "s", seed=3)
+    with pieces_installed(model, pieces) as installed:
+        assert isinstance(get_module(model, (0, "q_proj")), PieceLinear)
+        assert len(installed) == len(originals)
+        assert not torch.allclose(logits(model, batch), before, atol=1e-4)
+    assert all(get_module(model, k) is m for k, m in originals.items())
+    assert torch.equal(logits(model, batch), before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with updates_installed(model, {(1, "o_proj"): LoraUpdate(torch.ones(1, 64),
+                                                                 torch.ones(64, 1))}):
+            raise RuntimeError("boom")
+    assert all(get_module(model, k) is m for k, m in originals.items())
+    assert torch.equal(logits(model, batch), before)
+
+
+# ---------------------------------------------------------------------------- gates
+def test_gate_training_changes_only_gates_and_lowers_the_loss(tiny, gated):
+    pieces, result, before = gated
+    assert result.steps == 30
+    assert result.loss_after < result.loss_before
+    assert len(result.pieces) == len(pieces)
+    for old, new in zip(pieces, result.pieces):
+        assert new.key == old.key and new.sharer == old.sharer
+        assert torch.equal(new.A, old.A) and torch.equal(new.B, old.B)
+        assert new.scaling == old.scaling and new.gate is not None
+        assert new.gate.shape == (old.d_in,) and new.gate.abs().sum() > 0
+        assert new.piece_id != old.piece_id
+    for name, param in tiny.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+        assert not param.requires_grad
+    assert not any(isinstance(m, PieceLinear) for m in tiny.model.modules())
+
+
+def test_sharing_ratio_picks_a_deterministic_subset(tiny):
+    pieces = random_pieces(tiny.model, "s", seed=4)
+    half = select_shared_pieces(pieces, 0.5, seed=0)
+    assert len(half) == len(pieces) // 2
+    assert [p.piece_id for p in half] == [p.piece_id for p in select_shared_pieces(
+        list(reversed(pieces)), 0.5, seed=0)]
+    assert {p.piece_id for p in half} != {p.piece_id for p in select_shared_pieces(
+        pieces, 0.5, seed=1)}
+    assert len(select_shared_pieces(pieces, 1.0)) == len(pieces)
+    assert len(select_shared_pieces(pieces, 0.01)) == 1
+
+
+# ------------------------------------------------------------------------- assembly
+def test_one_sharer_k1_reproduces_the_sharers_adapter(tiny, pad_id, gated):
+    _, result, _ = gated
+    target = user_examples(tiny.tokenizer, 5, n=6)
+    for combination in ("sum_of_products", "factors"):
+        config = PerPcsConfig(top_k=1, combination=combination, assembly_batch_size=4)
+        recipe = assemble(tiny.model, result.pieces, target, pad_id, config)
+        assert recipe.config["batches"] == 2
+        by_id = {p.piece_id: p for p in result.pieces}
+        assert len(recipe.entries) == len(result.pieces)
+        for key, items in recipe.entries.items():
+            assert len(items) == 1 and items[0][1] == 1.0
+            assert by_id[items[0][0]].key == key
+        updates = rebuild(recipe, by_id)
+        for piece in result.pieces:
+            assert torch.equal(updates[piece.key].delta_weight(), piece.delta_weight())
+    assert not any(isinstance(m, PieceLinear) for m in tiny.model.modules())
+
+
+def test_recipe_is_small_and_rebuilds_bit_for_bit(tiny, pad_id):
+    pool = [p for s in range(3) for p in random_pieces(tiny.model, f"s{s}", seed=10 + s)]
+    target = user_examples(tiny.tokenizer, 3, n=6)
+    recipe = assemble(tiny.model, pool, target, pad_id, PerPcsConfig(top_k=2))
+    entries = list(recipe.entries.values())
+    assert all(len(items) >= 2 for items in entries)
+    assert all(abs(sum(w for _, w in items) - 1.0) < 1e-12 for items in entries)
+    data = recipe.to_bytes()
+    assert len(data) < 20_000  # bytes, not megabytes (the pool holds ~48 pieces here)
+    again = Recipe.from_bytes(data)
+    assert again == recipe and again.to_bytes() == data
+    lookup = {p.piece_id: p for p in pool}
+    original, rebuilt = rebuild(recipe, lookup), rebuild(again, lookup.get)
+    assert original.keys() == rebuilt.keys()
+    for key in original:
+        assert torch.equal(original[key].A, rebuilt[key].A)
+        assert torch.equal(original[key].B, rebuilt[key].B)
+    batch = first_batch(target, pad_id)
+    with updates_installed(tiny.model, original):
+        first = logits(tiny.model, batch)
+    with updates_installed(tiny.model, rebuilt):
+        assert torch.equal(logits(tiny.model, batch), first)
+    # A missing or substituted piece is refused.
+    missing = next(iter(recipe.piece_ids()))
+    with pytest.raises(PflError, match="not in the pool"):
+        rebuild(recipe, {k: v for k, v in lookup.items() if k != missing})
+    wrong = dict(lookup)
+    wrong[missing] = pool[0] if pool[0].piece_id != missing else pool[1]
+    with pytest.raises(PflError):
+        rebuild(recipe, wrong)
+    with pytest.raises(PflError):
+        Recipe.from_bytes(b'{"format": "something else"}')
+
+
+def test_assembly_is_autoregressive(tiny, pad_id):
+    """Layer 1 is scored on activations that include layer 0's assembled update."""
+    pool = [p for s in range(3) for p in random_pieces(tiny.model, f"s{s}", seed=20 + s,
+                                                       b_scale=2.0)]
+    target = user_examples(tiny.tokenizer, 4, n=4)
+    batch = first_batch(target, pad_id)  # one batch: the recipe is that batch's selection
+    mask = scoring_mask(batch)
+    seen = {}
+
+    def record(mode):
+        def on_score(layer, module, inputs, alphas, ids):
+            seen[(mode, layer, module)] = inputs.clone()
+        return on_score
+
+    config = PerPcsConfig(top_k=2, assembly_batch_size=len(target))
+    recipe = assemble(tiny.model, pool, target, pad_id, config, on_score=record("ar"))
+    flat = PerPcsConfig(top_k=2, assembly_batch_size=len(target), autoregressive=False)
+    assemble(tiny.model, pool, target, pad_id, flat, on_score=record("flat"))
+
+    def q_input_at_layer1(updates):
+        captured = {}
+
+        def hook(module, args):
+            captured["x"] = args[0][mask].float()
+
+        handle = get_module(tiny.model, (1, "q_proj")).register_forward_pre_hook(hook)
+        try:
+            with updates_installed(tiny.model, updates), torch.no_grad():
+                tiny.model.get_decoder()(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"])
+        finally:
+            handle.remove()
+        return captured["x"]
+
+    layer0 = {k: u for k, u in rebuild(recipe, {p.piece_id: p for p in pool}).items()
+              if k[0] == 0}
+    assert len(layer0) == len(ATTENTION_MODULES)
+    with_layer0, plain = q_input_at_layer1(layer0), q_input_at_layer1({})
+    assert not torch.allclose(with_layer0, plain, atol=1e-3)  # layer 0 matters here
+    assert torch.allclose(seen[("ar", 1, "q_proj")], with_layer0, atol=1e-6)
+    assert torch.allclose(seen[("flat", 1, "q_proj")], plain, atol=1e-6)
+    # Layer 0 is scored on the same (stage-1) activations in both modes.
+    assert torch.equal(seen[("ar", 0, "q_proj")], seen[("flat", 0, "q_proj")])
+    # Inside a layer too: o_proj sees attention built with the assembled q, k, v.
+    assert not torch.allclose(seen[("ar", 0, "o_proj")], seen[("flat", 0, "o_proj")], atol=1e-4)
+
+
+def test_scoring_positions():
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+             "labels": torch.tensor([[-100, -100, 7, 8, -100], [-100, -100, -100, -100, -100]])}
+    assert scoring_mask(batch, "output").tolist() == [
+        [False, True, True, False, False], [True, True, True, False, False]]
+    assert scoring_mask(batch, "target_tokens").tolist() == [
+        [False, False, True, True, False], [True, True, True, False, False]]
+    assert scoring_mask(batch, "all").tolist() == batch["attention_mask"].bool().tolist()
+
+
+def test_assembly_needs_gates_and_history(tiny, pad_id):
+    ungated = random_pieces(tiny.model, "s", seed=5, gated=False)
+    target = user_examples(tiny.tokenizer, 1, n=2)
+    with pytest.raises(ValueError, match="no gate"):
+        assemble(tiny.model, ungated, target, pad_id)
+    with pytest.raises(ValueError, match="no examples"):
+        assemble(tiny.model, random_pieces(tiny.model, "s", seed=5), [], pad_id)
+
+
+# ---------------------------------------------------------- retrieval and selection
+def test_peft_retrieval_weights_by_similarity(tiny):
+    embeddings = {"s0": np.array([1.0, 0.0]), "s1": np.array([0.6, 0.8]),
+                  "s2": np.array([-1.0, 0.0])}
+    target = np.array([1.0, 0.0])
+    chosen = retrieve_sharers(target, embeddings, 2)
+    assert [s for s, _ in chosen] == ["s0", "s1"]
+    assert chosen[0][1] == pytest.approx(1.0 / 1.6) and chosen[1][1] == pytest.approx(0.6 / 1.6)
+    pieces = {s: random_pieces(tiny.model, s, seed=30 + i, gated=False)
+              for i, s in enumerate(embeddings)}
+    recipe = peft_retrieval_recipe(target, embeddings, pieces, PerPcsConfig(top_k=2))
+    assert recipe.config["method"] == "peft-retrieval"
+    lookup = {p.piece_id: p for ps in pieces.values() for p in ps}
+    updates = rebuild(recipe, lookup)
+    key = (2, "v_proj")
+    p0 = next(p for p in pieces["s0"] if p.key == key)
+    p1 = next(p for p in pieces["s1"] if p.key == key)
+    expected = chosen[0][1] * p0.delta_weight() + chosen[1][1] * p1.delta_weight()
+    assert torch.allclose(updates[key].delta_weight(), expected, atol=1e-6)
+
+
+def test_sharer_selection_most_active_per_cluster_and_drops_small_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.array([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
+    users, embeddings, sizes = [], [], []
+    cluster_sizes = {0: [5, 30, 12], 1: [3, 9, 10], 2: [11, 4, 11]}  # cluster 1: best has 10
+    for c, hist in cluster_sizes.items():
+        for j, size in enumerate(hist):
+            users.append(f"u{c}{j}")
+            embeddings.append(centers[c] + rng.normal(scale=0.1, size=2))
+            sizes.append(size)
+    picked = select_sharers_kmeans(users, np.array(embeddings), sizes,
+                                   PerPcsConfig(num_clusters=3))
+    assert sorted(picked) == ["u01", "u20"]  # u20 and u22 tie at 11: the lower id wins
+    # K is capped at the population, and asking for 50 clusters with 9 users still works.
+    assert PerPcsConfig().clusters_for(9) == 9
+    assert len(select_sharers_kmeans(users, np.array(embeddings), sizes)) >= 3
+    # Federated form: only cluster indexes and history sizes.
+    assert select_sharers_from_clusters(["a", "b", "c"], [0, 0, 1], [11, 20, 40]) == ["b", "c"]
+    assert select_sharers_from_clusters(["a", "b"], [0, 1], [10, 11],
+                                        small_cluster_items=10) == ["b"]
+    assert select_sharers_most_active(users, sizes, 2) == ["u01", "u02"]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        PerPcsConfig(combination="mean")
+    with pytest.raises(ValueError):
+        PerPcsConfig(sharing_ratio=0.0)
+    with pytest.raises(ValueError):
+        PerPcsConfig(target_modules=("x_proj",))
+    config = PerPcsConfig(top_k=3, combination="factors")
+    assert PerPcsConfig.from_dict(config.to_dict()) == config
