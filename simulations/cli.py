@@ -47,7 +47,10 @@ def cmd_eval(args) -> int:
                         model=args.model, users=args.users, seed=args.seed,
                         batch_size=args.batch_size, device=args.device,
                         cache_dir=args.cache_dir, min_history=args.min_history,
-                        progress=not args.quiet, sample=args.sample)
+                        progress=not args.quiet, sample=args.sample,
+                        **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
+                                                          "stage1_epochs", "personal_epochs")
+                           if getattr(args, k, None) is not None})
     results = run_eval(config)
     print(results_table(results))
     if args.out:
@@ -153,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--users", type=int, default=20, help="number of target users (default 20)")
     ev.add_argument("--min-history", type=int, default=None,
                     help="minimum history items per user (default: the task's; HuffPost 10)")
+    ev.add_argument("--sharers", type=int, default=None,
+                    help="PER-PCS sharers, chosen among non-targets (default 10)")
+    ev.add_argument("--collective", type=int, default=None,
+                    help="collective users for stage 1, disjoint from targets (default 30)")
+    ev.add_argument("--max-history", type=int, default=None,
+                    help="trained methods use each user's N most recent items (default 50)")
+    ev.add_argument("--stage1-epochs", type=float, default=None, help="default 3")
+    ev.add_argument("--personal-epochs", type=float, default=None, help="default 2")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=8, help="generation batch size")
     ev.add_argument("--sample", action="store_true",
@@ -197,6 +208,7 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     except ImportError:  # pragma: no cover
         pass
 

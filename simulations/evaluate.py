@@ -10,6 +10,7 @@ such method's per-user time).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from shared.data import load_dataset
 from shared.generation import GenerationConfig, generate
-from shared.methods import registry  # noqa: F401  (registers every core)
+import simulations.methods  # noqa: F401  (registers every core)
 from shared.methods.base import (Core, MethodSpec, PersonalState, PromptAugmentation, Runtime,
                                  parse_method)
 from shared.metrics import evaluate
@@ -45,9 +46,33 @@ class EvalConfig:
     device: str | None = None
     cache_dir: str | None = None
     min_history: int | None = None  # None: the task's default
+    sharers: int = 10
+    collective: int = 30
+    max_history: int | None = 50  # trained methods use each user's most recent items only
+    stage1_epochs: float = 3.0
+    personal_epochs: float = 2.0
     progress: bool = True
     sample: bool = False
     options: dict = field(default_factory=dict)
+
+
+def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int) -> dict:
+    """Split users into targets, sharers and collective users, disjoint and reproducible.
+
+    Targets are drawn at random (seeded) so they are not systematically the most active users;
+    sharers are the most active of the rest (PER-PCS' "most active" strategy); collective
+    users are the rest after them. A lazily generated population is only read as far as needed.
+    """
+    wanted = targets + sharers + collective
+    pool = list(dataset.users(limit=wanted if len(dataset) > 10_000 else None))
+    rng = random.Random(seed)
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    chosen = sorted(order[:targets])  # keep the dataset's order among targets
+    rest = [pool[i] for i in sorted(order[targets:])]
+    rest.sort(key=lambda u: -len(u.history))  # stable: ties keep the dataset's order
+    return {"targets": [pool[i] for i in chosen], "sharers": rest[:sharers],
+            "collective": rest[sharers: sharers + collective]}
 
 
 def augmented_prompts(runtime: Runtime, user: User, augmentation: PromptAugmentation,
@@ -124,7 +149,8 @@ def run_eval(config: EvalConfig) -> dict:
     specs = [parse_method(m) for m in config.methods]  # fail fast on a bad name
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
                            seed=config.seed)
-    targets = [u for u in dataset.users(limit=config.users)]
+    roles = assign_roles(dataset, config.users, config.sharers, config.collective, config.seed)
+    targets = roles["targets"]
     missing = [u.id for u in targets if any(q.gold is None for q in u.queries)]
     if missing:
         from shared.errors import PflError
@@ -132,8 +158,10 @@ def run_eval(config: EvalConfig) -> dict:
                        f"(e.g. {missing[0]}): evaluate on a split with outputs")
     loaded = load_model(config.model, device=config.device, cache=config.cache_dir,
                         seed=config.seed)
+    options = {"max_history": config.max_history, "stage1_epochs": config.stage1_epochs,
+               "personal_epochs": config.personal_epochs, **config.options}
     runtime = Runtime(loaded=loaded, task=dataset.task, seed=config.seed,
-                      progress=config.progress, options=dict(config.options))
+                      progress=config.progress, options=options, roles=roles)
     generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens,
                                   batch_size=config.batch_size, sample=config.sample,
                                   seed=config.seed)
@@ -150,6 +178,8 @@ def run_eval(config: EvalConfig) -> dict:
         "task": dataset.task.name,
         "base_model": loaded.name,
         "users": len(targets),
+        "sharers": len(roles["sharers"]),
+        "collective_users": len(roles["collective"]),
         "queries": sum(len(u.queries) for u in targets),
         "data": config.data,
         "seed": config.seed,

@@ -57,6 +57,13 @@ class Runtime:
     seed: int = 0
     progress: bool = True
     options: dict = field(default_factory=dict)
+    #: who plays which part: {"targets": [...], "sharers": [...], "collective": [...]} (Users)
+    roles: dict = field(default_factory=dict)
+    #: collective results shared by methods within one run (e.g. the stage-1 merged model)
+    cache: dict = field(default_factory=dict)
+
+    def option(self, key: str, default):
+        return self.options.get(key, default)
 
     @property
     def model(self) -> torch.nn.Module:
