@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -41,10 +41,13 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
 @torch.inference_mode()
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
              config: GenerationConfig = GenerationConfig(), *, desc: str = "generate",
-             progress: bool = True) -> list[str]:
+             progress: bool = True,
+             on_batch: Callable[[list[int], int], None] | None = None) -> list[str]:
     """Continue each prompt; returns the decoded new text, stripped, in the prompts' order.
 
-    Prompts are sorted by length so that batches carry little padding.
+    Prompts are sorted by length so that batches carry little padding. ``on_batch(lengths,
+    width)`` is called before each batch with its prompts' lengths and the padded width (for
+    methods that act on prompt positions, such as PerFit's interventions).
     """
     encoded = [encode_prompt(tokenizer, p, config.max_prompt_tokens) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -63,6 +66,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
         for start in range(0, len(order), config.batch_size):
             rows = order[start: start + config.batch_size]
             batch = left_pad([encoded[i] for i in rows], pad_id, device)
+            if on_batch is not None:
+                on_batch([len(encoded[i]) for i in rows], batch["input_ids"].shape[1])
             generated = model.generate(**batch, **options)
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             for row, tokens in zip(rows, new_tokens):

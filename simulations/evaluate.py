@@ -18,7 +18,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from shared.data import load_dataset
-from shared.generation import GenerationConfig, generate
+from shared.generation import GenerationConfig
 import simulations.methods  # noqa: F401  (registers every core)
 from shared.methods.base import (Core, MethodSpec, PersonalState, PromptAugmentation, Runtime,
                                  parse_method)
@@ -122,14 +122,12 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
     predictions: list[str] = []
     if core.shared_model:  # one model for all: batch every user's queries together
         flat = [p for prompts in prompts_per_user for p in prompts]
-        with core.model_for(runtime, states[0] if states else PersonalState()) as model:
-            predictions = generate(model, runtime.tokenizer, flat, generation,
-                                   desc=f"{spec.name}: generate", progress=runtime.progress)
+        predictions = core.answer(runtime, states[0] if states else PersonalState(), flat,
+                                  generation, desc=f"{spec.name}: generate",
+                                  progress=runtime.progress)
     else:
-        for user, state, prompts in zip(targets, states, prompts_per_user):
-            with core.model_for(runtime, state) as model:
-                predictions += generate(model, runtime.tokenizer, prompts, generation,
-                                        progress=False)
+        for state, prompts in zip(states, prompts_per_user):
+            predictions += core.answer(runtime, state, prompts, generation)
     golds = [q.gold for user in targets for q in user.queries]
     n = max(1, len(targets))
     return {

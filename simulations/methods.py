@@ -12,13 +12,21 @@ are personalized and evaluated. No target's data is used by any collective step.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 
 from edge_client.trainers import train_personal_lora, train_stage1_lora
+from shared.embeddings import user_embedding
+from shared.generation import generate
+from shared.methods import perfit
 from shared.methods.base import Core, PersonalState, PromptAugmentation, Runtime, register_core
-from shared.methods.oppu import (attach_lora, merge_lora, param_count, personal_lora,
+from shared.methods.lora_pieces import pieces_from_peft_state_dict, updates_installed
+from shared.methods.oppu import (LoraSpec, attach_lora, merge_lora, param_count, personal_lora,
                                  personal_train, stage1_lora, stage1_train, state_bytes)
+from shared.methods.perpcs import (PerPcsConfig, assemble, peft_retrieval_recipe, rebuild,
+                                   select_shared_pieces, train_gates)
+from shared.training import history_examples
 from shared.types import User
 
 log = logging.getLogger(__name__)
@@ -105,5 +113,149 @@ class PersonalLoraNoStage1(PersonalLora):
     on_stage1 = False
 
 
-for _core in (LoraCollective, PersonalLora, PersonalLoraNoStage1):
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _examples(runtime: Runtime, user: User, augmentation: PromptAugmentation | None = None,
+              profile: str | None = None):
+    """The user's (recent) history as training/scoring examples, with RAG/PAG as asked."""
+    user = recent_history(user, runtime.option("max_history", None))
+    rag_k = augmentation.k if augmentation and augmentation.retrieval == "bm25" else 0
+    return history_examples(runtime.task, user.history, runtime.tokenizer, rag_k=rag_k,
+                            profile=profile)
+
+
+def perpcs_config(runtime: Runtime) -> PerPcsConfig:
+    return PerPcsConfig(**runtime.option("perpcs", {}))
+
+
+def piece_pool(runtime: Runtime) -> dict:
+    """The sharers' side of PER-PCS, once per run: each sharer trains a personal LoRA (q,k,v,o)
+    on the stage-1 model, splits it into pieces, trains their gates and shares the consented
+    subset. Returns {"pool": shared gated pieces, "adapters": {sharer: all its pieces},
+    "embeddings": {sharer: user embedding}, "seconds": {sharer: time}}."""
+    if "perpcs_pool" in runtime.cache:
+        return runtime.cache["perpcs_pool"]
+    config = perpcs_config(runtime)
+    model = stage1_model(runtime)
+    spec = LoraSpec(target_modules=config.target_modules)
+    train_config = personal_train(seed=runtime.seed, epochs=runtime.option("personal_epochs", 2.0))
+    pool, adapters, embeddings, seconds = [], {}, {}, {}
+    for sharer in runtime.roles.get("sharers", []):
+        t0 = time.perf_counter()
+        state, _ = train_personal_lora(model, runtime.tokenizer, runtime.task,
+                                       recent_history(sharer, runtime.option("max_history", None)),
+                                       spec, train_config, progress=False)
+        pieces = pieces_from_peft_state_dict(state, spec.scaling, sharer=sharer.id)
+        gated = train_gates(model, pieces, _examples(runtime, sharer), _pad_id(runtime.tokenizer),
+                            config, evaluate=False).pieces
+        pool += select_shared_pieces(gated, config.sharing_ratio, config.sharing_seed)
+        adapters[sharer.id] = gated
+        embeddings[sharer.id] = user_embedding(runtime.task, sharer)
+        seconds[sharer.id] = time.perf_counter() - t0
+    if not pool:
+        raise ValueError("PER-PCS needs sharers: none were assigned")
+    log.info("piece pool: %d pieces from %d sharers", len(pool), len(adapters))
+    runtime.cache["perpcs_pool"] = {"pool": pool, "adapters": adapters,
+                                    "embeddings": embeddings, "seconds": seconds,
+                                    "lookup": {p.piece_id: p for ps in adapters.values()
+                                               for p in ps}}
+    return runtime.cache["perpcs_pool"]
+
+
+class PersonalPieces(Core):
+    """PER-PCS: assemble each target's adapter from the sharers' pieces, without training.
+
+    Per user only the recipe (piece ids and weights per layer and module) is stored."""
+
+    name = "perpcs"
+    shared_model = False
+
+    def prepare(self, runtime, dataset, augmentation):
+        piece_pool(runtime)
+
+    def recipe(self, runtime, user, augmentation, profile):
+        pool = piece_pool(runtime)
+        return assemble(stage1_model(runtime), pool["pool"],
+                        _examples(runtime, user, augmentation, profile),
+                        _pad_id(runtime.tokenizer), perpcs_config(runtime))
+
+    def personalize(self, runtime, user, augmentation, profile):
+        recipe = self.recipe(runtime, user, augmentation, profile)
+        weights = sum(len(entries) for entries in recipe.entries.values())
+        return PersonalState(params=weights, bytes=recipe.num_bytes, payload=recipe)
+
+    @contextmanager
+    def model_for(self, runtime, state):
+        updates = rebuild(state.payload, piece_pool(runtime)["lookup"])
+        model = stage1_model(runtime)
+        with updates_installed(model, updates):
+            yield model
+
+
+class PeftRetrieval(PersonalPieces):
+    """PEFT retrieval: the top-k sharers' whole adapters by user-embedding similarity,
+    averaged with similarity weights (stored, like PER-PCS, as a recipe)."""
+
+    name = "peft-retrieval"
+
+    def recipe(self, runtime, user, augmentation, profile):
+        pool = piece_pool(runtime)
+        return peft_retrieval_recipe(user_embedding(runtime.task, user), pool["embeddings"],
+                                     pool["adapters"], perpcs_config(runtime))
+
+
+def perfit_config(runtime: Runtime) -> perfit.PerFitConfig:
+    return perfit.PerFitConfig(**runtime.option("perfit", {}))
+
+
+def perfit_stage1(runtime: Runtime):
+    """PerFit stage 1 on the collective users: the collective shift and the shared stage 2."""
+    if "perfit_stage1" not in runtime.cache:
+        examples = [ex for u in runtime.roles.get("collective", []) for ex in _examples(runtime, u)]
+        if not examples:
+            raise ValueError("PerFit stage 1 needs collective users: none were assigned")
+        config = perfit_config(runtime)
+        stage1, stage2, stats = perfit.train_stage1(
+            runtime.model, examples, config, pad_id=_pad_id(runtime.tokenizer),
+            train_config=config.train_config(seed=runtime.seed,
+                                             epochs=runtime.option("stage1_epochs", 3.0)),
+            seed=runtime.seed, progress=runtime.progress)
+        runtime.cache["perfit_stage1"] = (stage1, stage2)
+    return runtime.cache["perfit_stage1"]
+
+
+class PersonalShift(Core):
+    """PerFit: a collective LoReFT shift (stage 1) plus a small personal one per user."""
+
+    name = "perfit"
+    shared_model = False
+
+    def prepare(self, runtime, dataset, augmentation):
+        perfit_stage1(runtime)
+
+    def personalize(self, runtime, user, augmentation, profile):
+        config = perfit_config(runtime)
+        stage1, shared_stage2 = perfit_stage1(runtime)
+        personal, stats = perfit.train_stage2(
+            runtime.model, _examples(runtime, user, augmentation, profile), config, stage1,
+            shared_stage2, pad_id=_pad_id(runtime.tokenizer),
+            train_config=config.train_config(seed=runtime.seed))
+        params = personal.num_parameters()
+        return PersonalState(params=params, bytes=4 * params, payload=personal,
+                             info={"steps": stats["steps"]})
+
+    def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
+        stage1, _ = perfit_stage1(runtime)
+        with perfit.intervened(runtime.model, stage1, state.payload,
+                               perfit_config(runtime).positions) as controller:
+            return generate(runtime.model, runtime.tokenizer, prompts, generation, desc=desc,
+                            progress=progress,
+                            on_batch=lambda lengths, width: controller.set_prompts(
+                                lengths, width, padding_side="left"))
+
+
+for _core in (LoraCollective, PersonalLora, PersonalLoraNoStage1, PersonalPieces, PeftRetrieval,
+              PersonalShift):
     register_core(_core.name, _core)

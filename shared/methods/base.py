@@ -94,6 +94,15 @@ class Core:
         """The model that answers this user's queries (restored on exit)."""
         yield runtime.model
 
+    def answer(self, runtime: Runtime, state: PersonalState, prompts: list[str],
+               generation, *, desc: str = "generate", progress: bool = False) -> list[str]:
+        """Generate the answers to ``prompts`` for a user in ``state``."""
+        from shared.generation import generate
+
+        with self.model_for(runtime, state) as model:
+            return generate(model, runtime.tokenizer, prompts, generation, desc=desc,
+                            progress=progress)
+
 
 _CORES: dict[str, Callable[[], Core]] = {"nonpersonalized": Core}
 _CORE_ALIASES = {"base": "nonpersonalized", "none": "nonpersonalized", "k0": "nonpersonalized",
