@@ -31,6 +31,19 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def _setting(text: str) -> tuple[str, str, object]:
+    """``perpcs.gate_steps=50`` -> ("perpcs", "gate_steps", 50); values are JSON or strings."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.partition(".")
+    if not sep or not dot or not section or not key:
+        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section.strip(), key.strip(), value
+
+
 def _write_json(path: str, payload: dict) -> None:
     out = Path(path)
     if out.parent and not out.parent.exists():
@@ -43,11 +56,14 @@ def cmd_eval(args) -> int:
     from simulations.evaluate import EvalConfig, run_eval
     from simulations.report import results_table
 
+    options: dict = {}
+    for section, key, value in getattr(args, "set", None) or []:
+        options.setdefault(section, {})[key] = value
     config = EvalConfig(task=args.task, data=args.data, methods=_csv(args.methods),
                         model=args.model, users=args.users, seed=args.seed,
                         batch_size=args.batch_size, device=args.device,
                         cache_dir=args.cache_dir, min_history=args.min_history,
-                        progress=not args.quiet, sample=args.sample,
+                        progress=not args.quiet, sample=args.sample, options=options,
                         **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
                                                           "stage1_epochs", "personal_epochs")
                            if getattr(args, k, None) is not None})
@@ -164,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="trained methods use each user's N most recent items (default 50)")
     ev.add_argument("--stage1-epochs", type=float, default=None, help="default 3")
     ev.add_argument("--personal-epochs", type=float, default=None, help="default 2")
+    ev.add_argument("--set", type=_setting, action="append", metavar="METHOD.KEY=VALUE",
+                    help="a method setting, e.g. perpcs.gate_steps=50, perpcs.top_k=1, "
+                         "perfit.epochs=2, perfit.positions=l7 (repeatable)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=8, help="generation batch size")
     ev.add_argument("--sample", action="store_true",

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 
+from shared.errors import PflError
 from edge_client.trainers import train_personal_lora, train_stage1_lora
 from shared.embeddings import user_embedding
 from shared.generation import generate
@@ -126,8 +127,17 @@ def _examples(runtime: Runtime, user: User, augmentation: PromptAugmentation | N
                             profile=profile)
 
 
+def _method_config(cls, runtime: Runtime, section: str):
+    """``cls`` built from the run's ``--set section.key=value`` options, with clear errors."""
+    settings = runtime.option(section, {})
+    try:
+        return cls(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PflError(f"bad {section} setting in {settings}: {exc}") from None
+
+
 def perpcs_config(runtime: Runtime) -> PerPcsConfig:
-    return PerPcsConfig(**runtime.option("perpcs", {}))
+    return _method_config(PerPcsConfig, runtime, "perpcs")
 
 
 def piece_pool(runtime: Runtime) -> dict:
@@ -207,7 +217,7 @@ class PeftRetrieval(PersonalPieces):
 
 
 def perfit_config(runtime: Runtime) -> perfit.PerFitConfig:
-    return perfit.PerFitConfig(**runtime.option("perfit", {}))
+    return _method_config(perfit.PerFitConfig, runtime, "perfit")
 
 
 def perfit_stage1(runtime: Runtime):

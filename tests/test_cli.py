@@ -51,6 +51,8 @@ def test_data_stats_huffpost_table(capsys, huffpost_dir):
     (["eval", "--task", "news-headline", "--data", "/no/such/dir"], "/no/such/dir"),
     (["eval", "--task", "synthetic", "--model", "gpt-17", "--users", "1"], "unknown model"),
     (["data", "stats", "/no/such/file.json"], "neither a task"),
+    (["eval", "--task", "synthetic", "--model", "tiny", "--methods", "perpcs", "--users", "1",
+      "--set", "perpcs.bogus=1"], "bad perpcs setting"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
