@@ -4,6 +4,7 @@
     pfl eval        evaluate methods on target users (in-process, one base model)
     pfl data stats  users, queries and history sizes of a task's data
     pfl bench model forward and training throughput of a model
+    pfl audit       show, summarize or verify a device's audit ledger
 
 A problem the user can fix prints ``pfl: error: ...`` on one line and exits with status 2.
 """
@@ -214,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--out", default=None, help="write the results JSON here")
     _model_options(bm)
     bm.set_defaults(func=cmd_bench_model)
+
+    from edge_client.audit import add_audit_commands
+
+    add_audit_commands(commands)
     return parser
 
 
