@@ -4,6 +4,7 @@
     pfl eval        evaluate methods on target users (in-process, one base model)
     pfl data stats  users, queries and history sizes of a task's data
     pfl bench model forward and training throughput of a model
+    pfl claims      check the papers' claims against a pfl eval results file
     pfl audit       show, summarize or verify a device's audit ledger
 
 A problem the user can fix prints ``pfl: error: ...`` on one line and exits with status 2.
@@ -121,6 +122,20 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def cmd_claims(args) -> int:
+    from simulations.claims import claims_table
+
+    path = Path(args.results)
+    if not path.is_file():
+        raise PflError(f"no results file at {path}")
+    try:
+        results = json.loads(path.read_text())
+        print(claims_table(results))
+    except (json.JSONDecodeError, KeyError, StopIteration) as exc:
+        raise PflError(f"{path} is not a pfl eval results file ({exc!r})") from None
+    return 0
+
+
 def cmd_bench_model(args) -> int:
     from simulations.bench_model import bench_model, bench_table
 
@@ -192,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _model_options(ev)
     ev.set_defaults(func=cmd_eval)
+
+    claims = commands.add_parser("claims", help="check the papers' claims against a results file")
+    claims.add_argument("results", help="a JSON file written by pfl eval --out")
+    claims.set_defaults(func=cmd_claims)
 
     data = commands.add_parser("data", help="inspect data").add_subparsers(
         dest="data_command", metavar="SUBCOMMAND", required=True)

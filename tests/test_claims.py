@@ -1,0 +1,40 @@
+"""The paper-claims report computes its ratios the right way round."""
+
+import pytest
+
+from simulations.claims import claims_table, paper_claims, score_ratio
+
+
+def result(metric, scores, seconds=None, bytes_=None, params=None):
+    methods = {}
+    for name, value in scores.items():
+        methods[name] = {"metrics": {metric: value},
+                         "seconds_per_user": (seconds or {}).get(name, 1.0),
+                         "bytes_per_user": (bytes_ or {}).get(name, 0),
+                         "params_per_user": (params or {}).get(name, 0)}
+    return {"task": "t", "base_model": "m", "users": 3, "methods": methods}
+
+
+def test_score_ratio_inverts_lower_is_better_metrics():
+    higher = result("rouge-1", {"perpcs": 0.3, "oppu": 0.4})
+    assert score_ratio(higher, "perpcs", "oppu") == pytest.approx(0.75)
+    lower = result("mae", {"perpcs": 0.5, "oppu": 1.0})  # half the error: twice as good
+    assert score_ratio(lower, "perpcs", "oppu") == pytest.approx(2.0)
+    assert score_ratio(lower, "perfit", "oppu") is None
+
+
+def test_claims_measure_compute_storage_and_parameters():
+    results = result("accuracy", {"nonpersonalized": 0.2, "oppu": 0.5, "perpcs": 0.5,
+                                  "peft-retrieval": 0.4, "perfit": 0.6},
+                     seconds={"oppu": 70.0, "perpcs": 5.0, "perfit": 35.0},
+                     bytes_={"oppu": 1_843_200, "perpcs": 1_500},
+                     params={"oppu": 460_800, "perfit": 4_620})
+    rows = {r["claim"]: r for r in paper_claims(results)}
+    assert rows["OPPU s/user / PER-PCS s/user ~ 7x"]["measured"] == pytest.approx(14.0)
+    assert rows["OPPU s/user / PER-PCS s/user ~ 7x"]["held"] is True
+    assert rows["OPPU bytes/user / PER-PCS bytes/user ~ 38x"]["measured"] == pytest.approx(1228.8)
+    assert rows["PerFit parameters vs OPPU: ~92% fewer"]["measured"] == pytest.approx(
+        1 - 4_620 / 460_800)
+    assert rows["PerFit s/user < OPPU s/user"]["held"] is True
+    assert rows["PER-PCS beats PEFT retrieval"]["held"] is True
+    assert "did not hold" not in claims_table(results).split("PER-PCS score")[1].splitlines()[0]
