@@ -6,6 +6,8 @@
     pfl bench model forward and training throughput of a model
     pfl claims      check the papers' claims against a pfl eval results file
     pfl audit       show, summarize or verify a device's audit ledger
+    pfl certs       a development CA and TLS certificates for the given hosts
+    pfl pool        serve or check the PER-PCS piece pool (gRPC with TLS, SQLite + blobs)
 
 A problem the user can fix prints ``pfl: error: ...`` on one line and exits with status 2.
 """
@@ -160,7 +162,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pfl", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pfl", description="Federated edge-cloud personalization of LLMs (OPPU, PER-PCS, "
+                                "PerFit) on a frozen base model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -235,9 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(bm)
     bm.set_defaults(func=cmd_bench_model)
 
+    from cloud_server.pool_cli import add_certs_command, add_pool_commands
     from edge_client.audit import add_audit_commands
 
     add_audit_commands(commands)
+    add_certs_command(commands)
+    add_pool_commands(commands)
     return parser
 
 

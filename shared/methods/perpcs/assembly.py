@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from shared.methods.lora_pieces import Key, Piece, combine, key_order, wrapped
 from shared.methods.perpcs.config import PerPcsConfig
-from shared.methods.perpcs.recipe import Recipe, average_weights
+from shared.methods.perpcs.recipe import Recipe, average_weights, float16_value
 from shared.training import Example, batches, target_positions
 
 #: on_score(layer, module, inputs (N, d_in), alphas (m,), candidate piece ids) for tracing.
@@ -81,7 +81,8 @@ def select_pieces(alphas: torch.Tensor, piece_ids: Sequence[str], top_k: int,
     values = alphas.detach().double().cpu().tolist()
     order = sorted(range(len(values)), key=lambda i: (-values[i], piece_ids[i]))[:top_k]
     kept = torch.tensor([values[i] for i in order], dtype=torch.float64) / math.sqrt(dim)
-    weights = torch.softmax(kept, dim=0).tolist()
+    # float16 values: what a recipe stores, so scoring uses exactly the stored weights
+    weights = [float16_value(w) for w in torch.softmax(kept, dim=0).tolist()]
     return list(zip(order, weights))
 
 

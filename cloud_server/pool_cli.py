@@ -1,0 +1,86 @@
+"""``pfl certs`` and ``pfl pool ...``: registration functions for the pfl command.
+
+    pfl certs DIR --hosts localhost,127.0.0.1      dev CA (reused if present) + server cert
+    pfl pool serve --db DIR --port P --certs DIR   serve the piece pool over TLS
+    pfl pool check --db DIR                        re-hash every blob, verify signatures
+
+``simulations.cli`` calls :func:`add_certs_command` and :func:`add_pool_commands` on its
+subparsers; each handler takes the parsed args and returns an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _hosts(text: str) -> list[str]:
+    hosts = [h.strip() for h in text.split(",") if h.strip()]
+    if not hosts:
+        raise argparse.ArgumentTypeError("give at least one host name or IP address")
+    return hosts
+
+
+def cmd_certs(args) -> int:
+    """Create the dev CA (or reuse it) and a server certificate for the hosts."""
+    from shared.crypto import write_dev_certs
+
+    certs = write_dev_certs(args.directory, args.hosts, new_ca=args.new_ca)
+    print(f"CA certificate:     {certs.ca_cert}  (give this to clients)")
+    print(f"server certificate: {certs.server_cert}  for {', '.join(args.hosts)}")
+    print(f"private keys:       {certs.ca_key}, {certs.server_key}  (mode 0600; keep secret)")
+    return 0
+
+
+def cmd_pool_serve(args) -> int:
+    """Serve the piece pool until interrupted."""
+    from cloud_server.pool_service import serve
+
+    return serve(args.db, args.port, args.certs, args.host)
+
+
+def cmd_pool_check(args) -> int:
+    """Re-hash every blob and verify every signature; exit 1 if anything is wrong."""
+    from pathlib import Path
+
+    from cloud_server.pool_store import DB_NAME, PoolStore
+    from shared.errors import PflError
+
+    if not (Path(args.db) / DB_NAME).is_file():
+        raise PflError(f"no pool in {args.db} (missing {DB_NAME})")
+    with PoolStore(args.db) as store:
+        problems = store.verify()
+        total = len(store)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{total} pieces checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def add_certs_command(subparsers) -> None:
+    """Register ``pfl certs DIR --hosts ...`` on an argparse subparsers object."""
+    certs = subparsers.add_parser("certs", help="create a dev CA and a TLS server certificate",
+                                  description=cmd_certs.__doc__)
+    certs.add_argument("directory", help="where ca.pem, ca.key, server.pem, server.key go")
+    certs.add_argument("--hosts", type=_hosts, default=_hosts("localhost,127.0.0.1"),
+                       help="comma-separated host names and IPs (default %(default)s)")
+    certs.add_argument("--new-ca", action="store_true",
+                       help="replace an existing CA (clients must get the new ca.pem)")
+    certs.set_defaults(func=cmd_certs)
+
+
+def add_pool_commands(subparsers) -> None:
+    """Register ``pfl pool serve`` and ``pfl pool check`` on an argparse subparsers object."""
+    pool = subparsers.add_parser("pool", help="the piece pool").add_subparsers(
+        dest="pool_command", metavar="SUBCOMMAND", required=True)
+    serve = pool.add_parser("serve", help="serve the piece pool over gRPC with TLS",
+                            description=cmd_pool_serve.__doc__)
+    serve.add_argument("--db", required=True, help="pool directory (created if missing)")
+    serve.add_argument("--port", type=int, default=50061, help="0 picks a free port "
+                       "(default %(default)s)")
+    serve.add_argument("--certs", required=True, help="certificate directory from `pfl certs`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.set_defaults(func=cmd_pool_serve)
+    check = pool.add_parser("check", help="verify every stored piece",
+                            description=cmd_pool_check.__doc__)
+    check.add_argument("--db", required=True, help="pool directory")
+    check.set_defaults(func=cmd_pool_check)

@@ -1,0 +1,356 @@
+"""The persistent piece pool: SQLite (WAL) metadata plus content-addressed blob files.
+
+Layout of a pool directory::
+
+    pool.sqlite3            metadata: pieces (id, sharer, layer, module, rank, dtypes, shapes,
+                            sha256, signature, public key, consent flags, time, the gate) and
+                            sharers (pseudonym -> public key, bound on first submission)
+    blobs/ab/abcdef...      one file per piece: its content bytes, named by their sha256,
+                            which is the piece id (shared.serialization.content_bytes)
+
+Crash safety: blobs are written to a temporary file, fsynced and renamed (then the folder is
+fsynced) *before* the metadata transaction commits, and SQLite runs in WAL mode with
+``synchronous=FULL``; a killed process leaves at worst an unreferenced blob or temp file,
+never a row without its blob. A batch is all-or-nothing. Every fetch re-hashes the blob,
+so a file changed on disk is detected (:class:`PoolCorruption`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from shared import crypto
+from shared.errors import PflError
+from shared.methods.lora_pieces import Piece, _tensor_bytes
+from shared.serialization import (DEFAULT_LIMITS, Gate, InvalidPiece, Limits, SignedPiece,
+                                  check_consent, content_bytes, is_piece_id,
+                                  piece_from_content_bytes, tensor_from_proto, validate_piece)
+from shared.wire import pfl_pb2
+
+DB_NAME = "pool.sqlite3"
+BLOB_DIR = "blobs"
+SCHEMA_VERSION = 1
+_STALE_TMP_SECONDS = 3600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sharers (
+    sharer      TEXT PRIMARY KEY,
+    public_key  BLOB NOT NULL,
+    first_seen  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pieces (
+    piece_id    TEXT PRIMARY KEY,
+    sharer      TEXT NOT NULL REFERENCES sharers(sharer),
+    layer       INTEGER NOT NULL,
+    module      TEXT NOT NULL,
+    rank        INTEGER NOT NULL,
+    d_in        INTEGER NOT NULL,
+    d_out       INTEGER NOT NULL,
+    scaling     REAL NOT NULL,
+    dtypes      TEXT NOT NULL,
+    shapes      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    gate        BLOB,
+    gate_dtype  TEXT,
+    gate_sha256 TEXT,
+    signature   BLOB NOT NULL,
+    public_key  BLOB NOT NULL,
+    consent     TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pieces_by_key ON pieces(layer, module);
+"""
+
+
+class PoolCorruption(PflError):
+    """A stored blob is missing or does not hash to its piece id."""
+
+
+class PieceNotFound(PflError):
+    """Some requested piece ids are not in the pool (``.missing`` lists them)."""
+
+    def __init__(self, missing: Sequence[str]):
+        self.missing = list(missing)
+        shown = ", ".join(m[:12] for m in self.missing[:5])
+        more = f" and {len(self.missing) - 5} more" if len(self.missing) > 5 else ""
+        super().__init__(f"{len(self.missing)} piece(s) not in the pool: {shown}{more}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PoolStore:
+    """A piece pool in a directory; safe to share between threads (one lock) and processes.
+
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, directory: str | Path, *, limits: Limits = DEFAULT_LIMITS):
+        self.directory = Path(directory)
+        self.limits = limits
+        self.blob_dir = self.directory / BLOB_DIR
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.directory / DB_NAME, isolation_level=None,
+                                   check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":  # pragma: no cover - e.g. a network file system
+            raise PflError(f"the pool database {self.directory / DB_NAME} cannot use WAL mode")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise PflError(f"pool schema version {version} is not supported "
+                           f"(this code reads {SCHEMA_VERSION})")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._remove_stale_temp_files()
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "PoolStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _remove_stale_temp_files(self) -> None:
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for tmp in self.blob_dir.glob("*/.*.tmp"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+            except OSError:
+                pass
+
+    # --------------------------------------------------------------------- blobs
+    def blob_path(self, piece_id: str) -> Path:
+        """Where the content bytes of ``piece_id`` live."""
+        return self.blob_dir / piece_id[:2] / piece_id
+
+    def _blob_ok(self, piece_id: str) -> bool:
+        try:
+            return hashlib.sha256(self.blob_path(piece_id).read_bytes()).hexdigest() == piece_id
+        except OSError:
+            return False
+
+    def _write_blob(self, piece_id: str, data: bytes) -> bool:
+        """Write a blob atomically unless a good one is there; True if a file was written."""
+        if self._blob_ok(piece_id):
+            return False
+        path = self.blob_path(piece_id)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{piece_id}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        return True
+
+    # -------------------------------------------------------------------- submit
+    def submit(self, pieces: Sequence[SignedPiece]) -> list[tuple[str, bool]]:
+        """Store signed pieces, all or nothing; returns (piece id, created) per input piece.
+
+        Each piece is validated (:class:`InvalidPiece`) and its signature verified
+        (``crypto.SignatureError``); a pseudonym stays bound to the first public key it was
+        submitted with. Resubmitting a stored piece changes nothing (created=False).
+        """
+        for signed in pieces:
+            validate_piece(signed.piece, self.limits)
+            check_consent(signed.consent)
+            signed.verify()
+        keys: dict[str, bytes] = {}
+        for signed in pieces:
+            if keys.setdefault(signed.piece.sharer, signed.public_key) != signed.public_key:
+                raise crypto.SignatureError(f"sharer {signed.piece.sharer!r} signs with two "
+                                            "different keys in one batch")
+        with self._lock:
+            written = [signed.piece_id for signed in pieces
+                       if self._write_blob(signed.piece_id, content_bytes(signed.piece))]
+            try:
+                return self._insert(pieces, keys)
+            except BaseException:
+                self._drop_unreferenced(written)
+                raise
+
+    def _insert(self, pieces: Sequence[SignedPiece], keys: dict[str, bytes]
+                ) -> list[tuple[str, bool]]:
+        db, now = self._db, time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sharer, key in keys.items():
+                row = db.execute("SELECT public_key FROM sharers WHERE sharer=?",
+                                 (sharer,)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO sharers VALUES (?, ?, ?)", (sharer, key, now))
+                elif bytes(row[0]) != key:
+                    raise crypto.SignatureError(
+                        f"sharer {sharer!r} is bound to another public key (fingerprint "
+                        f"{crypto.key_fingerprint(bytes(row[0]))}); this one is "
+                        f"{crypto.key_fingerprint(key)}")
+            results = []
+            for signed in pieces:
+                cursor = db.execute("INSERT OR IGNORE INTO pieces VALUES "
+                                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                    self._row(signed, now))
+                results.append((signed.piece_id, cursor.rowcount == 1))
+            db.execute("COMMIT")
+            return results
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _row(signed: SignedPiece, now: float) -> tuple:
+        p = signed.piece
+        gate = None if p.gate is None else _tensor_bytes(p.gate)
+        dtypes = {name: None if t is None else str(t.dtype).removeprefix("torch.")
+                  for name, t in (("A", p.A), ("B", p.B), ("gate", p.gate))}
+        shapes = {name: None if t is None else list(t.shape)
+                  for name, t in (("A", p.A), ("B", p.B), ("gate", p.gate))}
+        return (p.piece_id, p.sharer, p.layer, p.module, p.rank, p.d_in, p.d_out, p.scaling,
+                json.dumps(dtypes), json.dumps(shapes), p.num_bytes, p.piece_id, gate,
+                dtypes["gate"], None if gate is None else hashlib.sha256(gate).hexdigest(),
+                signed.signature, signed.public_key, json.dumps(dict(signed.consent)), now)
+
+    def _drop_unreferenced(self, piece_ids: Iterable[str]) -> None:
+        for piece_id in piece_ids:
+            if self._db.execute("SELECT 1 FROM pieces WHERE piece_id=?",
+                                (piece_id,)).fetchone() is None:
+                self.blob_path(piece_id).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------- queries
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM pieces").fetchone()[0]
+
+    def __contains__(self, piece_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM pieces WHERE piece_id=?",
+                                    (piece_id,)).fetchone() is not None
+
+    def piece_ids(self) -> list[str]:
+        """Every stored piece id, in submission order."""
+        with self._lock:
+            rows = self._db.execute("SELECT piece_id FROM pieces ORDER BY rowid").fetchall()
+        return [row[0] for row in rows]
+
+    def missing(self, piece_ids: Iterable[str]) -> list[str]:
+        """The ids (in order, without repeats) that the pool does not hold."""
+        with self._lock:
+            return [pid for pid in dict.fromkeys(piece_ids)
+                    if self._db.execute("SELECT 1 FROM pieces WHERE piece_id=?",
+                                        (pid,)).fetchone() is None]
+
+    def sharer_key(self, sharer: str) -> bytes | None:
+        """The public key a pseudonym is bound to (None if unknown)."""
+        with self._lock:
+            row = self._db.execute("SELECT public_key FROM sharers WHERE sharer=?",
+                                   (sharer,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def list_gates(self, layers: Iterable[int] = (), modules: Iterable[str] = (),
+                   sharers: Iterable[str] = ()) -> list[Gate]:
+        """Gates of the gated pieces matching the filters (an empty filter matches all)."""
+        where, args = [], []
+        for column, values in (("layer", layers), ("module", modules), ("sharer", sharers)):
+            values = list(values)
+            if values:
+                where.append(f"{column} IN ({','.join('?' * len(values))})")
+                args.extend(values)
+        sql = ("SELECT piece_id, sharer, layer, module, rank, d_in, gate, gate_dtype, "
+               "gate_sha256, signature, public_key FROM pieces WHERE gate IS NOT NULL"
+               + "".join(f" AND {w}" for w in where) + " ORDER BY layer, module, rowid")
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        gates = []
+        for row in rows:
+            tensor = pfl_pb2.Tensor(dtype=row["gate_dtype"], shape=[row["d_in"]],
+                                    data=bytes(row["gate"]), sha256=row["gate_sha256"])
+            try:
+                gate = tensor_from_proto(tensor, f"gate of {row['piece_id'][:12]}", self.limits)
+            except InvalidPiece as exc:
+                raise PoolCorruption(f"stored {exc}") from None
+            gates.append(Gate(row["piece_id"], row["sharer"], row["layer"], row["module"],
+                              row["rank"], gate, bytes(row["signature"]),
+                              bytes(row["public_key"])))
+        return gates
+
+    def fetch(self, piece_ids: Sequence[str]) -> list[SignedPiece]:
+        """The stored pieces, in the order asked; every blob is re-hashed.
+
+        Raises :class:`PieceNotFound` for unknown ids and :class:`PoolCorruption` for a blob
+        that is missing or changed on disk.
+        """
+        bad = [pid for pid in piece_ids if not is_piece_id(pid)]
+        if bad:
+            raise InvalidPiece(f"malformed piece id {bad[0][:70]!r}")
+        rows = {}
+        with self._lock:
+            for pid in dict.fromkeys(piece_ids):
+                row = self._db.execute("SELECT * FROM pieces WHERE piece_id=?",
+                                       (pid,)).fetchone()
+                if row is not None:
+                    rows[pid] = row
+        missing = [pid for pid in dict.fromkeys(piece_ids) if pid not in rows]
+        if missing:
+            raise PieceNotFound(missing)
+        return [self._load(rows[pid]) for pid in piece_ids]
+
+    def _load(self, row: sqlite3.Row) -> SignedPiece:
+        piece_id, path = row["piece_id"], self.blob_path(row["piece_id"])
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise PoolCorruption(f"piece {piece_id[:12]}: blob {path} unreadable: "
+                                 f"{exc.strerror}") from None
+        if hashlib.sha256(data).hexdigest() != piece_id:
+            raise PoolCorruption(f"piece {piece_id[:12]}: blob {path} does not hash to its id "
+                                 "(changed on disk)")
+        piece = piece_from_content_bytes(data, row["sharer"])
+        if piece.key != (row["layer"], row["module"]):
+            raise PoolCorruption(f"piece {piece_id[:12]}: blob and metadata disagree")
+        return SignedPiece(piece, bytes(row["signature"]), bytes(row["public_key"]),
+                           json.loads(row["consent"]), row["created_at"])
+
+    def piece(self, piece_id: str) -> Piece:
+        """One stored piece (a ``PieceLookup`` for ``recipe.rebuild``)."""
+        return self.fetch([piece_id])[0].piece
+
+    # ------------------------------------------------------------------ checking
+    def verify(self) -> list[str]:
+        """Check every blob hash and signature; returns a list of problems (empty if none)."""
+        problems = []
+        for piece_id in self.piece_ids():
+            try:
+                self.fetch([piece_id])[0].verify()
+            except PflError as exc:
+                problems.append(str(exc))
+        return problems

@@ -1,0 +1,147 @@
+"""A device's client of the piece pool (gRPC over TLS).
+
+    with PoolClient("127.0.0.1:50061", "certs/") as pool:      # trusts certs/ca.pem
+        pool.submit(pieces, device_key, consent={"pool": True})
+        gates = pool.list_gates(layers=[3], modules=["q_proj"])
+        pieces = pool.fetch([g.piece_id for g in gates[:2]])
+
+Everything that comes back is checked: tensors decoded and validated, each fetched piece's
+content id recomputed and compared with the id asked for, and every signature verified
+(optionally against pinned sharer keys). ``interceptors`` are gRPC client interceptors (for
+example an audit ledger that records every outbound payload).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import grpc
+
+from shared import crypto
+from shared.errors import PflError
+from shared.methods.lora_pieces import Piece
+from shared.serialization import DEFAULT_LIMITS, Gate, InvalidPiece, Limits, SignedPiece
+from shared.wire import pfl_pb2, pfl_pb2_grpc
+
+MAX_MESSAGE_BYTES = 128 << 20
+FETCH_CHUNK = 64
+
+
+class PoolError(PflError):
+    """A pool call failed; ``.code`` is the gRPC status code (e.g. INVALID_ARGUMENT)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self.code = code
+        self.details = details
+        super().__init__(f"pool: {code.name}: {details}")
+
+
+class PoolClient:
+    """Submit signed pieces to, list gates of, and fetch pieces from a pool server."""
+
+    def __init__(self, target: str, root_certificates: bytes | str | Path, *,
+                 interceptors: Sequence[grpc.UnaryUnaryClientInterceptor
+                                        | grpc.UnaryStreamClientInterceptor] = (),
+                 trusted_keys: Mapping[str, bytes] | None = None, timeout: float = 60.0,
+                 server_name: str | None = None, limits: Limits = DEFAULT_LIMITS):
+        """``root_certificates``: CA PEM bytes, a PEM file or a `pfl certs` directory.
+
+        ``trusted_keys`` pins sharers' public keys: when given, every piece and gate must come
+        from a listed sharer with that key. ``server_name`` overrides the TLS host name.
+        """
+        if not isinstance(root_certificates, bytes):
+            root_certificates = crypto.load_root_certificate(root_certificates)
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        self._channel = grpc.secure_channel(target, credentials, options=options)
+        channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors \
+            else self._channel
+        self._stub = pfl_pb2_grpc.PiecePoolStub(channel)
+        self.target = target
+        self.timeout = timeout
+        self.limits = limits
+        self.trusted_keys = None if trusted_keys is None else dict(trusted_keys)
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> "PoolClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------- helpers
+    def _check_key(self, sharer: str, public_key: bytes) -> None:
+        if self.trusted_keys is None:
+            return
+        if self.trusted_keys.get(sharer) != public_key:
+            raise crypto.SignatureError(f"sharer {sharer!r} is not trusted with key "
+                                        f"{crypto.key_fingerprint(public_key)}")
+
+    # ----------------------------------------------------------------------- API
+    def submit(self, pieces: Iterable[Piece], key, consent: Mapping[str, bool] | None = None
+               ) -> list[tuple[str, bool]]:
+        """Sign pieces with the device ``key`` and submit them as one all-or-nothing batch.
+
+        Returns (piece id, created) per piece; created is False if the pool had it already.
+        """
+        return self.submit_signed([SignedPiece.sign(p, key, consent) for p in pieces])
+
+    def submit_signed(self, pieces: Sequence[SignedPiece]) -> list[tuple[str, bool]]:
+        """Submit already-signed pieces as one batch."""
+        request = pfl_pb2.SubmitPiecesRequest(pieces=[p.to_proto(self.limits) for p in pieces])
+        try:
+            reply = self._stub.SubmitPieces(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise PoolError(exc.code(), exc.details()) from None
+        return [(r.piece_id, r.created) for r in reply.results]
+
+    def list_gates(self, layers: Iterable[int] = (), modules: Iterable[str] = (),
+                   sharers: Iterable[str] = ()) -> list[Gate]:
+        """Gates of the pooled gated pieces matching the filters, signatures verified."""
+        request = pfl_pb2.ListGatesRequest(layers=list(layers), modules=list(modules),
+                                           sharers=list(sharers))
+        gates = []
+        try:
+            for msg in self._stub.ListGates(request, timeout=self.timeout):
+                gate = Gate.from_proto(msg, self.limits).verify()
+                self._check_key(gate.sharer, gate.public_key)
+                gates.append(gate)
+        except grpc.RpcError as exc:
+            raise PoolError(exc.code(), exc.details()) from None
+        return gates
+
+    def fetch(self, piece_ids: Sequence[str]) -> list[SignedPiece]:
+        """The pieces with these ids, in order; content ids and signatures verified."""
+        ids = list(piece_ids)
+        out: list[SignedPiece] = []
+        for start in range(0, len(ids), FETCH_CHUNK):
+            chunk = ids[start:start + FETCH_CHUNK]
+            request = pfl_pb2.FetchPiecesRequest(piece_ids=chunk)
+            try:
+                received = [SignedPiece.from_proto(msg, self.limits)
+                            for msg in self._stub.FetchPieces(request, timeout=self.timeout)]
+            except grpc.RpcError as exc:
+                raise PoolError(exc.code(), exc.details()) from None
+            if len(received) != len(chunk):
+                raise InvalidPiece(f"asked for {len(chunk)} pieces, got {len(received)}")
+            for asked, signed in zip(chunk, received):
+                if signed.piece_id != asked:
+                    raise InvalidPiece(f"asked for piece {asked[:12]} but its content hashes "
+                                       f"to {signed.piece_id[:12]}")
+                signed.verify()
+                self._check_key(signed.piece.sharer, signed.public_key)
+            out.extend(received)
+        return out
+
+    def fetch_pieces(self, piece_ids: Iterable[str]) -> dict[str, Piece]:
+        """{piece id: Piece} for a recipe rebuild (``recipe.rebuild(recipe, mapping)``)."""
+        ids = list(dict.fromkeys(piece_ids))
+        return {s.piece_id: s.piece for s in self.fetch(ids)}

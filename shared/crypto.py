@@ -1,0 +1,335 @@
+"""Crypto helpers: a dev CA and TLS certificates, Ed25519 device keys, piece signatures.
+
+TLS (the project's gRPC services): :func:`write_dev_certs` makes a directory with a dev CA
+(``ca.pem``, ``ca.key``) and a server certificate (``server.pem``, ``server.key``) for the
+given host names and IP addresses (ECDSA P-256, SHA-256). Servers load
+:func:`load_server_credentials`; clients trust ``ca.pem`` (:func:`load_root_certificate`).
+
+Device keys: Ed25519. A sharer signs each piece it submits; the pool and targets verify.
+The signed message is :func:`piece_signing_message`: a domain tag, the 32 raw bytes of the
+piece's content id and the sharer pseudonym, so a signature binds content and provenance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
+                                                               Ed25519PublicKey)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.errors import PflError
+
+SIGNATURE_DOMAIN = b"pfl-piece-sig/1"
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+
+CA_CERT, CA_KEY = "ca.pem", "ca.key"
+SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+
+
+class SignatureError(PflError):
+    """A signature is missing, malformed or does not verify."""
+
+
+# ------------------------------------------------------------------------- file helpers
+def write_atomic(path: str | Path, data: bytes, *, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (0600 if private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(tmp, flags, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------ dev CA / TLS
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pfl dev"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _san(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def create_ca(common_name: str = "pfl dev CA", days: int = 3650
+              ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA (ECDSA P-256) that may sign leaf certificates only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (x509.CertificateBuilder()
+            .subject_name(_name(common_name)).issuer_name(_name(common_name))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def issue_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                      hosts: Iterable[str], days: int = 825
+                      ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A TLS server certificate signed by the CA, valid for ``hosts`` (names and IPs)."""
+    hosts = [h.strip() for h in hosts if h.strip()]
+    if not hosts:
+        raise PflError("a server certificate needs at least one host name or IP address")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (x509.CertificateBuilder()
+            .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName(_san(hosts)), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=True, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_ski), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return key, cert
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    """PEM bytes of a certificate."""
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key) -> bytes:
+    """Unencrypted PKCS#8 PEM bytes of a private key (keep the file 0600)."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@dataclass(frozen=True)
+class DevCerts:
+    """Paths of a dev certificate directory."""
+
+    directory: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / CA_CERT
+
+    @property
+    def ca_key(self) -> Path:
+        return self.directory / CA_KEY
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / SERVER_CERT
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / SERVER_KEY
+
+
+def write_dev_certs(directory: str | Path, hosts: Iterable[str] = ("localhost", "127.0.0.1"),
+                    *, new_ca: bool = False) -> DevCerts:
+    """Create (or reuse) the dev CA in ``directory`` and issue a server certificate for hosts.
+
+    An existing ``ca.pem``/``ca.key`` pair is reused unless ``new_ca``, so clients that
+    already trust the CA keep working; the server certificate is always issued afresh.
+    """
+    certs = DevCerts(Path(directory))
+    if not new_ca and certs.ca_cert.is_file() and certs.ca_key.is_file():
+        ca_cert = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    else:
+        ca_key, ca_cert = create_ca()
+        write_atomic(certs.ca_key, key_pem(ca_key), private=True)
+        write_atomic(certs.ca_cert, cert_pem(ca_cert))
+    server_key, server_cert = issue_server_cert(ca_key, ca_cert, hosts)
+    write_atomic(certs.server_key, key_pem(server_key), private=True)
+    write_atomic(certs.server_cert, cert_pem(server_cert))
+    return certs
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PflError(f"cannot read the {what} {path}: {exc.strerror} "
+                       f"(create one with `pfl certs {path.parent}`)") from None
+
+
+def load_server_credentials(directory: str | Path) -> tuple[bytes, bytes]:
+    """(certificate chain PEM, private key PEM) of the server in a dev certificate directory."""
+    certs = DevCerts(Path(directory))
+    return _read(certs.server_cert, "server certificate"), _read(certs.server_key, "server key")
+
+
+def load_root_certificate(path: str | Path) -> bytes:
+    """The PEM of a CA certificate: ``path`` is the file or a dev certificate directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CA_CERT
+    return _read(path, "CA certificate")
+
+
+def verify_server_cert(cert_pem_bytes: bytes, ca_pem_bytes: bytes, host: str) -> None:
+    """Check that a server certificate chains to the CA and is valid for ``host``.
+
+    Raises ``PflError`` naming the reason otherwise (RFC 5280 path validation).
+    """
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    cert = x509.load_pem_x509_certificate(cert_pem_bytes)
+    ca = x509.load_pem_x509_certificate(ca_pem_bytes)
+    try:
+        subject = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        subject = x509.DNSName(host)
+    verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(subject)
+    try:
+        verifier.verify(cert, [])
+    except VerificationError as exc:
+        raise PflError(f"certificate not valid for {host}: {exc}") from None
+
+
+# ---------------------------------------------------------------------- device keys
+def generate_device_key() -> Ed25519PrivateKey:
+    """A fresh Ed25519 device key."""
+    return Ed25519PrivateKey.generate()
+
+
+def save_device_key(key: Ed25519PrivateKey, path: str | Path,
+                    password: bytes | None = None) -> Path:
+    """Write the key as PKCS#8 PEM (0600), encrypted when a password is given."""
+    encryption = (serialization.BestAvailableEncryption(password) if password
+                  else serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            encryption)
+    return write_atomic(path, pem, private=True)
+
+
+def load_device_key(path: str | Path, password: bytes | None = None) -> Ed25519PrivateKey:
+    """Read an Ed25519 device key written by :func:`save_device_key`."""
+    data = _read(Path(path), "device key")
+    try:
+        key = serialization.load_pem_private_key(data, password=password)
+    except (ValueError, TypeError) as exc:
+        raise PflError(f"cannot load the device key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PflError(f"{path} is not an Ed25519 key")
+    return key
+
+
+def device_key(path: str | Path) -> Ed25519PrivateKey:
+    """The device key at ``path``, created (and saved) on first use."""
+    if Path(path).is_file():
+        return load_device_key(path)
+    key = generate_device_key()
+    save_device_key(key, path)
+    return key
+
+
+def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    """The raw 32-byte public key (of a private or public key)."""
+    if isinstance(key, Ed25519PrivateKey):
+        key = key.public_key()
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_public_key(raw: bytes) -> Ed25519PublicKey:
+    """An Ed25519 public key from its 32 raw bytes (``SignatureError`` if malformed)."""
+    if len(raw) != PUBLIC_KEY_BYTES:
+        raise SignatureError(f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(bytes(raw))
+
+
+def key_fingerprint(raw: bytes) -> str:
+    """A short hex fingerprint of a raw public key, for display."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(raw)
+    return digest.finalize().hex()[:16]
+
+
+def sign(key: Ed25519PrivateKey, message: bytes) -> bytes:
+    """The 64-byte Ed25519 signature of ``message``."""
+    return key.sign(message)
+
+
+def verify(public_key: bytes | Ed25519PublicKey, message: bytes, signature: bytes) -> None:
+    """Check an Ed25519 signature; raise :class:`SignatureError` if it does not verify."""
+    if not signature:
+        raise SignatureError("missing signature")
+    if len(signature) != SIGNATURE_BYTES:
+        raise SignatureError(f"signature must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
+    if not public_key:
+        raise SignatureError("missing public key")
+    key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
+    try:
+        key.verify(bytes(signature), message)
+    except InvalidSignature:
+        raise SignatureError("signature does not verify") from None
+
+
+# -------------------------------------------------------------------- piece signatures
+def piece_signing_message(piece_id: str, sharer: str) -> bytes:
+    """What a sharer signs: domain tag, NUL, the 32 id bytes, NUL, the UTF-8 pseudonym."""
+    try:
+        id_bytes = bytes.fromhex(piece_id)
+    except ValueError:
+        id_bytes = b""
+    if len(id_bytes) != 32:
+        raise SignatureError(f"piece id must be 64 hex digits, got {piece_id!r}")
+    return SIGNATURE_DOMAIN + b"\0" + id_bytes + b"\0" + sharer.encode("utf-8")
+
+
+def sign_piece(key: Ed25519PrivateKey, piece_id: str, sharer: str) -> bytes:
+    """The sharer's signature over (piece id, pseudonym)."""
+    return sign(key, piece_signing_message(piece_id, sharer))
+
+
+def verify_piece(public_key: bytes, piece_id: str, sharer: str, signature: bytes) -> None:
+    """Check a piece signature; raise :class:`SignatureError` naming the piece otherwise."""
+    try:
+        verify(public_key, piece_signing_message(piece_id, sharer), signature)
+    except SignatureError as exc:
+        raise SignatureError(f"piece {piece_id[:12]} from {sharer!r}: {exc}") from None

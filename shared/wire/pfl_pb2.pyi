@@ -1,0 +1,140 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data", "sha256")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    sha256: str
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class Piece(_message.Message):
+    __slots__ = ("piece_id", "sharer", "layer", "module", "rank", "scaling", "a", "b", "gate", "signature", "public_key", "consent", "created_at")
+    class ConsentEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bool
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bool] = ...) -> None: ...
+    PIECE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARER_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONSENT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    piece_id: str
+    sharer: str
+    layer: int
+    module: str
+    rank: int
+    scaling: float
+    a: Tensor
+    b: Tensor
+    gate: Tensor
+    signature: bytes
+    public_key: bytes
+    consent: _containers.ScalarMap[str, bool]
+    created_at: float
+    def __init__(self, piece_id: _Optional[str] = ..., sharer: _Optional[str] = ..., layer: _Optional[int] = ..., module: _Optional[str] = ..., rank: _Optional[int] = ..., scaling: _Optional[float] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ..., signature: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., consent: _Optional[_Mapping[str, bool]] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class GateEntry(_message.Message):
+    __slots__ = ("piece_id", "sharer", "layer", "module", "rank", "gate", "signature", "public_key")
+    PIECE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARER_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    piece_id: str
+    sharer: str
+    layer: int
+    module: str
+    rank: int
+    gate: Tensor
+    signature: bytes
+    public_key: bytes
+    def __init__(self, piece_id: _Optional[str] = ..., sharer: _Optional[str] = ..., layer: _Optional[int] = ..., module: _Optional[str] = ..., rank: _Optional[int] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ..., signature: _Optional[bytes] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class RecipeItem(_message.Message):
+    __slots__ = ("piece_id", "weight")
+    PIECE_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    piece_id: str
+    weight: float
+    def __init__(self, piece_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class RecipeEntry(_message.Message):
+    __slots__ = ("layer", "module", "items")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    module: str
+    items: _containers.RepeatedCompositeFieldContainer[RecipeItem]
+    def __init__(self, layer: _Optional[int] = ..., module: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecipeItem, _Mapping]]] = ...) -> None: ...
+
+class Recipe(_message.Message):
+    __slots__ = ("combination", "config_json", "entries")
+    COMBINATION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    combination: str
+    config_json: str
+    entries: _containers.RepeatedCompositeFieldContainer[RecipeEntry]
+    def __init__(self, combination: _Optional[str] = ..., config_json: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[RecipeEntry, _Mapping]]] = ...) -> None: ...
+
+class SubmitPiecesRequest(_message.Message):
+    __slots__ = ("pieces",)
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    pieces: _containers.RepeatedCompositeFieldContainer[Piece]
+    def __init__(self, pieces: _Optional[_Iterable[_Union[Piece, _Mapping]]] = ...) -> None: ...
+
+class SubmitResult(_message.Message):
+    __slots__ = ("piece_id", "created")
+    PIECE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    piece_id: str
+    created: bool
+    def __init__(self, piece_id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class SubmitPiecesReply(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SubmitResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SubmitResult, _Mapping]]] = ...) -> None: ...
+
+class ListGatesRequest(_message.Message):
+    __slots__ = ("layers", "modules", "sharers")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    SHARERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    modules: _containers.RepeatedScalarFieldContainer[str]
+    sharers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., modules: _Optional[_Iterable[str]] = ..., sharers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FetchPiecesRequest(_message.Message):
+    __slots__ = ("piece_ids",)
+    PIECE_IDS_FIELD_NUMBER: _ClassVar[int]
+    piece_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, piece_ids: _Optional[_Iterable[str]] = ...) -> None: ...
