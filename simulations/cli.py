@@ -4,6 +4,7 @@
     pfl eval        evaluate methods on target users (in-process, one base model)
     pfl data stats  users, queries and history sizes of a task's data
     pfl bench model forward and training throughput of a model
+    pfl simulate    collective stage 1 (FedAvg) over virtual Flower clients
     pfl claims      check the papers' claims against a pfl eval results file
     pfl audit       show, summarize or verify a device's audit ledger
     pfl certs       a development CA and TLS certificates for the given hosts
@@ -124,6 +125,25 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    """Collective stage 1 over virtual Flower clients (the other phases are not wired yet)."""
+    from simulations.simulate import run_stage1_simulation
+
+    summary = run_stage1_simulation(
+        method=args.method, num_clients=args.clients, rounds=args.rounds, model=args.model,
+        run_dir=args.run_dir, seed=args.seed, fraction_train=args.fraction_train,
+        num_users_per_client=args.users_per_client, backend=args.backend,
+        max_history=args.max_history, verbose=args.verbose)
+    losses = ", ".join(f"{x:.3f}" for x in summary.get("train_loss", []) if x is not None)
+    print(f"stage 1 ({args.method}) over {args.clients} clients, {summary['rounds']} rounds "
+          f"in {summary['wall_seconds']:.1f} s ({summary['backend']})")
+    print(f"replies per round: {summary.get('replies')}; train loss per round: {losses}")
+    print(f"global arrays: {summary['final_arrays']}")
+    print(f"client ledgers: {len(summary.get('ledgers', {}))} under {args.run_dir} "
+          "(read them with pfl audit show LEDGER)")
+    return 0
+
+
 def cmd_claims(args) -> int:
     from simulations.claims import claims_table
 
@@ -211,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _model_options(ev)
     ev.set_defaults(func=cmd_eval)
+
+    sim = commands.add_parser("simulate", help="collective stage 1 over virtual Flower clients",
+                              description=cmd_simulate.__doc__)
+    sim.add_argument("--method", choices=["lora", "perfit"], default="lora")
+    sim.add_argument("--clients", type=int, default=2, help="virtual clients (default 2)")
+    sim.add_argument("--rounds", type=int, default=2)
+    sim.add_argument("--fraction-train", type=float, default=1.0)
+    sim.add_argument("--users-per-client", type=int, default=2,
+                     help="synthetic users in each client's partition")
+    sim.add_argument("--max-history", type=int, default=None)
+    sim.add_argument("--backend", choices=["ray", "inprocess"], default="ray",
+                     help="Flower's simulation engine (ray) or an in-process grid")
+    sim.add_argument("--model", default="tiny", help="tiny (default), smollm2-135m or a path")
+    sim.add_argument("--run-dir", default="runs/stage1", help="arrays, summary and ledgers")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.set_defaults(func=cmd_simulate)
 
     claims = commands.add_parser("claims", help="check the papers' claims against a results file")
     claims.add_argument("results", help="a JSON file written by pfl eval --out")

@@ -1,0 +1,199 @@
+"""Server-side aggregation of collective parameters: validated, weighted FedAvg (no Flower).
+
+Everything here works on plain ``{name: numpy array}`` dicts, so it is tested without a
+federation. The ServerApp (:mod:`cloud_server.server_app`) only converts Flower records to and
+from these dicts.
+
+- :func:`check_reply`: why one client's arrays must not be averaged (None when they are fine):
+  names, shapes and dtypes must match the global arrays the round started from, values must be
+  finite and within a norm bound, and the example count (the FedAvg weight) must be positive.
+- :func:`fedavg`: drops the bad replies (logging each, never raising) and averages the rest,
+  weighted by their number of training examples.
+- :func:`reorthonormalize_perfit`: PerFit's R matrices have orthonormal rows, an average of
+  such matrices does not, so every R is projected back after averaging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from shared.methods.perfit import orthonormality_error, reorthonormalize
+
+log = logging.getLogger(__name__)
+
+#: dtypes a reply may use on the wire (never bf16, which Flower cannot carry).
+WIRE_DTYPES = ("float32", "float16")
+#: Default bound on the L2 norm of any single reply array (LoRA factors and LoReFT R/W/b are
+#: O(1)-O(10); a reply far beyond this is broken or hostile and would swamp the average).
+MAX_NORM = 1e4
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class Reply:
+    """One client's contribution to a round: its arrays, FedAvg weight and metrics."""
+
+    arrays: Mapping[str, Any]
+    num_examples: float
+    node: str | int = "?"
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Aggregate:
+    """The result of one aggregation: the averaged arrays (None when no reply was usable),
+    the replies used, and ``(node, reason)`` for every reply dropped."""
+
+    arrays: Arrays | None
+    accepted: list[Reply]
+    dropped: list[tuple[str | int, str]]
+
+    @property
+    def total_examples(self) -> float:
+        return float(sum(r.num_examples for r in self.accepted))
+
+
+def check_reply(arrays: Mapping[str, Any], num_examples: Any,
+                reference: Mapping[str, Any] | None, *,
+                max_norm: float | None = MAX_NORM) -> str | None:
+    """The reason ``arrays`` cannot be averaged, or None when they can.
+
+    ``reference`` (the global arrays the round started from) fixes the names and shapes; None
+    skips that comparison. Each array must have a wire dtype (:data:`WIRE_DTYPES`), finite
+    values and an L2 norm <= ``max_norm``; ``num_examples`` must be a finite number > 0.
+    """
+    try:
+        weight = float(num_examples)
+    except (TypeError, ValueError):
+        return f"num-examples {num_examples!r} is not a number"
+    if not math.isfinite(weight) or weight <= 0:
+        return f"num-examples {num_examples!r} must be a finite number > 0"
+    if not arrays:
+        return "no arrays"
+    if reference is not None:
+        missing = sorted(set(reference) - set(arrays))
+        extra = sorted(set(arrays) - set(reference))
+        if missing or extra:
+            return (f"array names differ from the global ones (missing {missing[:3]}, "
+                    f"unexpected {extra[:3]})")
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if array.dtype.name not in WIRE_DTYPES:
+            return f"{name}: dtype {array.dtype.name} (allowed: {', '.join(WIRE_DTYPES)})"
+        if reference is not None:
+            expected = tuple(np.shape(reference[name]))
+            if array.shape != expected:
+                return f"{name}: shape {array.shape}, expected {expected}"
+        if not np.isfinite(array).all():
+            return f"{name}: non-finite values"
+        if max_norm is not None:
+            norm = float(np.linalg.norm(array.astype(np.float64).ravel()))
+            if norm > max_norm:
+                return f"{name}: norm {norm:.3g} exceeds the bound {max_norm:.3g}"
+    return None
+
+
+def weighted_average(arrays_list: Sequence[Mapping[str, Any]],
+                     weights: Sequence[float]) -> Arrays:
+    """sum_i w_i x_i / sum_i w_i for every name (float64 accumulation, float32 result).
+
+    All dicts must have the same names and shapes (see :func:`check_reply`).
+    """
+    if not arrays_list or len(arrays_list) != len(weights):
+        raise ValueError("weighted_average needs as many weights as array dicts (at least 1)")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights must sum to a positive number, got {total}")
+    out: Arrays = {}
+    for name in arrays_list[0]:
+        acc = np.zeros(np.shape(arrays_list[0][name]), dtype=np.float64)
+        for arrays, weight in zip(arrays_list, weights):
+            acc += np.asarray(arrays[name], dtype=np.float64) * (float(weight) / total)
+        out[name] = acc.astype(np.float32)
+    return out
+
+
+def fedavg(replies: Sequence[Reply], reference: Mapping[str, Any] | None = None, *,
+           max_norm: float | None = MAX_NORM) -> Aggregate:
+    """Weighted FedAvg (weights = number of examples) of the replies that pass
+    :func:`check_reply`; every dropped reply is logged with its reason, none is fatal.
+
+    With ``reference`` None, the first reply fixes the names and shapes the others must match.
+    """
+    accepted: list[Reply] = []
+    dropped: list[tuple[str | int, str]] = []
+    for reply in replies:
+        ref = reference if reference is not None else (accepted[0].arrays if accepted else None)
+        reason = check_reply(reply.arrays, reply.num_examples, ref, max_norm=max_norm)
+        if reason is not None:
+            log.warning("dropping the reply of node %s: %s", reply.node, reason)
+            dropped.append((reply.node, reason))
+        else:
+            accepted.append(reply)
+    if not accepted:
+        return Aggregate(None, accepted, dropped)
+    averaged = weighted_average([r.arrays for r in accepted],
+                                [float(r.num_examples) for r in accepted])
+    return Aggregate(averaged, accepted, dropped)
+
+
+def average_metrics(replies: Sequence[Reply]) -> dict[str, float]:
+    """Example-weighted mean of every numeric metric the replies share."""
+    if not replies:
+        return {}
+    names = set.intersection(*(set(r.metrics) for r in replies))
+    total = float(sum(r.num_examples for r in replies))
+    out = {}
+    for name in sorted(names):
+        values = [r.metrics[name] for r in replies]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[name] = float(sum(float(v) * float(r.num_examples)
+                                  for v, r in zip(values, replies)) / total)
+    return out
+
+
+def is_rotation_key(name: str) -> bool:
+    """True for a PerFit R matrix ("stage1/layers.3.R", "layers.3.R", ...)."""
+    return name.rsplit(".", 1)[-1] == "R"
+
+
+def reorthonormalize_perfit(arrays: Mapping[str, Any]) -> Arrays:
+    """A copy of PerFit ``arrays`` with every R replaced by the nearest matrix with
+    orthonormal rows (polar factor, :func:`shared.methods.perfit.reorthonormalize`).
+
+    Needed after every FedAvg of PerFit stages: the average of matrices with orthonormal rows
+    is NOT a matrix with orthonormal rows (averaging two different rotations shrinks it toward
+    0), so the averaged R would no longer be a projection onto an r-dimensional subspace.
+    W and b are plain linear parameters and stay as averaged.
+    """
+    out: Arrays = {}
+    for name, value in arrays.items():
+        array = np.asarray(value, dtype=np.float32)
+        if is_rotation_key(name):
+            if array.ndim != 2 or array.shape[0] > array.shape[1]:
+                raise ValueError(f"{name}: shape {array.shape} is not an (r, d) rotation, r <= d")
+            array = reorthonormalize(array).numpy().astype(np.float32)
+        out[name] = array
+    return out
+
+
+def max_orthonormality_error(arrays: Mapping[str, Any]) -> float:
+    """max over every R in ``arrays`` of max|R R^T - I| (0.0 when there is no R)."""
+    errors = [orthonormality_error(np.asarray(v)) for k, v in arrays.items()
+              if is_rotation_key(k)]
+    return max(errors, default=0.0)
+
+
+def delta_norm(before: Mapping[str, Any], after: Mapping[str, Any]) -> float:
+    """Global L2 norm of ``after - before`` over their common names."""
+    total = 0.0
+    for name in set(before) & set(after):
+        diff = np.asarray(after[name], np.float64) - np.asarray(before[name], np.float64)
+        total += float((diff * diff).sum())
+    return math.sqrt(total)

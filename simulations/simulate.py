@@ -1,0 +1,166 @@
+"""Simulate the collective stage-1 phase on one machine: ServerApp + N virtual ClientApps.
+
+:func:`run_stage1_simulation` is the entry point (the ``pfl simulate`` command wraps it):
+
+- ``backend="ray"`` (default): Flower's Simulation Runtime
+  (:func:`flwr.simulation.run_simulation`): the ServerApp runs in a thread of this process,
+  the ClientApps in Ray actor processes (``num_cpus`` per client), each loading the frozen base
+  model once; the exact apps a real deployment runs.
+- ``backend="inprocess"``: :class:`LocalGrid` delivers each message straight to the ClientApp
+  in this process, one at a time: no Ray, deterministic, quick to start; same apps, same
+  messages (metadata filled as a SuperLink would), same ledgers.
+
+``run_simulation`` has no run-config argument in flwr 1.41, so the server's settings are
+bound into the ServerApp (:func:`cloud_server.server_app.make_server_app`) and reach the
+clients inside every round's ConfigRecord. Per-client state and ledgers live under
+``run_dir/clients/partition-NNNNN/`` (:mod:`edge_client.state`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.serverapp import Grid
+
+from shared.errors import PflError
+
+SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID
+BACKENDS = ("ray", "inprocess")
+
+
+class LocalGrid(Grid):
+    """A Grid that runs a ClientApp in this process for each of ``num_nodes`` virtual nodes.
+
+    Node ids are 1001..1000+N (1 is the SuperLink's), partition ids 0..N-1; each node keeps
+    its own Context (as Flower's simulation does); ``node_config`` is added to every node's
+    config, ``node_configs[pid]`` to partition ``pid``'s (e.g. a device's consent policy).
+    A ClientApp that raises gives an error reply, as on a real SuperNode. Like
+    ``run_simulation``, it sets this process's Flower task identity (which ``Message(...)``
+    reads) to the run.
+    """
+
+    FIRST_NODE_ID = 1001
+
+    def __init__(self, client_app, num_nodes: int, *, run_id: int = 1,
+                 node_config: dict[str, Any] | None = None,
+                 node_configs: dict[int, dict[str, Any]] | None = None):
+        from flwr.supercore.run import Run
+        from flwr.supercore.task_identity import TaskIdentity
+
+        if num_nodes < 1:
+            raise PflError(f"need at least one node, got {num_nodes}")
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id=run_id)
+        TaskIdentity.task_id, TaskIdentity.run_id = 1, run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self.contexts = {
+            self.FIRST_NODE_ID + pid: Context(
+                run_id=run_id, node_id=self.FIRST_NODE_ID + pid,
+                node_config={"partition-id": pid, "num-partitions": num_nodes,
+                             **(node_config or {}), **(node_configs or {}).get(pid, {})},
+                state=RecordDict(), run_config={})
+            for pid in range(num_nodes)}
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def _deliver(self, message: Message) -> Message:
+        meta = message.metadata
+        incoming = Message(message.content, metadata=Metadata(
+            run_id=self._run.run_id, message_id=uuid.uuid4().hex, src_node_id=SUPERLINK_NODE_ID,
+            dst_node_id=meta.dst_node_id, reply_to_message_id="", group_id=meta.group_id,
+            created_at=time.time(), ttl=meta.ttl, message_type=meta.message_type))
+        try:
+            return self.client_app(incoming, self.contexts[meta.dst_node_id])
+        except Exception as exc:  # a crashing ClientApp: an error reply, like a SuperNode's
+            return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"),
+                           reply_to=incoming)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            key = uuid.uuid4().hex
+            self._replies[key] = self._deliver(message)
+            ids.append(key)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(key) for key in message_ids if key in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: int = 2,
+                          model: str = "tiny", run_dir: str | Path = "runs/stage1",
+                          seed: int = 0, *, fraction_train: float = 1.0,
+                          num_users_per_client: int = 2, backend: str = "ray",
+                          num_cpus_per_client: float = 1.0, local_epochs: float | None = None,
+                          max_steps: int | None = None, max_history: int | None = None,
+                          options: dict[str, Any] | None = None,
+                          verbose: bool = False) -> dict[str, Any]:
+    """Run stage 1 (FedAvg of the task LoRA or of PerFit stage 1) over ``num_clients`` virtual
+    clients on synthetic users; return the server's summary plus the client ledgers.
+
+    Returns a dict with ``rounds``, ``train_loss`` (per round), ``replies`` (per round),
+    ``accepted``, ``history`` (per-round details), ``final_arrays`` (npz path),
+    ``ledgers`` ({partition id: path}), ``backend`` and ``wall_seconds``. ``options`` adds
+    run-config keys (see :mod:`cloud_server.server_app`), e.g. ``{"batch-size": 8}``.
+    """
+    from cloud_server.server_app import make_server_app, resolve_config, run_stage1
+    from edge_client.client_app import make_client_app
+    from edge_client.state import ledger_paths
+
+    if backend not in BACKENDS:
+        raise PflError(f"unknown simulation backend {backend!r} (known: {', '.join(BACKENDS)})")
+    run_dir = Path(run_dir).expanduser().resolve()
+    config: dict[str, Any] = {
+        "method": method, "rounds": int(rounds), "fraction-train": float(fraction_train),
+        "model": model, "num-users-per-client": int(num_users_per_client), "seed": int(seed),
+        "run-dir": str(run_dir), "num-clients": int(num_clients)}
+    for key, value in (("local-epochs", local_epochs), ("max-steps", max_steps),
+                       ("max-history", max_history)):
+        if value is not None:
+            config[key] = value
+    config.update(options or {})
+    resolve_config(config)  # fail early, before any runtime starts
+    summary_path = run_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    started = time.perf_counter()
+    if backend == "inprocess":
+        summary = run_stage1(LocalGrid(make_client_app(), int(num_clients)), config)
+    else:
+        from flwr.simulation import run_simulation
+
+        run_simulation(server_app=make_server_app(config), client_app=make_client_app(),
+                       num_supernodes=int(num_clients),
+                       backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
+                                                            "num_gpus": 0.0}},
+                       verbose_logging=verbose)
+        if not summary_path.is_file():
+            raise PflError(f"the simulation ended without a summary in {run_dir} "
+                           "(see the log above)")
+        summary = json.loads(summary_path.read_text())
+    summary["backend"] = backend
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["ledgers"] = {str(pid): str(path) for pid, path in ledger_paths(run_dir).items()}
+    return summary
