@@ -48,7 +48,7 @@ def paper_claims(results: dict) -> list[dict]:
     """One row per claim: what the paper says, what this run measured, whether it held."""
     rows = []
 
-    def claim(text: str, measured: float | None, holds, fmt: str = "{:.2f}") -> None:
+    def claim(text: str, measured: float | None, holds, fmt: str = "{:.3f}") -> None:
         rows.append({"claim": text, "measured": None if measured is None else measured,
                      "shown": "n/a" if measured is None else fmt.format(measured),
                      "held": None if measured is None else bool(holds(measured))})
