@@ -126,9 +126,12 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
                                   generation, desc=f"{spec.name}: generate",
                                   progress=runtime.progress)
     else:
-        for state, prompts in zip(states, prompts_per_user):
+        for state, prompts in tqdm(list(zip(states, prompts_per_user)),
+                                   desc=f"{spec.name}: generate", disable=not runtime.progress,
+                                   leave=False):
             predictions += core.answer(runtime, state, prompts, generation)
-    golds = [q.gold for user in targets for q in user.queries]
+    pairs = [(user, query) for user in targets for query in user.queries]
+    golds = [query.gold for _, query in pairs]
     n = max(1, len(targets))
     return {
         "metrics": evaluate(runtime.task, predictions, golds),
@@ -137,8 +140,7 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
         "seconds_per_user": sum(seconds) / n,
         "prepare_seconds": prepare_seconds,
         "examples": [{"user": u.id, "query": q.id, "prediction": p, "gold": q.gold}
-                     for (u, q), p in zip(((u, q) for u in targets for q in u.queries),
-                                          predictions)][:5],
+                     for (u, q), p in zip(pairs[:5], predictions)],
     }
 
 
