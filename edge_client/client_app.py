@@ -55,6 +55,7 @@ from edge_client.audit import audit_mod, note_consent_rule
 from edge_client.consent import ConsentPolicy
 from edge_client.state import ClientState, ledger_path
 from shared.errors import PflError
+from shared.types import recent_history
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,7 @@ def partition_users(dataset, partition_id: int, num_partitions: int, users_per_c
         raise PflError(f"partition id {partition_id} is outside 0..{num_partitions - 1}")
     start = partition_id * users_per_client
     stop = min(start + users_per_client, len(dataset))
-    users = [dataset.user(i) for i in range(start, stop)]
-    if max_history is not None:
-        users = [u if len(u.history) <= max_history else
-                 replace(u, history=u.history[-max_history:]) for u in users]
+    users = [recent_history(dataset.user(i), max_history) for i in range(start, stop)]
     if not users:
         raise PflError(f"partition {partition_id} has no users ({len(dataset)} users, "
                        f"{users_per_client} per client)")
@@ -170,6 +168,7 @@ def local_stage1_update(method: str, global_arrays: Mapping[str, np.ndarray], ta
         examples = stats["examples"]
     elif method == "perfit":
         from shared.methods.perfit import PerFitConfig, train_stage1
+        from shared.prompts import pad_token_id
         from shared.training import history_examples
 
         perfit_config = PerFitConfig(positions=str(options.get("positions", "f7+l7")))
@@ -181,10 +180,8 @@ def local_stage1_update(method: str, global_arrays: Mapping[str, np.ndarray], ta
             max_target_tokens=config.max_target_tokens)]
         if not examples_list:
             raise PflError("no history to train on")
-        pad_id = loaded.tokenizer.pad_token_id
-        pad_id = loaded.tokenizer.eos_token_id if pad_id is None else pad_id
         stage1, stage2, stats = train_stage1(loaded.model, examples_list, perfit_config,
-                                             pad_id=pad_id, stage1=stage1, stage2=stage2,
+                                             pad_id=pad_token_id(loaded.tokenizer), stage1=stage1, stage2=stage2,
                                              train_config=config, seed=config.seed)
         arrays = perfit_to_arrays(stage1, stage2)
         examples = len(examples_list)

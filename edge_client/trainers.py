@@ -23,6 +23,7 @@ import torch
 
 from shared.errors import PflError
 from shared.methods.oppu import LoraSpec, attach_lora, lora_state, param_count, state_bytes
+from shared.prompts import pad_token_id
 from shared.tasks import TaskSpec
 from shared.training import Example, TrainConfig, history_examples, train
 from shared.types import User
@@ -40,9 +41,7 @@ def _train_lora(model: torch.nn.Module, tokenizer, examples: Sequence[Example], 
                 desc: str, progress: bool) -> tuple[dict, dict]:
     if not examples:
         raise PflError(f"{desc}: no history to train on")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],

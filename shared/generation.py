@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from shared.prompts import encode_prompt
+from shared.prompts import encode_prompt, pad_token_id
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
     encoded = [encode_prompt(tokenizer, p, config.max_prompt_tokens) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     options = dict(max_new_tokens=config.max_new_tokens, pad_token_id=pad_id,
                    eos_token_id=tokenizer.eos_token_id)

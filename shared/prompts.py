@@ -66,6 +66,11 @@ def profile_prompt(task: TaskSpec, history: Sequence[HistoryItem]) -> str:
     return PROFILE_PROMPT.format(subject=task.profile_subject, items=items)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS (as load_model sets it)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

@@ -8,7 +8,7 @@ to turn them into prompts, training examples and retrieval text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 
@@ -42,3 +42,10 @@ class User:
     id: str
     history: tuple[HistoryItem, ...]
     queries: tuple[Query, ...] = field(default_factory=tuple)
+
+
+def recent_history(user: User, limit: int | None) -> User:
+    """The user with only their ``limit`` most recent history items (None: all)."""
+    if limit is None or len(user.history) <= limit:
+        return user
+    return replace(user, history=user.history[-limit:])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 
 from shared.errors import PflError
 from edge_client.trainers import train_personal_lora, train_stage1_lora
@@ -27,17 +26,11 @@ from shared.methods.oppu import (LoraSpec, attach_lora, merge_lora, param_count,
                                  personal_train, stage1_lora, stage1_train, state_bytes)
 from shared.methods.perpcs import (PerPcsConfig, assemble, peft_retrieval_recipe, rebuild,
                                    select_shared_pieces, train_gates)
+from shared.prompts import pad_token_id
 from shared.training import history_examples
-from shared.types import User
+from shared.types import User, recent_history
 
 log = logging.getLogger(__name__)
-
-
-def recent_history(user: User, limit: int | None) -> User:
-    """The user with only their ``limit`` most recent history items (None: all)."""
-    if limit is None or len(user.history) <= limit:
-        return user
-    return replace(user, history=user.history[-limit:])
 
 
 def stage1_model(runtime: Runtime):
@@ -114,10 +107,6 @@ class PersonalLoraNoStage1(PersonalLora):
     on_stage1 = False
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def _examples(runtime: Runtime, user: User, augmentation: PromptAugmentation | None = None,
               profile: str | None = None):
     """The user's (recent) history as training/scoring examples, with RAG/PAG as asked."""
@@ -158,7 +147,7 @@ def piece_pool(runtime: Runtime) -> dict:
                                        recent_history(sharer, runtime.option("max_history", None)),
                                        spec, train_config, progress=False)
         pieces = pieces_from_peft_state_dict(state, spec.scaling, sharer=sharer.id)
-        gated = train_gates(model, pieces, _examples(runtime, sharer), _pad_id(runtime.tokenizer),
+        gated = train_gates(model, pieces, _examples(runtime, sharer), pad_token_id(runtime.tokenizer),
                             config, evaluate=False).pieces
         pool += select_shared_pieces(gated, config.sharing_ratio, config.sharing_seed)
         adapters[sharer.id] = gated
@@ -189,7 +178,7 @@ class PersonalPieces(Core):
         pool = piece_pool(runtime)
         return assemble(stage1_model(runtime), pool["pool"],
                         _examples(runtime, user, augmentation, profile),
-                        _pad_id(runtime.tokenizer), perpcs_config(runtime))
+                        pad_token_id(runtime.tokenizer), perpcs_config(runtime))
 
     def personalize(self, runtime, user, augmentation, profile):
         recipe = self.recipe(runtime, user, augmentation, profile)
@@ -228,7 +217,7 @@ def perfit_stage1(runtime: Runtime):
             raise ValueError("PerFit stage 1 needs collective users: none were assigned")
         config = perfit_config(runtime)
         stage1, stage2, stats = perfit.train_stage1(
-            runtime.model, examples, config, pad_id=_pad_id(runtime.tokenizer),
+            runtime.model, examples, config, pad_id=pad_token_id(runtime.tokenizer),
             train_config=config.train_config(seed=runtime.seed,
                                              epochs=runtime.option("stage1_epochs", 3.0)),
             seed=runtime.seed, progress=runtime.progress)
@@ -250,7 +239,7 @@ class PersonalShift(Core):
         stage1, shared_stage2 = perfit_stage1(runtime)
         personal, stats = perfit.train_stage2(
             runtime.model, _examples(runtime, user, augmentation, profile), config, stage1,
-            shared_stage2, pad_id=_pad_id(runtime.tokenizer),
+            shared_stage2, pad_id=pad_token_id(runtime.tokenizer),
             train_config=config.train_config(seed=runtime.seed))
         params = personal.num_parameters()
         return PersonalState(params=params, bytes=4 * params, payload=personal,

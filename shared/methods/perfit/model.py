@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.generation import left_pad
 from shared.methods.perfit.config import PerFitConfig
 from shared.methods.perfit.intervention import LoReftIntervention
 from shared.methods.perfit.positions import intervention_mask, prompt_lengths_from_labels
+from shared.prompts import pad_token_id
 from shared.training import Example, TrainConfig, collate, target_loss, train
 
 
@@ -225,20 +227,14 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
 
     Prompts are token-id lists (from shared.prompts.encode_prompt), left-padded together.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(list(ids))
-        attention[row, width - len(ids):] = 1
+    pad_id = pad_token_id(tokenizer)
+    batch = left_pad(prompts, pad_id, next(model.parameters()).device)
+    width = batch["input_ids"].shape[1]
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
     kwargs.update(generate_kwargs)
     with intervened(model, stage1, stage2, positions) as controller:
         controller.set_prompts([len(ids) for ids in prompts], width, padding_side="left")
-        output = model.generate(input_ids=input_ids.to(device),
-                                attention_mask=attention.to(device), **kwargs)
+        output = model.generate(**batch, **kwargs)
     results = []
     for row in output[:, width:].tolist():
         if tokenizer.eos_token_id in row:
