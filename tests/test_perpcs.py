@@ -444,6 +444,39 @@ def test_compact_recipe_of_a_partial_grid_and_bad_prefixes():
         Recipe.from_compact(recipe.to_compact()[:-3], candidates)
 
 
+def _sourced(recipe, candidates):
+    """The same recipe with each piece's sharer known: s<index in its candidate list>."""
+    sources = {pid: f"s{i}" for ids in candidates.values() for i, pid in enumerate(ids)}
+    pairs = {key: [(pid, sources[pid]) for pid in ids] for key, ids in candidates.items()}
+    return Recipe(recipe.entries, recipe.combination, recipe.config, sources), pairs
+
+
+def test_compact_recipe_with_sharers_uses_three_bytes_a_piece_and_checks_its_pieces():
+    plain, candidates = _grid_recipe()
+    recipe, pairs = _sourced(plain, candidates)
+    data = recipe.to_compact()
+    assert data[:4] == b"PCR2"
+    # header + grid + 2 sharers x 4 + digest 8 + 120 x (1-byte mask + 2 x float16)
+    assert len(data) == 4 + 2 + 3 + 1 + 2 * 4 + 8 + 120 * (1 + 2 * 2)
+    assert Recipe.from_compact(data, pairs, recipe.config) == recipe
+    # Averaging over batches: a union of 5 pieces per module still fits the 1000x target.
+    wide_entries = {key: [(ids[s], 0.2) for s in range(5)] for key, ids in candidates.items()}
+    wide, _ = _sourced(Recipe(wide_entries), candidates)
+    oppu_bytes = 30 * (8 * (576 + 576) + 8 * (576 + 192)) * 4
+    assert oppu_bytes / wide.num_bytes >= 1000 > oppu_bytes / Recipe(wide_entries).num_bytes
+    # A sharer that resubmitted a different piece at some (layer, module): caught.
+    swapped = dict(pairs)
+    key = (4, "v_proj")
+    swapped[key] = [("f" * 64 if s == "s3" else pid, s) for pid, s in pairs[key]]
+    with pytest.raises(PflError, match="digest"):
+        Recipe.from_compact(data, swapped)
+    # Ids alone cannot resolve sharer references.
+    with pytest.raises(PflError, match="no pool pieces"):
+        Recipe.from_compact(data, candidates)
+    # JSON keeps the sources too.
+    assert Recipe.from_json(recipe.to_json()) == recipe
+
+
 def test_recipe_weights_are_float16_values():
     recipe = Recipe({(0, "q_proj"): [("ab" * 32, 0.1)]})
     [(_, weight)] = recipe.entries[(0, "q_proj")]

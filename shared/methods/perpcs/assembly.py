@@ -148,4 +148,5 @@ def assemble(model: torch.nn.Module, pool: Sequence[Piece], examples: Sequence[E
             model.train(was_training)
     settings = config.to_dict()
     settings["batches"] = len(per_batch)
-    return Recipe(average_weights(per_batch), config.combination, settings)
+    sources = {p.piece_id: p.sharer for pieces in candidates.values() for p in pieces}
+    return Recipe(average_weights(per_batch), config.combination, settings, sources)

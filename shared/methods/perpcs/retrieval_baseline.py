@@ -79,7 +79,8 @@ def peft_retrieval_recipe(target_embedding: np.ndarray,
     settings = config.to_dict()
     settings["method"] = "peft-retrieval"
     settings["sharers"] = [[s, w] for s, w in chosen]
-    return Recipe(entries, config.combination, settings)
+    sources = {p.piece_id: s for s in sharer_pieces for p in sharer_pieces[s]}
+    return Recipe(entries, config.combination, settings, sources)
 
 
 # ----------------------------------------------------------------- sharer selection
