@@ -213,7 +213,16 @@ def device_ledger_path(context: Context) -> Path | None:
     return ledger_path(str(run_dir), int(partition))
 
 
-def _refusal(method: str, context: Context) -> tuple[int | None, str]:
+def consent_policy(context: Context, options: Mapping[str, Any]) -> ConsentPolicy:
+    """The device's consent policy: node config ``consent-policy`` (a real device), else the
+    run's ``consent-policy`` (a simulation, where every virtual device shares one), else the
+    documented defaults."""
+    path = context.node_config.get("consent-policy") or options.get("consent-policy")
+    return ConsentPolicy.load(str(path) if path else None)
+
+
+def _refusal(method: str, context: Context,
+             options: Mapping[str, Any] | None = None) -> tuple[int | None, str]:
     """(error code, reason) when this device must not answer, else (None, consent rule)."""
     if method not in CONSENT_KIND:
         return BAD_REQUEST, f"unknown stage-1 method {method!r} (known: {', '.join(METHODS)})"
@@ -222,8 +231,7 @@ def _refusal(method: str, context: Context) -> tuple[int | None, str]:
                              "'ledger', or a run-dir): sending nothing")
     if "partition-id" not in context.node_config or "num-partitions" not in context.node_config:
         return BAD_REQUEST, "node config needs partition-id and num-partitions"
-    rule = ConsentPolicy.load(context.node_config.get("consent-policy") or None) \
-        .allows(CONSENT_KIND[method])
+    rule = consent_policy(context, options or {}).allows(CONSENT_KIND[method])
     if rule is None:
         return CONSENT_DENIED, (f"the consent policy does not allow uploading "
                                 f"{CONSENT_KIND[method]}")
@@ -242,7 +250,7 @@ def train(msg: Message, context: Context) -> Message:
     if options.get("run-dir"):  # where the ledger goes (read by the audit mod)
         context.state[_NOTE_KEY] = ConfigRecord({"run-dir": str(options["run-dir"])})
     method = str(options.get("method", "lora"))
-    code, rule = _refusal(method, context)
+    code, rule = _refusal(method, context, options)
     if code is not None:
         return _error(msg, code, rule)
     if "arrays" not in msg.content.array_records:
@@ -270,6 +278,166 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+# ------------------------------------------------------------- phases 2-5 (one user each)
+def _phase_setup(msg: Message, context: Context, kind: str):
+    """(options, users' device bundle) or an error reply for a phase message of ``kind``
+    (the consent kind whose rule covers the reply)."""
+    config = msg.content.config_records.get("config") or ConfigRecord()
+    options = {**dict(context.run_config), **dict(config)}
+    if options.get("run-dir"):
+        context.state[_NOTE_KEY] = ConfigRecord({"run-dir": str(options["run-dir"])})
+    if device_ledger_path(context) is None:
+        return _error(msg, BAD_REQUEST, "no audit ledger is configured for this device "
+                                        "(node config 'ledger', or a run-dir): sending nothing")
+    if "partition-id" not in context.node_config or "num-partitions" not in context.node_config:
+        return _error(msg, BAD_REQUEST, "node config needs partition-id and num-partitions")
+    policy = consent_policy(context, options)
+    rule = policy.allows(kind)
+    if rule is None:
+        return _error(msg, CONSENT_DENIED, f"the consent policy does not allow uploading {kind}")
+    arrays = ({k: v.numpy() for k, v in msg.content["arrays"].items()}
+              if "arrays" in msg.content.array_records else {})
+    return options, policy, rule, arrays
+
+
+def _device_user(options: Mapping[str, Any], context: Context, *, model: bool = True):
+    """(loaded model or None, task, this device's one user with its whole history)."""
+    from shared.models import load_model
+
+    one_user = {**options, "num-users-per-client": 1, "max-history": None}
+    task, users = load_partition(one_user, int(context.node_config["partition-id"]),
+                                 int(context.node_config["num-partitions"]))
+    loaded = load_model(str(options.get("model", "tiny")),
+                        device=options.get("device") or None) if model else None
+    return loaded, task, users[0]
+
+
+def _device_dir(options: Mapping[str, Any], context: Context) -> Path:
+    """This device's own folder: node config ``state-dir``, else its partition's folder
+    under the run folder (simulation)."""
+    explicit = context.node_config.get("state-dir")
+    if explicit:
+        return Path(str(explicit))
+    return ClientState(str(options["run-dir"]), int(context.node_config["partition-id"])).directory
+
+
+def _pool_access(options: Mapping[str, Any], context: Context):
+    """(pool address, CA path, audit interceptors) for this device's pool calls. The CA comes
+    from the node config (``pool-ca``) when set: a device trusts its own root, not the
+    server's word; simulations pass it in the run config."""
+    from edge_client.audit import AuditClientInterceptor
+    from edge_client.pool_client import describe_request
+
+    target = str(options.get("pool-address") or "")
+    ca = context.node_config.get("pool-ca") or options.get("pool-ca")
+    if not target or not ca:
+        raise PflError("this phase needs the piece pool: set pool-address (run config) and "
+                       "pool-ca (node config)")
+    interceptor = AuditClientInterceptor(device_ledger_path(context), "pool-grpc", target,
+                                         describe_request)
+    return target, str(ca), [interceptor]
+
+
+def _methods(options: Mapping[str, Any]) -> list[str]:
+    return [m for m in str(options.get("methods", "")).split(",") if m]
+
+
+def _reply(msg: Message, context: Context, rule: str, metrics: Mapping[str, float],
+           arrays: Mapping[str, np.ndarray] | None = None) -> Message:
+    note_consent_rule(context, rule)
+    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})})
+    if arrays:
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
+                                         for k, v in arrays.items()})
+    return Message(content, reply_to=msg)
+
+
+def _run_phase(msg: Message, context: Context, kind: str, work) -> Message:
+    setup = _phase_setup(msg, context, kind)
+    if isinstance(setup, Message):
+        return setup
+    options, policy, rule, arrays = setup
+    try:
+        metrics, out_arrays, rule = work(options, policy, rule, arrays)
+    except Exception as exc:  # reply (and audit) an error instead of crashing the node
+        log.exception("%s failed", msg.metadata.message_type)
+        return _error(msg, FAILED, f"{msg.metadata.message_type} failed: "
+                                   f"{type(exc).__name__}: {str(exc)[:300]}")
+    return _reply(msg, context, rule, metrics, out_arrays)
+
+
+def select(msg: Message, context: Context) -> Message:
+    """Sharer selection: cluster index and history size (embedding only with consent)."""
+    from edge_client.phases import cluster_report
+
+    def work(options, policy, rule, arrays):
+        _, task, user = _device_user(options, context, model=False)
+        return cluster_report(task, user, arrays.get("centroids"), policy)
+
+    return _run_phase(msg, context, "cluster_index", work)
+
+
+def share(msg: Message, context: Context) -> Message:
+    """A selected sharer trains LoRA + gates and submits its consented pieces to the pool."""
+    from edge_client.phases import share_pieces
+
+    def work(options, policy, rule, arrays):
+        loaded, task, user = _device_user(options, context)
+        target, ca, interceptors = _pool_access(options, context)
+        key_path = Path(str(context.node_config.get("device-key")
+                            or _device_dir(options, context) / "device.key"))
+        metrics = share_pieces(loaded, task, user, options, arrays, policy, key_path=key_path,
+                               pool_target=target, pool_ca=ca, interceptors=interceptors)
+        return metrics, None, "upload.perpcs_pieces(pool)+metrics.may_report"
+
+    return _run_phase(msg, context, "metrics", work)
+
+
+def personalize(msg: Message, context: Context) -> Message:
+    """Personalize this device's user with each method asked; reply with costs only."""
+    from edge_client import phases
+
+    def work(options, policy, rule, arrays):
+        loaded, task, user = _device_user(options, context)
+        methods = _methods(options)
+        pool = None
+        if any(m.split("+")[0] == "perpcs" for m in methods):
+            from simulations.methods import perpcs_config
+
+            target, ca, interceptors = _pool_access(options, context)
+            modules = perpcs_config(phases.device_runtime(loaded, task, options, {})) \
+                .target_modules
+            pool = phases.fetch_pool(target, ca, modules, interceptors=interceptors)
+        metrics = phases.personalize(loaded, task, user, methods, options, arrays,
+                                     _device_dir(options, context), pool=pool)
+        return metrics, None, rule
+
+    return _run_phase(msg, context, "metrics", work)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Answer the user's held-out queries on the device; reply with metric sums only."""
+    from edge_client import phases
+
+    def work(options, policy, rule, arrays):
+        loaded, task, user = _device_user(options, context)
+        methods = _methods(options)
+        needs_pool = any(m.split("+")[0] == "perpcs" for m in methods)
+
+        def fetch(ids):
+            from edge_client.pool_client import PoolClient
+
+            target, ca, interceptors = _pool_access(options, context)
+            with PoolClient(target, ca, interceptors=interceptors) as client:
+                return client.fetch_pieces(ids)
+        metrics = phases.evaluate(loaded, task, user, methods, options, arrays,
+                                  _device_dir(options, context),
+                                  pool_pieces=fetch if needs_pool else None)
+        return metrics, None, rule
+
+    return _run_phase(msg, context, "metrics", work)
+
+
 def make_client_app() -> ClientApp:
     """A fresh ClientApp running :func:`train`, audited by its own :func:`audit_mod`.
 
@@ -279,6 +447,10 @@ def make_client_app() -> ClientApp:
     """
     client_app = ClientApp(mods=[audit_mod(device_ledger_path, channel="flower")])
     client_app.train()(train)
+    client_app.query("select")(select)
+    client_app.train("share")(share)
+    client_app.train("personalize")(personalize)
+    client_app.evaluate()(evaluate)
     return client_app
 
 

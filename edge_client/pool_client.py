@@ -145,3 +145,35 @@ class PoolClient:
         """{piece id: Piece} for a recipe rebuild (``recipe.rebuild(recipe, mapping)``)."""
         ids = list(dict.fromkeys(piece_ids))
         return {s.piece_id: s.piece for s in self.fetch(ids)}
+
+
+def describe_request(method: str, request) -> dict:
+    """What an outbound pool request carries, for the audit ledger
+    (:class:`edge_client.audit.AuditClientInterceptor`'s ``describe_request_fn``).
+
+    ``SubmitPieces``: every tensor of every piece (``PIECE_ID/A``, ``/B``, ``/gate``) with
+    shape, dtype and sha256, under the rule ``upload.perpcs_pieces``. ``ListGates`` /
+    ``FetchPieces``: the filters / piece ids asked for (no personal data; rule ``none``).
+    """
+    import numpy as np
+
+    name = method.rsplit("/", 1)[-1]
+    if name == "SubmitPieces":
+        arrays = {}
+        for piece in request.pieces:
+            for field in ("a", "b", "gate"):
+                if piece.HasField(field):
+                    tensor = getattr(piece, field)
+                    arrays[f"{piece.piece_id[:16]}/{field if field == 'gate' else field.upper()}"] = \
+                        np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype)).reshape(
+                            tuple(tensor.shape))
+        return {"arrays": arrays, "consent_rule": "upload.perpcs_pieces",
+                "extra": {"pieces": len(request.pieces),
+                          "sharers": sorted({p.sharer for p in request.pieces})}}
+    if name == "ListGates":
+        return {"consent_rule": "none (a query)",
+                "extra": {"layers": list(request.layers), "modules": list(request.modules)}}
+    if name == "FetchPieces":
+        return {"consent_rule": "none (a query)",
+                "extra": {"piece_ids": len(request.piece_ids)}}
+    return {"consent_rule": None, "extra": {"method": name}}

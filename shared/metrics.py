@@ -83,3 +83,70 @@ def evaluate(task: TaskSpec, predictions: Sequence[str], golds: Sequence[str]) -
     if task.kind == "rating":
         return rating_metrics(predictions, golds)
     return generation_metrics(predictions, golds)
+
+
+# ------------------------------------------------------- additive form (federated evaluation)
+#: Task kinds by code (a device reports its task's code with its statistics).
+TASK_KINDS = ("classification", "rating", "generation")
+
+
+def metric_stats(task: TaskSpec, predictions: Sequence[str],
+                 golds: Sequence[str]) -> dict[str, float]:
+    """Additive statistics of one user's predictions: counts and sums only, no text.
+
+    A device reports these; the server adds them over users and :func:`metrics_from_stats`
+    turns the total into exactly the metrics :func:`evaluate` gives on all queries at once
+    (macro F1 needs per-label counts, so a mean of per-user F1s would be wrong).
+    Classification: ``n``, ``correct`` and, for labels that occur, ``tp.I`` / ``fp.I`` /
+    ``fn.I``; rating: ``n``, ``abs_error``, ``squared_error``; generation: ``n``,
+    ``rouge-1``, ``rouge-L`` (sums of per-query F-measures).
+    """
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds")
+    stats: dict[str, float] = {"n": float(len(golds))}
+    if task.kind == "classification":
+        labels = list(task.labels)
+        stats["correct"] = 0.0
+        for prediction, gold in zip(predictions, golds):
+            p, g = label_index(prediction, labels), label_index(gold, labels)
+            if g == -1:
+                raise ValueError(f"gold label {gold!r} is not in the task's label list")
+            if p == g:
+                stats["correct"] += 1
+                stats[f"tp.{g}"] = stats.get(f"tp.{g}", 0.0) + 1
+            else:
+                stats[f"fn.{g}"] = stats.get(f"fn.{g}", 0.0) + 1
+                if p != -1:
+                    stats[f"fp.{p}"] = stats.get(f"fp.{p}", 0.0) + 1
+    elif task.kind == "rating":
+        errors = [parse_rating(p, float(g)) - float(g) for p, g in zip(predictions, golds)]
+        stats["abs_error"] = float(sum(abs(e) for e in errors))
+        stats["squared_error"] = float(sum(e * e for e in errors))
+    else:
+        scores = [_SCORER.score(target=g, prediction=p) for p, g in zip(predictions, golds)]
+        stats["rouge-1"] = float(sum(s["rouge1"].fmeasure for s in scores))
+        stats["rouge-L"] = float(sum(s["rougeL"].fmeasure for s in scores))
+    return stats
+
+
+def add_stats(total: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
+    """``total`` += ``stats`` key by key (in place; returned)."""
+    for key, value in stats.items():
+        total[key] = total.get(key, 0.0) + float(value)
+    return total
+
+
+def metrics_from_stats(task: TaskSpec, stats: dict[str, float]) -> dict[str, float]:
+    """The task's metrics from summed :func:`metric_stats`."""
+    n = stats.get("n", 0.0)
+    if n <= 0:
+        raise ValueError("no predictions to evaluate")
+    if task.kind == "classification":
+        f1s = []
+        for i in range(len(task.labels)):
+            tp, fp, fn = (stats.get(f"{k}.{i}", 0.0) for k in ("tp", "fp", "fn"))
+            f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+        return {"accuracy": stats["correct"] / n, "f1": sum(f1s) / len(f1s)}
+    if task.kind == "rating":
+        return {"mae": stats["abs_error"] / n, "rmse": math.sqrt(stats["squared_error"] / n)}
+    return {"rouge-1": stats["rouge-1"] / n, "rouge-L": stats["rouge-L"] / n}

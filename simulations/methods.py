@@ -16,16 +16,16 @@ import time
 from contextlib import contextmanager
 
 from shared.errors import PflError
-from edge_client.trainers import train_personal_lora, train_stage1_lora
+from edge_client.trainers import train_personal_lora, train_sharer_pieces, train_stage1_lora
 from shared.embeddings import user_embedding
 from shared.generation import generate
 from shared.methods import perfit
 from shared.methods.base import Core, PersonalState, PromptAugmentation, Runtime, register_core
-from shared.methods.lora_pieces import pieces_from_peft_state_dict, updates_installed
-from shared.methods.oppu import (LoraSpec, attach_lora, merge_lora, param_count, personal_lora,
+from shared.methods.lora_pieces import updates_installed
+from shared.methods.oppu import (attach_lora, merge_lora, param_count, personal_lora,
                                  personal_train, stage1_lora, stage1_train, state_bytes)
 from shared.methods.perpcs import (PerPcsConfig, assemble, peft_retrieval_recipe, rebuild,
-                                   select_shared_pieces, train_gates)
+                                   select_shared_pieces)
 from shared.prompts import pad_token_id
 from shared.training import history_examples
 from shared.types import User, recent_history
@@ -138,17 +138,13 @@ def piece_pool(runtime: Runtime) -> dict:
         return runtime.cache["perpcs_pool"]
     config = perpcs_config(runtime)
     model = stage1_model(runtime)
-    spec = LoraSpec(target_modules=config.target_modules)
     train_config = personal_train(seed=runtime.seed, epochs=runtime.option("personal_epochs", 2.0))
     pool, adapters, embeddings, seconds = [], {}, {}, {}
     for sharer in runtime.roles.get("sharers", []):
         t0 = time.perf_counter()
-        state, _ = train_personal_lora(model, runtime.tokenizer, runtime.task,
-                                       recent_history(sharer, runtime.option("max_history", None)),
-                                       spec, train_config, progress=False)
-        pieces = pieces_from_peft_state_dict(state, spec.scaling, sharer=sharer.id)
-        gated = train_gates(model, pieces, _examples(runtime, sharer), pad_token_id(runtime.tokenizer),
-                            config, evaluate=False).pieces
+        gated = train_sharer_pieces(model, runtime.tokenizer, runtime.task,
+                                    recent_history(sharer, runtime.option("max_history", None)),
+                                    config, train_config, sharer=sharer.id)
         pool += select_shared_pieces(gated, config.sharing_ratio, config.sharing_seed)
         adapters[sharer.id] = gated
         embeddings[sharer.id] = user_embedding(runtime.task, sharer)

@@ -164,3 +164,72 @@ def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: in
     summary["wall_seconds"] = time.perf_counter() - started
     summary["ledgers"] = {str(pid): str(path) for pid, path in ledger_paths(run_dir).items()}
     return summary
+
+
+SIMULATION_CONSENT = Path(__file__).with_name("consent_simulation.toml")
+
+
+def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonpersonalized,oppu,perpcs,perfit",
+                              targets: int = 2, sharers: int = 2, model: str = "tiny",
+                              task: str = "synthetic", data_path: str | None = None,
+                              run_dir: str | Path = "runs/federation", seed: int = 0,
+                              rounds: int = 1, backend: str = "inprocess",
+                              consent_policy: str | Path | None = None,
+                              options: dict[str, Any] | None = None,
+                              num_cpus_per_client: float = 1.0,
+                              verbose: bool = False) -> dict[str, Any]:
+    """A whole federation (every phase of :mod:`cloud_server.federation`) on one machine.
+
+    Starts the real piece-pool gRPC service with TLS on 127.0.0.1 (dev certificates under
+    ``run_dir/certs``, the database under ``run_dir/pool``), runs the federation ServerApp
+    with ``num_clients`` virtual devices (one user each) on ``backend``, stops the pool and
+    returns the server's summary plus ``ledgers`` ({partition: path}).
+    """
+    from cloud_server.federation import make_federation_app, resolve, run_federation
+    from cloud_server.pool_service import start_pool_server
+    from edge_client.client_app import make_client_app
+    from edge_client.state import ledger_paths
+    from shared.crypto import write_dev_certs
+
+    if backend not in BACKENDS:
+        raise PflError(f"unknown simulation backend {backend!r} (known: {', '.join(BACKENDS)})")
+    run_dir = Path(run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    certs = write_dev_certs(run_dir / "certs")
+    config: dict[str, Any] = {
+        "methods": methods, "targets": int(targets), "sharers": int(sharers), "model": model,
+        "task": task, "seed": int(seed), "rounds": int(rounds), "run-dir": str(run_dir),
+        "num-clients": int(num_clients), "num-users-per-client": 1,
+        "pool-ca": str(certs.ca_cert),
+        "consent-policy": str(consent_policy or SIMULATION_CONSENT)}
+    if data_path:
+        config["data-path"] = str(data_path)
+    config.update(options or {})
+    resolve(config)  # fail early
+    started = time.perf_counter()
+    pool = start_pool_server(run_dir / "pool", certs.directory)
+    try:
+        config["pool-address"] = pool.target
+        summary_path = run_dir / "federation.json"
+        summary_path.unlink(missing_ok=True)
+        if backend == "inprocess":
+            summary = run_federation(LocalGrid(make_client_app(), int(num_clients)), config)
+        else:
+            from flwr.simulation import run_simulation
+
+            run_simulation(server_app=make_federation_app(config), client_app=make_client_app(),
+                           num_supernodes=int(num_clients),
+                           backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
+                                                                "num_gpus": 0.0}},
+                           verbose_logging=verbose)
+            if not summary_path.is_file():
+                raise PflError(f"the federation ended without a summary in {run_dir} "
+                               "(see the log above)")
+            summary = json.loads(summary_path.read_text())
+        summary["pool_pieces"] = len(pool.store)
+    finally:
+        pool.stop()
+    summary["backend"] = backend
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["ledgers"] = {str(pid): str(path) for pid, path in ledger_paths(run_dir).items()}
+    return summary

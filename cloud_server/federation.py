@@ -1,0 +1,370 @@
+"""One whole federation run over the Flower Grid: every phase of DESIGN.md, orchestration only.
+
+:func:`run_federation` is the ServerApp's main (:func:`make_federation_app`). Phases:
+
+1. **Roles.** The connected nodes (one user each) are shuffled with ``seed``; the first
+   ``targets`` are targets, the rest candidates for sharers and the collective.
+2. **Sharer selection** (when PER-PCS runs): federated k-means. The server sends centroids
+   (``query.select``); each device answers with the index of its nearest centroid and its
+   history size, plus its mean embedding only if its consent policy lets embeddings leave.
+   Centroids move to the mean of the consenting members (a cluster with none keeps its
+   centroid); the first centroids are seeded random directions in the embedding space. The
+   most active member of each cluster with more than ``small-cluster-items`` items becomes a
+   sharer (:func:`shared.methods.perpcs.select_sharers_from_clusters`); ``selection =
+   "most-active"`` uses history sizes only. Selection runs *before* stage 1 so that the
+   collective can exclude sharers (METHODS.md: stage 1 uses users who are neither).
+3. **Collective stage 1** over the collective nodes: FedAvg of the task LoRA and/or of PerFit
+   stage 1 (:func:`cloud_server.server_app.run_stage1`, on a :class:`NodeSubset` of the Grid).
+4. **Sharing** (``train.share``): the sharers train LoRA + gates and submit their consented
+   pieces to the pool service themselves; the server only gets counts back.
+5. **Personalization** (``train.personalize``) of every target with every method, on the
+   device; replies are costs (parameters, bytes, seconds).
+6. **Evaluation** (``evaluate``) on the device; replies are additive metric statistics, which
+   the server sums into the results table (:func:`shared.metrics.metrics_from_stats`).
+
+A node that fails or does not answer in a phase is logged and left out; the phase goes on
+with the others. Everything lands in ``run-dir``: ``federation.json`` (the results), the
+stage-1 folders and, in simulation, the devices' folders and ledgers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from shared.errors import PflError
+from shared.metrics import TASK_KINDS
+
+log = logging.getLogger("flwr.pfl.federation")
+
+DEFAULTS: dict[str, Any] = {
+    "methods": "nonpersonalized,oppu,perpcs,perfit", "targets": 2, "sharers": 2,
+    "collective": 0, "rounds": 1, "fraction-train": 1.0, "selection": "kmeans",
+    "kmeans-iterations": 3, "small-cluster-items": 0, "model": "tiny", "task": "synthetic",
+    "seed": 0, "run-dir": "runs/federation", "num-clients": 0, "phase-timeout": 3600.0,
+    "wait-for-nodes": 120.0, "method-options": "{}",
+}
+#: Run-config keys sent to devices with every phase message.
+DEVICE_KEYS = ("model", "task", "data-path", "seed", "run-dir", "method-options", "device",
+               "pool-address", "pool-ca", "consent-policy", "batch-size-eval")
+NEEDS_LORA = {"lora-c", "oppu", "perpcs"}
+EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
+
+
+class NodeSubset(Grid):
+    """A view of a Grid that shows only some node ids (so a strategy samples among them)."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]):
+        self._grid = grid
+        self._ids = [int(n) for n in node_ids]
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._ids)
+
+    def get_nodes(self):
+        return [n for n in self._grid.get_nodes() if getattr(n, "node_id", None) in self._ids]
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages):
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+
+# ------------------------------------------------------------------------- helpers
+def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """DEFAULTS overlaid with ``run_config``, checked."""
+    from shared.methods.base import parse_method
+
+    config = {**DEFAULTS, **dict(run_config)}
+    methods = [m for m in str(config["methods"]).split(",") if m]
+    if not methods:
+        raise PflError("no methods to run")
+    from edge_client.phases import FEDERATED_CORES
+
+    for name in methods:
+        core = parse_method(name).core
+        if core not in FEDERATED_CORES:
+            raise PflError(f"method {name!r} cannot run in the federation (known cores: "
+                           f"{', '.join(FEDERATED_CORES)})")
+    config["methods"] = ",".join(methods)
+    if int(config["targets"]) < 1:
+        raise PflError("need at least one target")
+    if config["selection"] not in ("kmeans", "most-active"):
+        raise PflError(f"selection must be kmeans or most-active, got {config['selection']!r}")
+    return config
+
+
+def _cores(config) -> set[str]:
+    from shared.methods.base import parse_method
+
+    return {parse_method(m).core for m in config["methods"].split(",")}
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """The connected node ids, after waiting (bounded) until ``wanted`` are there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = sorted(int(n) for n in grid.get_node_ids())
+        if len(ids) >= wanted or time.monotonic() >= deadline:
+            if len(ids) < wanted:
+                log.warning("only %d of %d nodes connected after %.0f s; going on", len(ids),
+                            wanted, timeout)
+            return ids
+        time.sleep(1.0)
+
+
+def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Mapping,
+             arrays: Mapping[str, np.ndarray] | None, timeout: float, phase: str
+             ) -> dict[int, Message]:
+    """Send one message per node, wait for the replies; return the good ones by node.
+    Error replies and missing nodes are logged and left out."""
+    content = RecordDict({"config": ConfigRecord({k: v for k, v in config.items()
+                                                  if v not in (None, "")})})
+    if arrays:
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
+                                         for k, v in arrays.items()})
+    messages = [grid.create_message(content, message_type, node, group_id=phase)
+                for node in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    good: dict[int, Message] = {}
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            log.warning("%s: node %s failed: %s", phase, node, reply.error.reason)
+        else:
+            good[node] = reply
+    missing = set(node_ids) - {int(r.metadata.src_node_id) for r in replies}
+    if missing:
+        log.warning("%s: %d node(s) did not answer: %s", phase, len(missing), sorted(missing))
+    return good
+
+
+def _metrics(reply: Message) -> dict[str, float]:
+    return dict(reply.content["metrics"]) if "metrics" in reply.content.metric_records else {}
+
+
+# ------------------------------------------------------------------ phase 2: selection
+def select_sharers(grid: Grid, candidates: Sequence[int], config: Mapping, device_config: Mapping
+                   ) -> dict[str, Any]:
+    """Federated k-means (or most-active) over the candidates; returns the chosen node ids
+    and what was learnt (cluster sizes, consenting embeddings)."""
+    from shared.methods.perpcs import select_sharers_from_clusters
+
+    wanted = int(config["sharers"])
+    timeout = float(config["phase-timeout"])
+    if wanted <= 0 or not candidates:
+        return {"sharers": [], "strategy": config["selection"]}
+    rng = np.random.default_rng(int(config["seed"]))
+    k = min(wanted, len(candidates))
+    centroids = rng.standard_normal((k, EMBEDDING_DIM)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    iterations = int(config["kmeans-iterations"]) if config["selection"] == "kmeans" else 1
+    sizes: dict[int, int] = {}
+    clusters: dict[int, int] = {}
+    consenting = 0
+    for it in range(max(1, iterations)):
+        arrays = {"centroids": centroids} if config["selection"] == "kmeans" else None
+        replies = exchange(grid, candidates, "query.select", device_config, arrays, timeout,
+                           f"select-{it}")
+        embeddings: dict[int, list[np.ndarray]] = {}
+        for node, reply in replies.items():
+            metrics = _metrics(reply)
+            sizes[node] = int(metrics.get("history-size", 0))
+            if "cluster-index" in metrics:
+                clusters[node] = int(metrics["cluster-index"])
+                if "arrays" in reply.content.array_records and \
+                        "user-embedding" in reply.content["arrays"]:
+                    embeddings.setdefault(clusters[node], []).append(
+                        reply.content["arrays"]["user-embedding"].numpy())
+        consenting = sum(len(v) for v in embeddings.values())
+        for cluster, members in embeddings.items():
+            mean = np.mean(members, axis=0)
+            centroids[cluster] = mean / (np.linalg.norm(mean) + 1e-12)
+    small = int(config["small-cluster-items"])
+    if config["selection"] == "kmeans" and clusters:
+        nodes = sorted(clusters)
+        chosen = select_sharers_from_clusters([str(n) for n in nodes],
+                                              [clusters[n] for n in nodes],
+                                              [sizes[n] for n in nodes],
+                                              small_cluster_items=small)
+        sharers = [int(n) for n in chosen]
+    else:
+        sharers = []
+    # Fill up (empty clusters, or most-active) with the most active remaining candidates.
+    for node in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        if len(sharers) >= wanted:
+            break
+        if node not in sharers and sizes[node] > small:
+            sharers.append(node)
+    log.info("sharer selection (%s): %d sharers from %d candidates (%d consented to share "
+             "their embedding)", config["selection"], len(sharers), len(candidates), consenting)
+    return {"sharers": sharers[:wanted], "strategy": config["selection"],
+            "cluster_sizes": np.bincount(list(clusters.values()), minlength=k).tolist()
+            if clusters else [], "embeddings_received": consenting}
+
+
+def _task_of(replies: Mapping[int, Message], name: str):
+    """What the server needs of the task to finish the metrics: its kind and label count,
+    as the devices reported them (the server holds no data)."""
+    from types import SimpleNamespace
+
+    kinds = {int(_metrics(r).get("task/kind", -1)) for r in replies.values()}
+    labels = {int(_metrics(r).get("task/labels", 0)) for r in replies.values()}
+    if len(kinds) > 1 or len(labels) > 1:
+        raise PflError(f"targets disagree on the task: kinds {kinds}, label counts {labels}")
+    kind = TASK_KINDS[kinds.pop()] if kinds and -1 not in kinds else "generation"
+    return SimpleNamespace(name=name, kind=kind, labels=list(range(labels.pop() if labels else 0)))
+
+
+# ----------------------------------------------------------------------- the run
+def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Run every phase; write and return ``federation.json``'s content."""
+    from cloud_server.server_app import run_stage1
+    from shared.metrics import add_stats, metrics_from_stats
+
+    config = resolve(run_config)
+    started = time.perf_counter()
+    run_dir = Path(str(config["run-dir"])).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config["run-dir"] = str(run_dir)
+    timeout = float(config["phase-timeout"])
+    cores = _cores(config)
+    methods = config["methods"].split(",")
+    device_config = {k: config[k] for k in DEVICE_KEYS if k in config}
+    phase_seconds: dict[str, float] = {}
+
+    nodes = wait_for_nodes(grid, int(config["num-clients"]), float(config["wait-for-nodes"]))
+    order = list(nodes)
+    random.Random(int(config["seed"])).shuffle(order)
+    targets = sorted(order[: int(config["targets"])])
+    candidates = sorted(order[int(config["targets"]):])
+    log.info("federation: %d nodes, %d targets, methods %s", len(nodes), len(targets), methods)
+
+    t0 = time.perf_counter()
+    selection = select_sharers(grid, candidates, config, device_config) \
+        if "perpcs" in cores else {"sharers": []}
+    phase_seconds["selection"] = time.perf_counter() - t0
+    sharers = selection["sharers"]
+    collective = [n for n in candidates if n not in sharers]
+    if int(config["collective"]) > 0:
+        collective = collective[: int(config["collective"])]
+
+    arrays: dict[str, np.ndarray] = {}
+    stage1: dict[str, Any] = {}
+    for kind, needed in (("lora", cores & NEEDS_LORA), ("perfit", cores & {"perfit"})):
+        if not needed:
+            continue
+        if not collective:
+            raise PflError(f"stage 1 ({kind}) needs collective nodes: none are left")
+        t0 = time.perf_counter()
+        stage_config = {**{k: v for k, v in config.items() if k not in ("methods",)},
+                        "method": kind, "run-dir": str(run_dir / f"stage1-{kind}"),
+                        "num-clients": len(collective)}
+        summary = run_stage1(NodeSubset(grid, collective), stage_config)
+        with np.load(summary["final_arrays"]) as data:
+            arrays.update({f"{kind}.{k}": data[k] for k in data.files})
+        stage1[kind] = {k: summary[k] for k in ("rounds", "train_loss", "replies", "params",
+                                                "bytes_per_update")}
+        phase_seconds[f"stage1-{kind}"] = time.perf_counter() - t0
+
+    lora_only = {k: v for k, v in arrays.items() if k.startswith("lora.")}
+    shared = {}
+    if "perpcs" in cores:
+        t0 = time.perf_counter()
+        replies = exchange(grid, sharers, "train.share", device_config, lora_only, timeout,
+                           "share")
+        shared = {str(n): _metrics(r) for n, r in replies.items()}
+        phase_seconds["share"] = time.perf_counter() - t0
+        if not any(m.get("pieces-submitted", 0) for m in shared.values()):
+            log.warning("no sharer submitted pieces: PER-PCS has an empty pool")
+
+    t0 = time.perf_counter()
+    personal_config = {**device_config, "methods": config["methods"]}
+    personalized = exchange(grid, targets, "train.personalize", personal_config, arrays,
+                            timeout, "personalize")
+    phase_seconds["personalize"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluated = exchange(grid, sorted(personalized), "evaluate", personal_config, arrays,
+                         timeout, "evaluate")
+    phase_seconds["evaluate"] = time.perf_counter() - t0
+
+    task = _task_of(evaluated, str(config["task"]))
+    results: dict[str, Any] = {}
+    for name in methods:
+        stats: dict[str, float] = {}
+        costs = {"params": [], "bytes": [], "seconds": []}
+        for node, reply in evaluated.items():
+            metrics = _metrics(reply)
+            add_stats(stats, {k.split("/", 1)[1]: v for k, v in metrics.items()
+                              if k.startswith(name + "/")})
+            personal = _metrics(personalized[node])
+            for cost in costs:
+                costs[cost].append(personal.get(f"{name}/{cost}", 0.0))
+        if not stats:
+            results[name] = {"error": "no target evaluated this method"}
+            continue
+        n = max(1, len(costs["params"]))
+        results[name] = {"metrics": metrics_from_stats(task, stats), "users": len(evaluated),
+                         "queries": int(stats.get("n", 0)),
+                         "params_per_user": sum(costs["params"]) / n,
+                         "bytes_per_user": sum(costs["bytes"]) / n,
+                         "seconds_per_user": sum(costs["seconds"]) / n}
+    summary = {"task": str(config["task"]), "model": str(config["model"]), "seed": int(config["seed"]),
+               "nodes": len(nodes), "targets": targets, "sharers": sharers,
+               "collective": collective, "selection": selection, "stage1": stage1,
+               "shared": shared, "methods": results, "phase_seconds": phase_seconds,
+               "evaluated_targets": sorted(evaluated), "seconds": time.perf_counter() - started}
+    (run_dir / "federation.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
+
+
+def format_results(summary: Mapping[str, Any]) -> str:
+    """The federation's results as a small table."""
+    rows = []
+    for name, result in summary["methods"].items():
+        if "metrics" not in result:
+            rows.append(f"{name:<18} {result.get('error', '')}")
+            continue
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+        rows.append(f"{name:<18} {metrics}  params/user {result['params_per_user']:,.0f}  "
+                    f"bytes/user {result['bytes_per_user']:,.0f}  "
+                    f"s/user {result['seconds_per_user']:.2f}")
+    head = (f"federation: task {summary['task']} | model {summary['model']} | "
+            f"{summary['nodes']} nodes, {len(summary['evaluated_targets'])} targets evaluated, "
+            f"{len(summary['sharers'])} sharers, {len(summary['collective'])} collective")
+    return "\n".join([head] + rows)
+
+
+def make_federation_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp running :func:`run_federation` (DEFAULTS < run config < ``overrides``)."""
+    server_app = ServerApp()
+    fixed = dict(overrides or {})
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = run_federation(grid, {**dict(context.run_config), **fixed})
+        print(format_results(summary), flush=True)
+
+    return server_app
