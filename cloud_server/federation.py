@@ -279,9 +279,13 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         if not collective:
             raise PflError(f"stage 1 ({kind}) needs collective nodes: none are left")
         t0 = time.perf_counter()
+        method_options = json.loads(str(config["method-options"] or "{}"))
         stage_config = {**{k: v for k, v in config.items() if k not in ("methods",)},
-                        "method": kind, "run-dir": str(run_dir / f"stage1-{kind}"),
+                        "method": kind, "output-dir": str(run_dir / f"stage1-{kind}"),
                         "num-clients": len(collective)}
+        for key, option in (("max-history", "max_history"), ("local-epochs", "stage1_epochs")):
+            if key not in config and method_options.get(option) is not None:
+                stage_config[key] = method_options[option]
         summary = run_stage1(NodeSubset(grid, collective), stage_config)
         with np.load(summary["final_arrays"]) as data:
             arrays.update({f"{kind}.{k}": data[k] for k in data.files})

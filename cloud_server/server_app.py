@@ -19,7 +19,8 @@ moment (DESIGN.md pitfall).
 Run config (``context.run_config``, or :func:`make_server_app` overrides; :data:`DEFAULTS`):
 ``method``, ``rounds``, ``fraction-train``, ``model``, ``num-users-per-client``, ``seed``,
 ``run-dir``, ``num-clients`` (0: as many as are connected), ``round-timeout``, ``task``,
-``data-path`` and the client training knobs in :data:`CLIENT_KEYS`.
+``data-path``, ``output-dir`` (where the server's files go; default ``run-dir``) and the client
+training knobs in :data:`CLIENT_KEYS`.
 
 Output in ``run-dir``: ``global_arrays.npz`` (final), ``rounds/round-000.npz`` (initial) ..
 ``round-NNN.npz``, and ``summary.json`` (:func:`run_stage1`'s return value).
@@ -57,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
 #: Run-config keys forwarded to the clients in every round's ConfigRecord.
 CLIENT_KEYS = ("method", "model", "task", "data-path", "num-users-per-client", "seed", "run-dir",
                "local-epochs", "lr", "max-steps", "batch-size", "max-history", "positions",
-               "device", "keep-updates")
+               "device", "keep-updates", "consent-policy")
 
 
 # ------------------------------------------------------------------------ initial arrays
@@ -227,8 +228,10 @@ def run_stage1(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     config = resolve_config(run_config)
     started = time.perf_counter()
     method, rounds = str(config["method"]), int(config["rounds"])
-    run_dir = Path(str(config["run-dir"])).expanduser().resolve()
-    config["run-dir"] = str(run_dir)
+    config["run-dir"] = str(Path(str(config["run-dir"])).expanduser().resolve())
+    # The server's files go to "output-dir" when set (a phase of a whole federation), else to
+    # the run folder; devices always use the run folder (their state and ledgers).
+    run_dir = Path(str(config.get("output-dir") or config["run-dir"])).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     perfit_options = {k: config[key] for key, k in (("collective-rank", "collective_rank"),
                                                      ("personal-rank", "personal_rank"),

@@ -22,7 +22,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
@@ -48,7 +48,8 @@ class LocalGrid(Grid):
 
     def __init__(self, client_app, num_nodes: int, *, run_id: int = 1,
                  node_config: dict[str, Any] | None = None,
-                 node_configs: dict[int, dict[str, Any]] | None = None):
+                 node_configs: dict[int, dict[str, Any]] | None = None,
+                 on_reply: Callable[[Message], None] | None = None):
         from flwr.supercore.run import Run
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -66,6 +67,7 @@ class LocalGrid(Grid):
                 state=RecordDict(), run_config={})
             for pid in range(num_nodes)}
         self._replies: dict[str, Message] = {}
+        self.on_reply = on_reply  # sees every reply as it leaves a device (tests, tracing)
 
     def set_run(self, run) -> None:
         self._run = run
@@ -89,10 +91,13 @@ class LocalGrid(Grid):
             dst_node_id=meta.dst_node_id, reply_to_message_id="", group_id=meta.group_id,
             created_at=time.time(), ttl=meta.ttl, message_type=meta.message_type))
         try:
-            return self.client_app(incoming, self.contexts[meta.dst_node_id])
+            reply = self.client_app(incoming, self.contexts[meta.dst_node_id])
         except Exception as exc:  # a crashing ClientApp: an error reply, like a SuperNode's
-            return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"),
-                           reply_to=incoming)
+            reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"),
+                            reply_to=incoming)
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        return reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -177,13 +182,16 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
                               consent_policy: str | Path | None = None,
                               options: dict[str, Any] | None = None,
                               num_cpus_per_client: float = 1.0,
+                              node_configs: dict[int, dict[str, Any]] | None = None,
+                              on_reply: Callable[[Message], None] | None = None,
                               verbose: bool = False) -> dict[str, Any]:
     """A whole federation (every phase of :mod:`cloud_server.federation`) on one machine.
 
     Starts the real piece-pool gRPC service with TLS on 127.0.0.1 (dev certificates under
     ``run_dir/certs``, the database under ``run_dir/pool``), runs the federation ServerApp
     with ``num_clients`` virtual devices (one user each) on ``backend``, stops the pool and
-    returns the server's summary plus ``ledgers`` ({partition: path}).
+    returns the server's summary plus ``ledgers`` ({partition: path}). ``node_configs``
+    and ``on_reply`` go to :class:`LocalGrid` (in-process backend only).
     """
     from cloud_server.federation import make_federation_app, resolve, run_federation
     from cloud_server.pool_service import start_pool_server
@@ -213,7 +221,9 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
         summary_path = run_dir / "federation.json"
         summary_path.unlink(missing_ok=True)
         if backend == "inprocess":
-            summary = run_federation(LocalGrid(make_client_app(), int(num_clients)), config)
+            grid = LocalGrid(make_client_app(), int(num_clients), node_configs=node_configs,
+                             on_reply=on_reply)
+            summary = run_federation(grid, config)
         else:
             from flwr.simulation import run_simulation
 

@@ -1,0 +1,137 @@
+"""A whole federation (every phase) in one process: roles, pool, ledgers, faults, leaks, and
+the same metrics as the in-process `pfl eval`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_server.federation import format_results
+from edge_client import audit
+from simulations.simulate import LocalGrid, run_federation_simulation
+
+FAST = {"max-steps": 2, "method-options": json.dumps(
+    {"max_history": 6, "personal_epochs": 1, "perpcs": {"gate_steps": 3},
+     "perfit": {"epochs": 1}})}
+METHODS = "nonpersonalized,oppu,perpcs,perfit"
+
+
+def _outbound(reply) -> list[bytes]:
+    """Every byte string a Flower reply carries (array data, metric and config values)."""
+    out: list[bytes] = []
+    if not reply.has_content():
+        return [reply.error.reason.encode()]
+    content = reply.content
+    for record in content.array_records.values():
+        out += [bytes(array.data) for array in record.values()]
+    for records in (content.metric_records, content.config_records):
+        for record in records.values():
+            out.append(repr(sorted(dict(record).items())).encode())
+    return out
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("federation")
+    replies: list = []
+    summary = run_federation_simulation(
+        7, methods=METHODS, targets=2, sharers=2, run_dir=run_dir, options=FAST,
+        node_configs={6: {"partition-id": 99}},  # a broken device: every call fails
+        on_reply=replies.append)
+    return summary, replies, run_dir
+
+
+def test_every_phase_runs_and_roles_stay_disjoint(federation):
+    summary, _, _ = federation
+    targets, sharers, collective = (set(summary[k]) for k in ("targets", "sharers", "collective"))
+    assert len(targets) == 2 and len(sharers) == 2
+    assert not (targets & sharers or targets & collective or sharers & collective)
+    assert summary["pool_pieces"] > 0  # sharers really submitted to the TLS pool
+    assert all(m["pieces-submitted"] == m["pieces-trained"] for m in summary["shared"].values())
+    assert set(summary["stage1"]) == {"lora", "perfit"}
+    for name in METHODS.split(","):
+        result = summary["methods"][name]
+        assert result["queries"] > 0 and set(result["metrics"]) == {"mae", "rmse"}
+    # Costs per user as pfl eval reports them: PER-PCS stores a recipe of bytes, OPPU a LoRA.
+    methods = summary["methods"]
+    assert 0 < methods["perpcs"]["bytes_per_user"] < methods["oppu"]["bytes_per_user"] / 50
+    assert methods["nonpersonalized"]["params_per_user"] == 0
+    assert "perfit" in format_results(summary)
+
+
+def test_a_failing_device_does_not_stop_the_run(federation):
+    summary, replies, _ = federation
+    broken = LocalGrid.FIRST_NODE_ID + 6
+    errors = [r for r in replies if not r.has_content()]
+    assert errors and all(r.metadata.src_node_id == broken for r in errors)
+    assert broken not in summary["sharers"] and broken not in summary["evaluated_targets"]
+    assert len(summary["evaluated_targets"]) >= 1
+
+
+def test_ledgers_record_every_reply_and_no_history_leaves_a_device(federation):
+    summary, replies, run_dir = federation
+    from shared.data import load_dataset
+    from shared.embeddings import encode
+    from shared.models import load_model
+
+    # 1. Every Flower reply is in its device's ledger, with the same array hashes.
+    by_node: dict[int, list] = {}
+    for reply in replies:
+        by_node.setdefault(int(reply.metadata.src_node_id), []).append(reply)
+    assert len(summary["ledgers"]) == 7  # the broken device too (its error replies)
+    for path in summary["ledgers"].values():
+        assert audit.verify(path).ok
+        entries = [e for e in audit.read_entries(path) if e["channel"] == "flower"]
+        nodes = {e["meta"]["node_id"] for e in entries}
+        assert len(nodes) == 1  # one device, one ledger
+        sent = by_node.get(nodes.pop(), [])
+        assert len(entries) == len(sent) > 0
+        for entry, reply in zip(entries, sent):
+            assert entry["message_type"] == reply.metadata.message_type
+            hashes = sorted(a["wire_sha256"] for a in entry["arrays"])
+            data = [bytes(a.data) for r in reply.content.array_records.values()
+                    for a in r.values()] if reply.has_content() else []
+            assert hashes == sorted(hashlib.sha256(d).hexdigest() for d in data)
+    # Pool uploads are in the sharers' ledgers, with the consent rule that allowed them.
+    submits = [e for path in summary["ledgers"].values() for e in audit.read_entries(path)
+               if e["message_type"].endswith("SubmitPieces")]
+    assert len(submits) == len(summary["sharers"])
+    assert all(e["consent_rule"] == "upload.perpcs_pieces" and e["arrays"] for e in submits)
+
+    # 2. No history text, token ids of a history item or per-item embedding in any outbound
+    # byte: Flower replies and everything the pool received (its blobs).
+    blobs = [b for r in replies for b in _outbound(r)]
+    blobs += [p.read_bytes() for p in (run_dir / "pool").rglob("*") if p.is_file()]
+    haystack = b"\x00".join(blobs)
+    dataset = load_dataset("synthetic", None, num_users=7, seed=0)
+    tokenizer = load_model("tiny").tokenizer
+    needles = []
+    for pid in range(6):
+        for item in dataset.user(pid).history:
+            text = dataset.task.corpus_text(item)
+            needles.append(text[:24].encode())
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:8]
+            needles += [np.asarray(ids, dtype=t).tobytes() for t in ("<i8", "<i4")]
+            needles.append(encode([text])[0][:4].astype("<f4").tobytes())
+    assert len(needles) > 100
+    leaked = [n for n in needles if n in haystack]
+    assert not leaked, f"{len(leaked)} history fragments left a device, e.g. {leaked[0]!r}"
+
+
+def test_a_device_without_sharing_consent_submits_nothing(tmp_path):
+    policy = tmp_path / "consent.toml"
+    policy.write_text("version = 1\n[upload]\nperpcs_pieces = false\n")
+    summary = run_federation_simulation(5, methods="perpcs", targets=1, sharers=2,
+                                        run_dir=tmp_path / "run", options=FAST,
+                                        consent_policy=policy)
+    assert summary["pool_pieces"] == 0
+    assert summary["shared"] == {} or not any(m.get("pieces-submitted")
+                                             for m in summary["shared"].values())
+    assert "error" in summary["methods"]["perpcs"]  # nothing to assemble from: reported
+    for path in summary["ledgers"].values():
+        assert not any(e["message_type"].endswith("SubmitPieces")
+                       for e in audit.read_entries(path))
