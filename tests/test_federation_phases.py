@@ -135,3 +135,48 @@ def test_a_device_without_sharing_consent_submits_nothing(tmp_path):
     for path in summary["ledgers"].values():
         assert not any(e["message_type"].endswith("SubmitPieces")
                        for e in audit.read_entries(path))
+
+
+@pytest.mark.slow
+def test_a_federated_run_gives_the_same_metrics_as_pfl_eval(tmp_path, huffpost_dir):
+    """SmolLM2 on real HuffPost users: the devices' metrics, summed by the server, equal what
+    `pfl eval`'s in-process code computes for the same users, seeds and collective parts."""
+    from edge_client.client_app import perfit_from_arrays
+    from shared.data import load_dataset
+    from shared.generation import GenerationConfig
+    from shared.methods.base import Runtime, parse_method
+    from shared.methods.oppu import merge_lora, stage1_lora
+    from shared.models import load_model
+    from simulations.evaluate import evaluate_method
+
+    # A large PerFit lr so that one epoch visibly changes the answers.
+    method_options = {"max_history": 3, "personal_epochs": 1, "perpcs": {"gate_steps": 2},
+                      "perfit": {"epochs": 1, "lr": 0.05}}
+    summary = run_federation_simulation(
+        5, methods=METHODS, targets=2, sharers=1, model="smollm2-135m", task="news-headline",
+        data_path=str(huffpost_dir), run_dir=tmp_path,
+        options={"max-steps": 1, "method-options": json.dumps(method_options)})
+
+    dataset = load_dataset("news-headline", huffpost_dir, users=5)
+    user = {n: dataset.user(n - LocalGrid.FIRST_NODE_ID) for n in range(1001, 1006)}
+    roles = {role: [user[n] for n in summary[role]]
+             for role in ("targets", "sharers", "collective")}
+    loaded = load_model("smollm2-135m")
+    runtime = Runtime(loaded=loaded, task=dataset.task, seed=0, progress=False,
+                      options=method_options, roles=roles)
+    with np.load(tmp_path / "stage1-lora" / "global_arrays.npz") as data:
+        lora = {k: __import__("torch").from_numpy(data[k]) for k in data.files}
+    runtime.cache["stage1"] = merge_lora(loaded.model, lora, stage1_lora())
+    with np.load(tmp_path / "stage1-perfit" / "global_arrays.npz") as data:
+        runtime.cache["perfit_stage1"] = perfit_from_arrays({k: data[k] for k in data.files})
+    generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens, batch_size=8)
+    for name in METHODS.split(","):
+        local = evaluate_method(runtime, parse_method(name), dataset, roles["targets"], {}, 0.0,
+                                generation)
+        federated = summary["methods"][name]
+        for metric, value in local["metrics"].items():
+            assert federated["metrics"][metric] == pytest.approx(value, abs=1e-9), (name, metric)
+        assert federated["params_per_user"] == local["params_per_user"]
+    # Personalization really changed answers (else equal metrics would prove little).
+    scores = {m: summary["methods"][m]["metrics"]["rouge-1"] for m in METHODS.split(",")}
+    assert len(set(scores.values())) > 1, scores
