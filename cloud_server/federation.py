@@ -372,3 +372,7 @@ def make_federation_app(overrides: Mapping[str, Any] | None = None) -> ServerApp
         print(format_results(summary), flush=True)
 
     return server_app
+
+
+#: ``flwr run`` / SuperLink entry point (pyproject: [tool.flwr.app.components] serverapp).
+app = make_federation_app()

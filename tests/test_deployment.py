@@ -1,0 +1,135 @@
+"""A real deployment on loopback: `pfl certs`, the pool service, flower-superlink and four
+flower-supernode processes, all with TLS, and `flwr run .`; every process is stopped by the
+test, even on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_client import audit
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NODES = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listens on {port} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def processes():
+    """Start processes in their own groups; stop them all (TERM, then KILL) at the end."""
+    started: list[subprocess.Popen] = []
+
+    def start(args, log: Path, env=None):
+        proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(started):
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_HOME": str(tmp_path / "flwr-home"), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    certs = tmp_path / "certs"
+    subprocess.run([str(BIN / "pfl"), "certs", str(certs), "--hosts", "localhost,127.0.0.1"],
+                   check=True, env=env, capture_output=True)
+    ca = certs / "ca.pem"
+
+    pool_port, link_port = _free_port(), _free_port()
+    pool = processes([str(BIN / "pfl"), "pool", "serve", "--db", str(tmp_path / "pool"),
+                      "--port", str(pool_port), "--certs", str(certs)], tmp_path / "pool.log",
+                     env)
+    _wait_port(pool_port, pool, tmp_path / "pool.log")
+    link = processes([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
+                      "--ssl-certfile", str(certs / "server.pem"),
+                      "--ssl-keyfile", str(certs / "server.key"), "--host", "127.0.0.1",
+                      "--port", str(link_port), "--database", str(tmp_path / "link.db")],
+                     tmp_path / "superlink.log", env)
+    _wait_port(link_port, link, tmp_path / "superlink.log")
+    policy = REPO / "simulations" / "consent_simulation.toml"
+    for pid in range(NODES):
+        device = tmp_path / f"device-{pid}"
+        device.mkdir()
+        node_config = (f'partition-id={pid} num-partitions={NODES} '
+                       f'ledger="{device / "ledger.jsonl"}" state-dir="{device}" '
+                       f'pool-ca="{ca}" consent-policy="{policy}"')
+        processes([str(BIN / "flower-supernode"), "--root-certificates", str(ca),
+                   "--superlink", f"127.0.0.1:{link_port}", "--port", str(_free_port()),
+                   "--node-config", node_config], tmp_path / f"supernode-{pid}.log", env)
+
+    home = tmp_path / "flwr-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+        f'address = "127.0.0.1:{link_port}"\nroot-certificates = "{ca}"\n')
+    run_dir = tmp_path / "run"
+    options = json.dumps({"max_history": 6, "personal_epochs": 1, "perpcs": {"gate_steps": 3},
+                          "perfit": {"epochs": 1}})
+    run_config = tmp_path / "run-config.toml"  # a TOML file: JSON values need no escaping
+    run_config.write_text(
+        f'methods = "nonpersonalized,oppu,perpcs,perfit"\ntargets = 1\nsharers = 1\n'
+        f'num-clients = {NODES}\nmax-steps = 2\nrun-dir = "{run_dir}"\n'
+        f'pool-address = "127.0.0.1:{pool_port}"\nmethod-options = \'{options}\'\n')
+    flwr = processes([str(BIN / "flwr"), "run", str(REPO), "deploy", "--stream",
+                      "--run-config", str(run_config)], tmp_path / "flwr-run.log", env)
+    deadline = time.monotonic() + 420
+    summary_path = run_dir / "federation.json"
+    while not summary_path.is_file() and time.monotonic() < deadline and flwr.poll() is None:
+        time.sleep(1.0)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
+                     for p in sorted(tmp_path.glob("*.log")))
+    assert summary_path.is_file(), f"no federation.json after the run:\n{logs}"
+    time.sleep(0.5)  # the file is written in one go; let the writer finish
+    summary = json.loads(summary_path.read_text())
+    assert summary["nodes"] == NODES and len(summary["evaluated_targets"]) == 1
+    for name in ("nonpersonalized", "oppu", "perpcs", "perfit"):
+        assert "metrics" in summary["methods"][name], (name, summary["methods"][name], logs)
+    assert sum(m["pieces-submitted"] for m in summary["shared"].values()) > 0
+
+    # Each device wrote its own ledger; all intact; the sharer's pool upload is in it.
+    ledgers = sorted(tmp_path.glob("device-*/ledger.jsonl"))
+    assert len(ledgers) == NODES
+    entries = []
+    for path in ledgers:
+        assert audit.verify(path).ok
+        entries += audit.read_entries(path)
+    types = {e["message_type"] for e in entries}
+    assert {"query.select", "train", "train.share", "train.personalize", "evaluate"} <= types
+    assert any(t.endswith("SubmitPieces") for t in types)
