@@ -80,15 +80,55 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """The out-of-the-box run: no data to fetch, the embedded model, a results table."""
-    from simulations.evaluate import DEFAULT_METHODS
+DEMO_OPTIONS = {"max_history": 8, "personal_epochs": 2, "perpcs": {"gate_steps": 20},
+                "perfit": {"epochs": 2}}
 
-    print(f"pfl demo: {args.users} synthetic users, methods {', '.join(DEFAULT_METHODS)}, "
-          f"model {args.model or 'smollm2-135m (embedded)'}", flush=True)
-    args.task, args.data, args.methods = "synthetic", None, ",".join(DEFAULT_METHODS)
-    args.min_history, args.sample = None, False
-    return cmd_eval(args)
+
+def cmd_demo(args) -> int:
+    """The main job: a whole federation on one machine, on the embedded model and built-in
+    synthetic users: collective stage 1 (FedAvg), federated k-means sharer selection, sharing
+    to the TLS piece pool, OPPU / PER-PCS / PerFit personalization and evaluation on the
+    devices; then the results table and an audit summary per device."""
+    from cloud_server.federation import format_results
+    from simulations.simulate import run_federation_simulation
+
+    model = args.model or "smollm2-135m"
+    methods = "nonpersonalized,oppu,perpcs,perfit"
+    print(f"pfl demo: {args.clients} devices ({args.targets} targets, {args.sharers} sharers), "
+          f"methods {methods}, model {model}; run folder {args.run_dir}", flush=True)
+    summary = run_federation_simulation(
+        args.clients, methods=methods, targets=args.targets, sharers=args.sharers, model=model,
+        task="synthetic", run_dir=args.run_dir, seed=args.seed, rounds=1,
+        options={"max-steps": 10, "method-options": json.dumps(DEMO_OPTIONS)})
+    print()
+    print(format_results(summary))
+    print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                      summary["phase_seconds"].items()))
+    print(f"piece pool: {summary['pool_pieces']} pieces; wall {summary['wall_seconds']:.0f} s\n")
+    print(audit_table(summary))
+    if args.out:
+        _write_json(args.out, summary)
+        print(f"\nresults written to {args.out}; ledgers: pfl audit show "
+              f"{Path(args.run_dir) / 'clients' / 'partition-00000' / 'ledger.jsonl'}")
+    return 0
+
+
+def audit_table(summary: dict) -> str:
+    """One line per device: its role and what left it, from its audit ledger."""
+    from edge_client.audit import summary as ledger_summary
+
+    first = 1001  # simulations.simulate.LocalGrid.FIRST_NODE_ID
+    roles = {}
+    for role in ("targets", "sharers", "collective"):
+        for node in summary.get(role, []):
+            roles[int(node) - first] = role.rstrip("s") if role != "collective" else role
+    rows = [f"{'device':<8} {'role':<10} {'entries':>7} {'bytes out':>10}  {'intact':<6} rules"]
+    for pid, path in sorted(summary["ledgers"].items(), key=lambda kv: int(kv[0])):
+        info = ledger_summary(path)
+        rules = ", ".join(f"{r} x{n}" for r, n in sorted(info["consent_rules"].items()))
+        rows.append(f"{pid:<8} {roles.get(int(pid), '-'):<10} {info['entries']:>7} "
+                    f"{info['bytes']:>10,}  {str(info['intact']):<6} {rules}")
+    return "audit (what left each device)\n" + "\n".join(rows)
 
 
 def _infer_task(path_or_task: str, task: str | None) -> tuple[str, str | None]:
@@ -190,9 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job on the embedded model and built-in data",
                                description=cmd_demo.__doc__)
-    demo.add_argument("--users", type=int, default=20, help="synthetic target users (default 20)")
+    demo.add_argument("--clients", type=int, default=8, help="virtual devices (default 8)")
+    demo.add_argument("--targets", type=int, default=3, help="target devices (default 3)")
+    demo.add_argument("--sharers", type=int, default=2, help="PER-PCS sharers (default 2)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    demo.add_argument("--run-dir", default="runs/demo",
+                      help="devices' folders, ledgers, pool (default %(default)s)")
     demo.add_argument("--out", default="results/demo.json",
                       help="write the results JSON here (default %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
