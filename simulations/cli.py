@@ -72,7 +72,8 @@ def cmd_eval(args) -> int:
                         **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
                                                           "stage1_epochs", "personal_epochs")
                            if getattr(args, k, None) is not None})
-    results = run_eval(config)
+    results = run_eval(config, on_method=(lambda partial: _write_json(args.out, partial))
+                       if args.out else None)
     print(results_table(results))
     if args.out:
         _write_json(args.out, results)

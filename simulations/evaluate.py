@@ -144,8 +144,11 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
     }
 
 
-def run_eval(config: EvalConfig) -> dict:
-    """Evaluate ``config.methods`` on ``config.users`` target users; returns the results dict."""
+def run_eval(config: EvalConfig, on_method=None) -> dict:
+    """Evaluate ``config.methods`` on ``config.users`` target users; returns the results dict.
+
+    ``on_method(results)`` is called after each method with the results so far (``pfl eval
+    --out`` writes them, so a long run that is cut off keeps the methods it finished)."""
     specs = [parse_method(m) for m in config.methods]  # fail fast on a bad name
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
                            seed=config.seed)
@@ -189,4 +192,6 @@ def run_eval(config: EvalConfig) -> dict:
         log.info("evaluating %s", spec.name)
         results["methods"][spec.name] = evaluate_method(runtime, spec, dataset, targets, profiles,
                                                         profile_seconds, generation)
+        if on_method is not None:
+            on_method(results)
     return results
