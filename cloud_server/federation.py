@@ -345,20 +345,13 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def format_results(summary: Mapping[str, Any]) -> str:
-    """The federation's results as a small table."""
-    rows = []
-    for name, result in summary["methods"].items():
-        if "metrics" not in result:
-            rows.append(f"{name:<18} {result.get('error', '')}")
-            continue
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
-        rows.append(f"{name:<18} {metrics}  params/user {result['params_per_user']:,.0f}  "
-                    f"bytes/user {result['bytes_per_user']:,.0f}  "
-                    f"s/user {result['seconds_per_user']:.2f}")
+    """The federation's results: a title line, then the same table as ``pfl eval``'s."""
+    from simulations.report import methods_table
+
     head = (f"federation: task {summary['task']} | model {summary['model']} | "
             f"{summary['nodes']} nodes, {len(summary['evaluated_targets'])} targets evaluated, "
             f"{len(summary['sharers'])} sharers, {len(summary['collective'])} collective")
-    return "\n".join([head] + rows)
+    return head + "\n" + methods_table(dict(summary["methods"]))
 
 
 def make_federation_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

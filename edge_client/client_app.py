@@ -221,21 +221,37 @@ def consent_policy(context: Context, options: Mapping[str, Any]) -> ConsentPolic
     return ConsentPolicy.load(str(path) if path else None)
 
 
-def _refusal(method: str, context: Context,
-             options: Mapping[str, Any] | None = None) -> tuple[int | None, str]:
-    """(error code, reason) when this device must not answer, else (None, consent rule)."""
-    if method not in CONSENT_KIND:
-        return BAD_REQUEST, f"unknown stage-1 method {method!r} (known: {', '.join(METHODS)})"
+def _message_options(msg: Message, context: Context) -> dict[str, Any]:
+    """The run config overlaid with the message's ConfigRecord (the server's message wins);
+    notes the run folder, where the ledger goes (read by the audit mod)."""
+    config = msg.content.config_records.get("config") or ConfigRecord()
+    options = {**dict(context.run_config), **dict(config)}
+    if options.get("run-dir"):
+        context.state[_NOTE_KEY] = ConfigRecord({"run-dir": str(options["run-dir"])})
+    return options
+
+
+def _device_refusal(context: Context, options: Mapping[str, Any],
+                    kind: str) -> tuple[int | None, str]:
+    """(error code, reason) when this device must not answer a message whose reply is an
+    upload of consent ``kind``, else (None, the consent rule that allows it)."""
     if device_ledger_path(context) is None:
         return BAD_REQUEST, ("no audit ledger is configured for this device (node config "
                              "'ledger', or a run-dir): sending nothing")
     if "partition-id" not in context.node_config or "num-partitions" not in context.node_config:
         return BAD_REQUEST, "node config needs partition-id and num-partitions"
-    rule = consent_policy(context, options or {}).allows(CONSENT_KIND[method])
+    rule = consent_policy(context, options).allows(kind)
     if rule is None:
-        return CONSENT_DENIED, (f"the consent policy does not allow uploading "
-                                f"{CONSENT_KIND[method]}")
+        return CONSENT_DENIED, f"the consent policy does not allow uploading {kind}"
     return None, rule
+
+
+def _refusal(method: str, context: Context,
+             options: Mapping[str, Any] | None = None) -> tuple[int | None, str]:
+    """:func:`_device_refusal` for a stage-1 ``method`` (unknown methods refused first)."""
+    if method not in CONSENT_KIND:
+        return BAD_REQUEST, f"unknown stage-1 method {method!r} (known: {', '.join(METHODS)})"
+    return _device_refusal(context, options or {}, CONSENT_KIND[method])
 
 
 def _error(msg: Message, code: int, reason: str) -> Message:
@@ -245,10 +261,7 @@ def _error(msg: Message, code: int, reason: str) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     """Local stage-1 training on this partition's users; reply with the updated arrays."""
-    config = msg.content.config_records.get("config") or ConfigRecord()
-    options = {**dict(context.run_config), **dict(config)}  # the server's message wins
-    if options.get("run-dir"):  # where the ledger goes (read by the audit mod)
-        context.state[_NOTE_KEY] = ConfigRecord({"run-dir": str(options["run-dir"])})
+    options = _message_options(msg, context)
     method = str(options.get("method", "lora"))
     code, rule = _refusal(method, context, options)
     if code is not None:
@@ -272,29 +285,18 @@ def train(msg: Message, context: Context) -> Message:
         state.record_round({"round": server_round, "method": method, **metrics})
         if options.get("keep-updates"):
             state.save_arrays("last-update", arrays)
-    note_consent_rule(context, rule)
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    return _reply(msg, context, rule, metrics, arrays)
 
 
 # ------------------------------------------------------------- phases 2-5 (one user each)
 def _phase_setup(msg: Message, context: Context, kind: str):
-    """(options, users' device bundle) or an error reply for a phase message of ``kind``
-    (the consent kind whose rule covers the reply)."""
-    config = msg.content.config_records.get("config") or ConfigRecord()
-    options = {**dict(context.run_config), **dict(config)}
-    if options.get("run-dir"):
-        context.state[_NOTE_KEY] = ConfigRecord({"run-dir": str(options["run-dir"])})
-    if device_ledger_path(context) is None:
-        return _error(msg, BAD_REQUEST, "no audit ledger is configured for this device "
-                                        "(node config 'ledger', or a run-dir): sending nothing")
-    if "partition-id" not in context.node_config or "num-partitions" not in context.node_config:
-        return _error(msg, BAD_REQUEST, "node config needs partition-id and num-partitions")
+    """(options, consent policy, rule, arrays) or an error reply for a phase message of
+    ``kind`` (the consent kind whose rule covers the reply)."""
+    options = _message_options(msg, context)
+    code, rule = _device_refusal(context, options, kind)
+    if code is not None:
+        return _error(msg, code, rule)
     policy = consent_policy(context, options)
-    rule = policy.allows(kind)
-    if rule is None:
-        return _error(msg, CONSENT_DENIED, f"the consent policy does not allow uploading {kind}")
     arrays = ({k: v.numpy() for k, v in msg.content["arrays"].items()}
               if "arrays" in msg.content.array_records else {})
     return options, policy, rule, arrays
@@ -344,8 +346,10 @@ def _methods(options: Mapping[str, Any]) -> list[str]:
 
 def _reply(msg: Message, context: Context, rule: str, metrics: Mapping[str, float],
            arrays: Mapping[str, np.ndarray] | None = None) -> Message:
+    """The reply: ``metrics`` (as given: ints stay ints) and optional float32 ``arrays``,
+    with the consent rule noted for the audit mod."""
     note_consent_rule(context, rule)
-    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})})
+    content = RecordDict({"metrics": MetricRecord(dict(metrics))})
     if arrays:
         content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
                                          for k, v in arrays.items()})

@@ -115,6 +115,31 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def _run_server(backend: str, main, make_app, config: dict[str, Any], num_clients: int,
+                summary_path: Path, *, num_cpus_per_client: float, verbose: bool,
+                grid_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run a server phase function ``main(grid, config)`` over ``num_clients`` virtual devices:
+    in this process on a :class:`LocalGrid` (``grid_options`` go to it), or as the ServerApp
+    ``make_app(config)`` on Flower's simulation engine, whose summary is read back from
+    ``summary_path`` (``run_simulation`` returns nothing)."""
+    from edge_client.client_app import make_client_app
+
+    if backend == "inprocess":
+        return main(LocalGrid(make_client_app(), int(num_clients), **(grid_options or {})),
+                    config)
+    from flwr.simulation import run_simulation
+
+    run_simulation(server_app=make_app(config), client_app=make_client_app(),
+                   num_supernodes=int(num_clients),
+                   backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
+                                                        "num_gpus": 0.0}},
+                   verbose_logging=verbose)
+    if not summary_path.is_file():
+        raise PflError(f"the simulation ended without a summary in {summary_path.parent} "
+                       "(see the log above)")
+    return json.loads(summary_path.read_text())
+
+
 def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: int = 2,
                           model: str = "tiny", run_dir: str | Path = "runs/stage1",
                           seed: int = 0, *, fraction_train: float = 1.0,
@@ -132,7 +157,6 @@ def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: in
     run-config keys (see :mod:`cloud_server.server_app`), e.g. ``{"batch-size": 8}``.
     """
     from cloud_server.server_app import make_server_app, resolve_config, run_stage1
-    from edge_client.client_app import make_client_app
     from edge_client.state import ledger_paths
 
     if backend not in BACKENDS:
@@ -151,20 +175,9 @@ def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: in
     summary_path = run_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
     started = time.perf_counter()
-    if backend == "inprocess":
-        summary = run_stage1(LocalGrid(make_client_app(), int(num_clients)), config)
-    else:
-        from flwr.simulation import run_simulation
-
-        run_simulation(server_app=make_server_app(config), client_app=make_client_app(),
-                       num_supernodes=int(num_clients),
-                       backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
-                                                            "num_gpus": 0.0}},
-                       verbose_logging=verbose)
-        if not summary_path.is_file():
-            raise PflError(f"the simulation ended without a summary in {run_dir} "
-                           "(see the log above)")
-        summary = json.loads(summary_path.read_text())
+    summary = _run_server(backend, run_stage1, make_server_app, config, num_clients,
+                          summary_path, num_cpus_per_client=num_cpus_per_client,
+                          verbose=verbose)
     summary["backend"] = backend
     summary["wall_seconds"] = time.perf_counter() - started
     summary["ledgers"] = {str(pid): str(path) for pid, path in ledger_paths(run_dir).items()}
@@ -195,7 +208,6 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
     """
     from cloud_server.federation import make_federation_app, resolve, run_federation
     from cloud_server.pool_service import start_pool_server
-    from edge_client.client_app import make_client_app
     from edge_client.state import ledger_paths
     from shared.crypto import write_dev_certs
 
@@ -220,22 +232,11 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
         config["pool-address"] = pool.target
         summary_path = run_dir / "federation.json"
         summary_path.unlink(missing_ok=True)
-        if backend == "inprocess":
-            grid = LocalGrid(make_client_app(), int(num_clients), node_configs=node_configs,
-                             on_reply=on_reply)
-            summary = run_federation(grid, config)
-        else:
-            from flwr.simulation import run_simulation
-
-            run_simulation(server_app=make_federation_app(config), client_app=make_client_app(),
-                           num_supernodes=int(num_clients),
-                           backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
-                                                                "num_gpus": 0.0}},
-                           verbose_logging=verbose)
-            if not summary_path.is_file():
-                raise PflError(f"the federation ended without a summary in {run_dir} "
-                               "(see the log above)")
-            summary = json.loads(summary_path.read_text())
+        summary = _run_server(backend, run_federation, make_federation_app, config,
+                              num_clients, summary_path,
+                              num_cpus_per_client=num_cpus_per_client, verbose=verbose,
+                              grid_options={"node_configs": node_configs,
+                                            "on_reply": on_reply})
         summary["pool_pieces"] = len(pool.store)
     finally:
         pool.stop()
