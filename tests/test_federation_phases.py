@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -175,13 +174,6 @@ def test_a_federated_run_gives_the_same_metrics_as_pfl_eval(tmp_path, huffpost_d
                                 generation)
         federated = summary["methods"][name]
         for metric, value in local["metrics"].items():
-            if name == "perfit" and federated["metrics"][metric] != pytest.approx(value, abs=1e-9):
-                # KNOWN BUG (open, issue 4): equal when this test runs alone, different after
-                # the rest of the suite ran in the same process (seen once: 0.061 vs 0.0).
-                # Something process-wide leaks into PerFit stage 2; not yet found.
-                warnings.warn(f"PerFit {metric}: federated {federated['metrics'][metric]} "
-                              f"!= in-process {value}")
-                continue
             assert federated["metrics"][metric] == pytest.approx(value, abs=1e-9), (name, metric)
         assert federated["params_per_user"] == local["params_per_user"]
     # Personalization really changed answers (else equal metrics would prove little).

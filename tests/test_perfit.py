@@ -255,6 +255,25 @@ def test_prefix_cache_gives_the_same_training(tiny):
         type(layer).__name__ == "LlamaDecoderLayer" for layer in model.get_decoder().layers)
 
 
+def test_stage2_training_does_not_depend_on_the_global_rng(tiny):
+    """Regression: copying a stage draws random columns for the orthogonal parametrization's
+    base; unseeded, two users' identical runs trained differently (a federated device and
+    `pfl eval` gave different PerFit scores in one process)."""
+    model, tokenizer = tiny.model, tiny.tokenizer
+    config = PerFitConfig()
+    stage1, shared2 = new_stages(config, 4, D, seed=3)
+    examples = _examples(tokenizer, n=4)
+    fast = config.train_config(lr=5e-2, max_steps=3, batch_size=2)
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        personal, _ = train_stage2(model, examples, config, stage1, shared2,
+                                   pad_id=tokenizer.pad_token_id, train_config=fast)
+        results.append(personal.export_arrays())
+    for name, value in results[0].items():
+        np.testing.assert_array_equal(value, results[1][name], err_msg=name)
+
+
 # ----------------------------------------------------------------------------- generation
 
 def test_generation_intervenes_the_prompt_only(tiny):

@@ -108,7 +108,13 @@ class LoReftIntervention(nn.Module):
         if orthonormality_error(values["R"]) > ORTHONORMAL_TOL:  # e.g. a FedAvg of R's
             values["R"] = reorthonormalize(values["R"])
         device = self.learned_source.weight.device
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # assignment draws randoms
+        # Assigning R runs the orthogonal parametrization's right inverse, which completes the
+        # (r, d) matrix to a square orthogonal "base" with torch.randn columns. Training moves
+        # R through that base, so its values steer every later step: draw them from a fixed
+        # seed (else a copy trains differently depending on the process' global RNG state).
+        with torch.no_grad(), torch.random.fork_rng(
+                devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
             self.rotate.weight = values["R"].to(device)  # the parametrization's right inverse
             self.learned_source.weight.copy_(values["W"])
             self.learned_source.bias.copy_(values["b"])
