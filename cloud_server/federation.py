@@ -3,7 +3,9 @@
 :func:`run_federation` is the ServerApp's main (:func:`make_federation_app`). Phases:
 
 1. **Roles.** The connected nodes (one user each) are shuffled with ``seed``; the first
-   ``targets`` are targets, the rest candidates for sharers and the collective.
+   ``targets`` are targets, the rest candidates for sharers and the collective. An operator
+   may fix the roles instead: ``target-nodes`` / ``sharer-nodes`` (comma-separated node ids;
+   given sharers skip the selection phase).
 2. **Sharer selection** (when PER-PCS runs): federated k-means. The server sends centroids
    (``query.select``); each device answers with the index of its nearest centroid and its
    history size, plus its mean embedding only if its consent policy lets embeddings leave.
@@ -11,10 +13,12 @@
    centroid); the first centroids are seeded random directions in the embedding space. The
    most active member of each cluster with more than ``small-cluster-items`` items becomes a
    sharer (:func:`shared.methods.perpcs.select_sharers_from_clusters`); ``selection =
-   "most-active"`` uses history sizes only. Selection runs *before* stage 1 so that the
+   "most-active"`` uses history sizes only. With ``selection-sample = M`` only a seeded
+   sample of M candidates is asked (a population of thousands). Selection runs *before* stage 1 so that the
    collective can exclude sharers (METHODS.md: stage 1 uses users who are neither).
 3. **Collective stage 1** over the collective nodes: FedAvg of the task LoRA and/or of PerFit
-   stage 1 (:func:`cloud_server.server_app.run_stage1`, on a :class:`NodeSubset` of the Grid).
+   stage 1 (:func:`cloud_server.server_app.run_stage1`, on a :class:`NodeSubset` of the Grid);
+   ``sample-per-round`` (or ``fraction-train``) sets how many train in each round.
 4. **Sharing** (``train.share``): the sharers train LoRA + gates and submit their consented
    pieces to the pool service themselves; the server only gets counts back.
 5. **Personalization** (``train.personalize``) of every target with every method, on the
@@ -50,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "collective": 0, "rounds": 1, "fraction-train": 1.0, "selection": "kmeans",
     "kmeans-iterations": 3, "small-cluster-items": 0, "model": "tiny", "task": "synthetic",
     "seed": 0, "run-dir": "runs/federation", "num-clients": 0, "phase-timeout": 3600.0,
-    "wait-for-nodes": 120.0, "method-options": "{}",
+    "wait-for-nodes": 120.0, "method-options": "{}", "selection-sample": 0,
+    "sample-per-round": 0, "target-nodes": "", "sharer-nodes": "",
 }
 #: Run-config keys sent to devices with every phase message.
 DEVICE_KEYS = ("model", "task", "data-path", "seed", "run-dir", "method-options", "device",
@@ -225,6 +230,21 @@ def select_sharers(grid: Grid, candidates: Sequence[int], config: Mapping, devic
             if clusters else [], "embeddings_received": consenting}
 
 
+def _given_nodes(config: Mapping, key: str, nodes: Sequence[int]) -> list[int]:
+    """Node ids an operator fixed for a role (``"7,12"``); they must be connected."""
+    text = str(config.get(key) or "").strip()
+    if not text:
+        return []
+    try:
+        given = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PflError(f"{key} must be comma-separated node ids, got {text!r}") from None
+    unknown = sorted(set(given) - set(nodes))
+    if unknown:
+        raise PflError(f"{key}: node(s) {unknown} are not connected")
+    return given
+
+
 def _task_of(replies: Mapping[int, Message], name: str):
     """What the server needs of the task to finish the metrics: its kind and label count,
     as the devices reported them (the server holds no data)."""
@@ -256,15 +276,29 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     phase_seconds: dict[str, float] = {}
 
     nodes = wait_for_nodes(grid, int(config["num-clients"]), float(config["wait-for-nodes"]))
-    order = list(nodes)
-    random.Random(int(config["seed"])).shuffle(order)
-    targets = sorted(order[: int(config["targets"])])
-    candidates = sorted(order[int(config["targets"]):])
+    given_targets = _given_nodes(config, "target-nodes", nodes)
+    given_sharers = _given_nodes(config, "sharer-nodes", nodes)
+    if given_targets:
+        targets = sorted(given_targets)
+    else:
+        order = [n for n in nodes if n not in given_sharers]
+        random.Random(int(config["seed"])).shuffle(order)
+        targets = sorted(order[: int(config["targets"])])
+    candidates = [n for n in nodes if n not in targets]
     log.info("federation: %d nodes, %d targets, methods %s", len(nodes), len(targets), methods)
 
     t0 = time.perf_counter()
-    selection = select_sharers(grid, candidates, config, device_config) \
-        if "perpcs" in cores else {"sharers": []}
+    asked = candidates
+    if 0 < int(config["selection-sample"]) < len(candidates):  # a large population: a sample
+        asked = sorted(random.Random(int(config["seed"]) + 1).sample(
+            candidates, int(config["selection-sample"])))
+    if "perpcs" not in cores:
+        selection = {"sharers": []}
+    elif given_sharers:
+        selection = {"sharers": [n for n in given_sharers if n not in targets],
+                     "strategy": "given"}
+    else:
+        selection = select_sharers(grid, asked, config, device_config)
     phase_seconds["selection"] = time.perf_counter() - t0
     sharers = selection["sharers"]
     collective = [n for n in candidates if n not in sharers]
@@ -354,15 +388,19 @@ def format_results(summary: Mapping[str, Any]) -> str:
     return head + "\n" + methods_table(dict(summary["methods"]))
 
 
-def make_federation_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp running :func:`run_federation` (DEFAULTS < run config < ``overrides``)."""
+def make_federation_app(overrides: Mapping[str, Any] | None = None, *,
+                        print_results: bool = True) -> ServerApp:
+    """A ServerApp running :func:`run_federation` (DEFAULTS < run config < ``overrides``);
+    it prints the results table at the end unless ``print_results`` is false (a caller
+    that prints its own, like ``pfl simulate``)."""
     server_app = ServerApp()
     fixed = dict(overrides or {})
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         summary = run_federation(grid, {**dict(context.run_config), **fixed})
-        print(format_results(summary), flush=True)
+        if print_results:
+            print(format_results(summary), flush=True)
 
     return server_app
 

@@ -19,7 +19,8 @@ moment (DESIGN.md pitfall).
 Run config (``context.run_config``, or :func:`make_server_app` overrides; :data:`DEFAULTS`):
 ``method``, ``rounds``, ``fraction-train``, ``model``, ``num-users-per-client``, ``seed``,
 ``run-dir``, ``num-clients`` (0: as many as are connected), ``round-timeout``, ``task``,
-``data-path``, ``output-dir`` (where the server's files go; default ``run-dir``) and the client
+``data-path``, ``sample-per-round`` (clients per round, exact; 0: ``fraction-train`` decides),
+``output-dir`` (where the server's files go; default ``run-dir``) and the client
 training knobs in :data:`CLIENT_KEYS`.
 
 Output in ``run-dir``: ``global_arrays.npz`` (final), ``rounds/round-000.npz`` (initial) ..
@@ -53,7 +54,7 @@ METHODS = ("lora", "perfit")
 DEFAULTS: dict[str, Any] = {
     "method": "lora", "rounds": 2, "fraction-train": 1.0, "model": "tiny",
     "num-users-per-client": 2, "seed": 0, "run-dir": "runs/stage1", "num-clients": 0,
-    "round-timeout": 3600.0, "task": "synthetic",
+    "round-timeout": 3600.0, "task": "synthetic", "sample-per-round": 0,
 }
 #: Run-config keys forwarded to the clients in every round's ConfigRecord.
 CLIENT_KEYS = ("method", "model", "task", "data-path", "num-users-per-client", "seed", "run-dir",
@@ -215,6 +216,8 @@ def resolve_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
         raise PflError(f"fraction-train must be in (0, 1], got {config['fraction-train']}")
     if int(config["num-users-per-client"]) < 1:
         raise PflError("num-users-per-client must be >= 1")
+    if int(config["sample-per-round"]) < 0:
+        raise PflError(f"sample-per-round must be >= 0, got {config['sample-per-round']}")
     return config
 
 
@@ -245,6 +248,9 @@ def run_stage1(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     num_clients = int(config["num-clients"])
     fraction = float(config["fraction-train"])
     wanted = sample_size(fraction, num_clients) if num_clients > 0 else 1
+    if int(config["sample-per-round"]) > 0 and num_clients > 0:  # an exact count wins
+        wanted = min(int(config["sample-per-round"]), num_clients)
+        fraction = wanted / num_clients
     strategy = Stage1FedAvg(method, fraction_train=fraction, min_train_nodes=wanted,
                             min_available_nodes=max(1, num_clients), round_dir=round_dir)
     client_config = ConfigRecord({key: config[key] for key in CLIENT_KEYS

@@ -376,7 +376,8 @@ def select(msg: Message, context: Context) -> Message:
 
     def work(options, policy, rule, arrays):
         _, task, user = _device_user(options, context, model=False)
-        return cluster_report(task, user, arrays.get("centroids"), policy)
+        return cluster_report(task, user, arrays.get("centroids"), policy,
+                              _device_dir(options, context))
 
     return _run_phase(msg, context, "cluster_index", work)
 

@@ -96,7 +96,29 @@ def device_runtime(loaded, task, options: Mapping[str, Any], arrays: Mapping[str
 
 
 # ------------------------------------------------------------------ phase 2: selection
-def cluster_report(task, user, centroids: np.ndarray | None, consent: ConsentPolicy
+def cached_user_embedding(task, user, device_dir: Path | None) -> np.ndarray:
+    """The user's MiniLM embedding, kept on the device (``device_dir``) between the k-means
+    iterations; the file is named after a digest of the embedded texts, so a changed history
+    gets a new one."""
+    from shared.embeddings import user_embedding
+
+    if device_dir is None:
+        return user_embedding(task, user).astype(np.float32)
+    digest = hashlib.sha256("\x00".join(task.corpus_text(item) for item in user.history)
+                            .encode("utf-8")).hexdigest()[:16]
+    path = Path(device_dir) / f"embedding-{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    embedding = user_embedding(task, user).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, embedding)
+    tmp.replace(path)
+    return embedding
+
+
+def cluster_report(task, user, centroids: np.ndarray | None, consent: ConsentPolicy,
+                   device_dir: Path | None = None
                    ) -> tuple[dict[str, float], dict[str, np.ndarray], str]:
     """(metrics, arrays, consent rule) for sharer selection.
 
@@ -104,11 +126,9 @@ def cluster_report(task, user, centroids: np.ndarray | None, consent: ConsentPol
     Arrays: ``user-embedding`` (the mean of the history embeddings, one vector) only when
     the policy allows ``embeddings``; per-item embeddings never leave.
     """
-    from shared.embeddings import user_embedding
-
     rule = consent.require("cluster_index")
     metrics: dict[str, float] = {"history-size": float(len(user.history))}
-    embedding = user_embedding(task, user).astype(np.float32)
+    embedding = cached_user_embedding(task, user, device_dir)
     if centroids is not None and len(centroids):
         c = np.asarray(centroids, dtype=np.float32)
         sims = (c @ embedding) / (np.linalg.norm(c, axis=1) * np.linalg.norm(embedding) + 1e-12)

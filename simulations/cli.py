@@ -4,7 +4,7 @@
     pfl eval        evaluate methods on target users (in-process, one base model)
     pfl data stats  users, queries and history sizes of a task's data
     pfl bench model forward and training throughput of a model
-    pfl simulate    collective stage 1 (FedAvg) over virtual Flower clients
+    pfl simulate    a federation of virtual devices (Flower simulation engine or in-process)
     pfl claims      check the papers' claims against a pfl eval results file
     pfl audit       show, summarize or verify a device's audit ledger
     pfl certs       a development CA and TLS certificates for the given hosts
@@ -166,22 +166,78 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
-def cmd_simulate(args) -> int:
-    """Collective stage 1 over virtual Flower clients (the other phases are not wired yet)."""
-    from simulations.simulate import run_stage1_simulation
+STAGE1_KIND = {"lora": "lora", "lora-c": "lora", "oppu": "lora", "perpcs": "lora",
+               "perfit": "perfit"}
 
-    summary = run_stage1_simulation(
-        method=args.method, num_clients=args.clients, rounds=args.rounds, model=args.model,
-        run_dir=args.run_dir, seed=args.seed, fraction_train=args.fraction_train,
-        num_users_per_client=args.users_per_client, backend=args.backend,
-        max_history=args.max_history, verbose=args.verbose)
-    losses = ", ".join(f"{x:.3f}" for x in summary.get("train_loss", []) if x is not None)
-    print(f"stage 1 ({args.method}) over {args.clients} clients, {summary['rounds']} rounds "
-          f"in {summary['wall_seconds']:.1f} s ({summary['backend']})")
-    print(f"replies per round: {summary.get('replies')}; train loss per round: {losses}")
-    print(f"global arrays: {summary['final_arrays']}")
-    print(f"client ledgers: {len(summary.get('ledgers', {}))} under {args.run_dir} "
-          "(read them with pfl audit show LEDGER)")
+
+def cmd_simulate(args) -> int:
+    """A federation of virtual devices on one machine, on Flower's simulation engine (Ray) or
+    an in-process grid: every phase (sharer selection, collective stage 1, sharing to the TLS
+    piece pool, personalization and evaluation on the devices), or only stage 1 with
+    ``--phases stage1``. Each virtual device is one user with its own data partition, folder
+    and audit ledger under --run-dir."""
+    from simulations.simulate import run_federation_simulation, run_stage1_simulation
+
+    methods = _csv(args.method)
+    if not methods:
+        raise PflError("--method needs at least one method")
+    if args.phases == "stage1":
+        kinds = {STAGE1_KIND.get(m) for m in methods}
+        if None in kinds or len(kinds) != 1:
+            raise PflError("--phases stage1 trains one collective part: --method lora "
+                           "(or lora-c, oppu, perpcs) or --method perfit")
+        kind = kinds.pop()
+        summary = run_stage1_simulation(
+            method=kind, num_clients=args.clients, rounds=args.rounds, model=args.model,
+            run_dir=args.run_dir, seed=args.seed, fraction_train=args.fraction_train,
+            num_users_per_client=args.users_per_client, backend=args.backend,
+            max_history=args.max_history, max_steps=args.max_steps,
+            num_cpus_per_client=args.cpus_per_client, verbose=args.verbose,
+            options={"sample-per-round": args.sample_per_round, "task": args.task,
+                     **({"data-path": args.data} if args.data else {})})
+        losses = ", ".join(f"{x:.3f}" for x in summary.get("train_loss", []) if x is not None)
+        print(f"stage 1 ({kind}) over {args.clients} clients, {summary['rounds']} rounds "
+              f"in {summary['wall_seconds']:.1f} s ({summary['backend']})")
+        print(f"replies per round: {summary.get('replies')}; train loss per round: {losses}")
+        print(f"global arrays: {summary['final_arrays']}")
+        print(f"client ledgers: {len(summary.get('ledgers', {}))} under {args.run_dir} "
+              "(read them with pfl audit show LEDGER)")
+        if args.out:
+            _write_json(args.out, summary)
+        return 0
+
+    from cloud_server.federation import format_results
+
+    method_options: dict = {}
+    for section, key, value in args.set or []:
+        method_options.setdefault(section, {})[key] = value
+    for key in ("max_history", "personal_epochs", "stage1_epochs"):
+        if getattr(args, key, None) is not None:
+            method_options[key] = getattr(args, key)
+    options = {"method-options": json.dumps(method_options),
+               "fraction-train": args.fraction_train,
+               "sample-per-round": args.sample_per_round,
+               "selection-sample": (args.selection_sample if args.selection_sample is not None
+                                    else args.sample_per_round)}
+    if args.max_steps is not None:
+        options["max-steps"] = args.max_steps
+    print(f"pfl simulate: {args.clients} virtual devices ({args.targets} targets, "
+          f"{args.sharers} sharers), methods {','.join(methods)}, model {args.model}, "
+          f"backend {args.backend}; run folder {args.run_dir}", flush=True)
+    summary = run_federation_simulation(
+        args.clients, methods=",".join(methods), targets=args.targets, sharers=args.sharers,
+        model=args.model, task=args.task, data_path=args.data, run_dir=args.run_dir,
+        seed=args.seed, rounds=args.rounds, backend=args.backend, options=options,
+        num_cpus_per_client=args.cpus_per_client, verbose=args.verbose)
+    print()
+    print(format_results(summary))
+    print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                      summary["phase_seconds"].items()))
+    print(f"piece pool: {summary['pool_pieces']} pieces; devices with a ledger: "
+          f"{len(summary['ledgers'])}; wall {summary['wall_seconds']:.0f} s")
+    if args.out:
+        _write_json(args.out, summary)
+        print(f"results written to {args.out}")
     return 0
 
 
@@ -276,19 +332,48 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(ev)
     ev.set_defaults(func=cmd_eval)
 
-    sim = commands.add_parser("simulate", help="collective stage 1 over virtual Flower clients",
+    sim = commands.add_parser("simulate", help="a federation of virtual devices on one machine",
                               description=cmd_simulate.__doc__)
-    sim.add_argument("--method", choices=["lora", "perfit"], default="lora")
-    sim.add_argument("--clients", type=int, default=2, help="virtual clients (default 2)")
-    sim.add_argument("--rounds", type=int, default=2)
-    sim.add_argument("--fraction-train", type=float, default=1.0)
+    sim.add_argument("--method", "--methods", dest="method",
+                     default="nonpersonalized,oppu,perpcs,perfit",
+                     help="comma-separated methods (default %(default)s); with --phases "
+                          "stage1: lora or perfit")
+    sim.add_argument("--clients", type=int, default=10, help="virtual devices (default 10)")
+    sim.add_argument("--sample-per-round", type=int, default=0,
+                     help="stage-1 devices trained per round (default 0: --fraction-train)")
+    sim.add_argument("--fraction-train", type=float, default=1.0,
+                     help="share of the collective trained per round when --sample-per-round "
+                          "is 0 (default 1.0)")
+    sim.add_argument("--rounds", type=int, default=2, help="stage-1 FedAvg rounds (default 2)")
+    sim.add_argument("--targets", type=int, default=4,
+                     help="devices personalized and evaluated (default 4)")
+    sim.add_argument("--sharers", type=int, default=2, help="PER-PCS sharers (default 2)")
+    sim.add_argument("--selection-sample", type=int, default=None,
+                     help="candidates asked in sharer selection (default: --sample-per-round, "
+                          "0 = all)")
+    sim.add_argument("--task", default="synthetic",
+                     help="synthetic (default), news-headline, news-category, LaMP-N")
+    sim.add_argument("--data", default=None, help="data path for a real task")
+    sim.add_argument("--phases", choices=["all", "stage1"], default="all",
+                     help="every phase (default) or only collective stage 1")
     sim.add_argument("--users-per-client", type=int, default=2,
-                     help="synthetic users in each client's partition")
-    sim.add_argument("--max-history", type=int, default=None)
+                     help="--phases stage1 only: users in each client's partition")
+    sim.add_argument("--max-history", type=int, default=None,
+                     help="trained methods use each user's N most recent items")
+    sim.add_argument("--max-steps", type=int, default=None,
+                     help="cap on local stage-1 training steps per round")
+    sim.add_argument("--personal-epochs", type=float, default=None)
+    sim.add_argument("--stage1-epochs", type=float, default=None)
+    sim.add_argument("--set", type=_setting, action="append", metavar="METHOD.KEY=VALUE",
+                     help="a method setting, as in pfl eval (repeatable)")
     sim.add_argument("--backend", choices=["ray", "inprocess"], default="ray",
-                     help="Flower's simulation engine (ray) or an in-process grid")
+                     help="Flower's simulation engine (ray, default) or an in-process grid")
+    sim.add_argument("--cpus-per-client", type=float, default=1.0,
+                     help="Ray CPUs per virtual client: 1.0 runs one client per core")
     sim.add_argument("--model", default="tiny", help="tiny (default), smollm2-135m or a path")
-    sim.add_argument("--run-dir", default="runs/stage1", help="arrays, summary and ledgers")
+    sim.add_argument("--run-dir", default="runs/simulate",
+                     help="devices' folders and ledgers, pool, arrays (default %(default)s)")
+    sim.add_argument("--out", default=None, help="write the summary JSON here")
     sim.add_argument("--seed", type=int, default=0)
     sim.set_defaults(func=cmd_simulate)
 
@@ -348,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    # Flower prints its log (and ours, under "flwr.pfl") with its own console handler; do
+    # not print each line a second time through the root handler.
+    logging.getLogger("flwr").propagate = False
     try:
         return args.func(args)
     except PflError as exc:

@@ -232,7 +232,8 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
         config["pool-address"] = pool.target
         summary_path = run_dir / "federation.json"
         summary_path.unlink(missing_ok=True)
-        summary = _run_server(backend, run_federation, make_federation_app, config,
+        summary = _run_server(backend, run_federation,
+                              lambda cfg: make_federation_app(cfg, print_results=False), config,
                               num_clients, summary_path,
                               num_cpus_per_client=num_cpus_per_client, verbose=verbose,
                               grid_options={"node_configs": node_configs,

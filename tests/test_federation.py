@@ -262,3 +262,15 @@ def test_ray_simulation_two_clients_two_rounds(tmp_path, method):
                                     backend="ray", options=FAST)
     assert summary["backend"] == "ray"
     check_run(summary, method, tmp_path, num_clients=2, rounds=2)
+
+
+def test_sample_per_round_trains_exactly_that_many_clients(tmp_path, tiny):
+    from simulations.simulate import run_stage1_simulation
+
+    summary = run_stage1_simulation(method="lora", num_clients=20, rounds=2, run_dir=tmp_path,
+                                    backend="inprocess", num_users_per_client=1,
+                                    options={**FAST, "sample-per-round": 3})
+    assert summary["sample_size"] == 3
+    assert summary["replies"] == [3, 3] and summary["accepted"] == [3, 3]
+    # only the sampled devices did anything: at most 6 ledgers among the 20
+    assert 3 <= len(summary["ledgers"]) <= 6

@@ -179,3 +179,91 @@ def test_a_federated_run_gives_the_same_metrics_as_pfl_eval(tmp_path, huffpost_d
     # Personalization really changed answers (else equal metrics would prove little).
     scores = {m: summary["methods"][m]["metrics"]["rouge-1"] for m in METHODS.split(",")}
     assert len(set(scores.values())) > 1, scores
+
+
+def test_consented_embeddings_move_the_kmeans_centroids(tmp_path, tiny):
+    """With a policy that lets embeddings leave, each candidate sends exactly one vector, its
+    mean MiniLM history embedding (audited under the embeddings rule); by default none does."""
+    from shared.data import load_dataset
+    from shared.embeddings import user_embedding
+
+    policy = tmp_path / "embeddings.toml"
+    policy.write_text("version = 1\n[upload]\nperpcs_pieces = true\n[sharing]\nratio = 1.0\n"
+                      "[embeddings]\nmay_leave_device = true\n")
+    summary = run_federation_simulation(
+        6, methods="perpcs", targets=1, sharers=2, run_dir=tmp_path / "run", options=FAST,
+        consent_policy=policy)
+    selection = summary["selection"]
+    candidates = 6 - 1
+    assert selection["embeddings_received"] == candidates  # in the last k-means iteration
+    assert sum(selection["cluster_sizes"]) == candidates
+    users = load_dataset("synthetic", None, users=6)
+    task = users.task
+    sent = 0
+    for pid, path in summary["ledgers"].items():
+        for entry in audit.read_entries(path):
+            if entry["message_type"] != "query.select":
+                continue
+            (array,) = entry["arrays"]  # one vector, never per-item embeddings
+            assert array["name"].endswith("user-embedding") and array["shape"] == [384]
+            assert "embeddings" in entry["consent_rule"]
+            expected = user_embedding(task, users.user(int(pid))).astype(np.float32)
+            assert array["sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
+            sent += 1
+    assert sent == candidates * 3  # kmeans-iterations (default 3)
+
+
+def test_default_policy_keeps_embeddings_on_the_device(federation):
+    summary, _, _ = federation
+    assert summary["selection"]["embeddings_received"] == 0
+    for path in summary["ledgers"].values():
+        for entry in audit.read_entries(path):
+            if entry["message_type"] == "query.select":
+                assert entry["arrays"] == []
+
+
+def test_pfl_simulate_on_flowers_engine_equals_the_inprocess_grid(tmp_path):
+    """`pfl simulate` runs every phase over Ray (Flower's simulation engine) and gives the
+    same pool, stage-1 arrays and results as the deterministic in-process grid with the same
+    users in the same roles (Ray's node ids are random, so the roles are mapped back to data
+    partitions through the ledgers, which record each device's node id)."""
+    from simulations.cli import main
+
+    out = tmp_path / "ray.json"
+    assert main(["simulate", "--clients", "6", "--targets", "2", "--sharers", "1",
+                 "--rounds", "1", "--max-steps", "2", "--max-history", "6",
+                 "--personal-epochs", "1", "--set", "perpcs.gate_steps=3",
+                 "--set", "perfit.epochs=1", "--run-dir", str(tmp_path / "ray"),
+                 "--out", str(out)]) == 0
+    ray = json.loads(out.read_text())
+    assert ray["backend"] == "ray" and len(ray["ledgers"]) == 6
+    partition = {}
+    for pid, path in ray["ledgers"].items():
+        assert audit.verify(path).ok
+        nodes = {e["meta"]["node_id"] for e in audit.read_entries(path) if e["channel"] == "flower"}
+        (node,) = nodes
+        partition[node] = int(pid)
+    as_local = {role: [LocalGrid.FIRST_NODE_ID + partition[n] for n in ray[role]]
+                for role in ("targets", "sharers", "collective")}
+    method_options = {"perpcs": {"gate_steps": 3}, "perfit": {"epochs": 1}, "max_history": 6,
+                      "personal_epochs": 1}
+    local = run_federation_simulation(
+        6, methods=METHODS, targets=2, sharers=1, rounds=1, run_dir=tmp_path / "local",
+        options={"max-steps": 2, "method-options": json.dumps(method_options),
+                 "target-nodes": ",".join(map(str, as_local["targets"])),
+                 "sharer-nodes": ",".join(map(str, as_local["sharers"]))})
+    for role in ("targets", "sharers", "collective"):
+        assert sorted(local[role]) == sorted(as_local[role]), role
+    assert ray["pool_pieces"] == local["pool_pieces"] > 0
+    assert set(ray["methods"]) == set(METHODS.split(","))
+    for name, result in local["methods"].items():
+        for metric, value in result["metrics"].items():
+            assert ray["methods"][name]["metrics"][metric] == pytest.approx(value, abs=1e-9)
+        for cost in ("params_per_user", "bytes_per_user"):
+            assert ray["methods"][name][cost] == result[cost], (name, cost)
+    for kind in ("lora", "perfit"):
+        with np.load(tmp_path / "local" / f"stage1-{kind}" / "global_arrays.npz") as a, \
+                np.load(tmp_path / "ray" / f"stage1-{kind}" / "global_arrays.npz") as b:
+            assert a.files == b.files
+            for key in a.files:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
