@@ -425,27 +425,26 @@ def describe_record_dict(content) -> tuple[dict[str, Any], dict[str, Any]]:
     return arrays, fields
 
 
-def audit_mod(ledger_path_fn: Callable[[Any], str | os.PathLike | None], *,
+def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
               channel: str = "flower",
               consent_rule_fn: Callable[[Any, Any], str | None] | None = None):
     """A Flower ClientApp mod that records every reply the device sends.
 
-    ``ledger_path_fn(context)`` gives the ledger path for this node (e.g. from
-    ``context.node_config``); None skips auditing for that node. ``consent_rule_fn(reply,
+    ``ledger_path_fn(context, incoming message)`` gives the ledger path for this node (e.g.
+    from ``context.node_config``); None skips auditing for that node. ``consent_rule_fn(reply,
     context)`` gives the consent rule; by default the one a handler noted with
     :func:`note_consent_rule`. Use: ``ClientApp(mods=[audit_mod(fn), ...])``: put it first
     (outermost), so that it records the reply after any other mod (e.g. SecAgg+ masking)
     changed it, i.e. what actually leaves the device.
     """
     rule_of = consent_rule_fn or _take_consent_rule
-    ledgers: dict[Path, AuditLedger] = {}
 
     def mod(msg, context, call_next):
         reply = call_next(msg, context)
-        path = ledger_path_fn(context)
+        path = ledger_path_fn(context, msg)
         if path is None:
             return reply
-        ledger = ledgers.setdefault(Path(path), AuditLedger(path))
+        ledger = AuditLedger(path)  # nothing kept per device: a population stays flat
         meta = reply.metadata
         if reply.has_content():
             arrays, fields = describe_record_dict(reply.content)

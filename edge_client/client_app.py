@@ -34,7 +34,7 @@ Where things come from:
   no ledger location answers nothing but an error;
 - per-client state between rounds: on disk (:class:`edge_client.state.ClientState`), never in
   ``context.state`` (which Flower keeps in RAM for every virtual client); ``context.state``
-  holds only the run folder's path and the consent rule noted for the audit mod.
+  holds only the consent rule a handler notes for the audit mod, which takes it back out.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ CONSENT_KIND = {"lora": "stage1_lora", "perfit": "perfit_stage1"}
 #: Error codes of this app's refusals (Flower's own codes are 0..8).
 BAD_REQUEST, CONSENT_DENIED, FAILED = 400, 403, 500
 STAGE_PREFIXES = ("stage1", "stage2")
-_NOTE_KEY = "pfl.client"
 
 
 # =============================================================== plain functions (no Flower)
@@ -194,19 +193,24 @@ def local_stage1_update(method: str, global_arrays: Mapping[str, np.ndarray], ta
 
 
 # ================================================================= Flower plumbing
-def _noted_run_dir(context: Context) -> str | None:
-    record = context.state.config_records.get(_NOTE_KEY) if context.state else None
-    value = record.get("run-dir") if record is not None else None
+def _message_run_dir(msg: Message | None) -> str | None:
+    if msg is None or not msg.has_content():
+        return None
+    config = msg.content.config_records.get("config")
+    value = config.get("run-dir") if config is not None else None
     return str(value) if value else None
 
 
-def device_ledger_path(context: Context) -> Path | None:
+def device_ledger_path(context: Context, msg: Message | None = None, *,
+                       options: Mapping[str, Any] | None = None) -> Path | None:
     """This node's audit ledger: ``node_config["ledger"]`` on a real device, else the
-    partition's ledger under the run folder (the run config's or the one the server sent)."""
+    partition's ledger under the run folder (the run config's, or the one the server sent in
+    ``msg`` / ``options``; nothing is kept per client in ``context.state``)."""
     explicit = context.node_config.get("ledger")
     if explicit:
         return Path(str(explicit))
-    run_dir = context.run_config.get("run-dir") or _noted_run_dir(context)
+    run_dir = (context.run_config.get("run-dir") or (options or {}).get("run-dir")
+               or _message_run_dir(msg))
     partition = context.node_config.get("partition-id")
     if not run_dir or partition is None:
         return None
@@ -225,17 +229,14 @@ def _message_options(msg: Message, context: Context) -> dict[str, Any]:
     """The run config overlaid with the message's ConfigRecord (the server's message wins);
     notes the run folder, where the ledger goes (read by the audit mod)."""
     config = msg.content.config_records.get("config") or ConfigRecord()
-    options = {**dict(context.run_config), **dict(config)}
-    if options.get("run-dir"):
-        context.state[_NOTE_KEY] = ConfigRecord({"run-dir": str(options["run-dir"])})
-    return options
+    return {**dict(context.run_config), **dict(config)}
 
 
 def _device_refusal(context: Context, options: Mapping[str, Any],
                     kind: str) -> tuple[int | None, str]:
     """(error code, reason) when this device must not answer a message whose reply is an
     upload of consent ``kind``, else (None, the consent rule that allows it)."""
-    if device_ledger_path(context) is None:
+    if device_ledger_path(context, options=options) is None:
         return BAD_REQUEST, ("no audit ledger is configured for this device (node config "
                              "'ledger', or a run-dir): sending nothing")
     if "partition-id" not in context.node_config or "num-partitions" not in context.node_config:
@@ -335,7 +336,8 @@ def _pool_access(options: Mapping[str, Any], context: Context):
     if not target or not ca:
         raise PflError("this phase needs the piece pool: set pool-address (run config) and "
                        "pool-ca (node config)")
-    interceptor = AuditClientInterceptor(device_ledger_path(context), "pool-grpc", target,
+    interceptor = AuditClientInterceptor(device_ledger_path(context, options=options),
+                                         "pool-grpc", target,
                                          describe_request)
     return target, str(ca), [interceptor]
 

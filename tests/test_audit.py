@@ -247,7 +247,7 @@ def test_flower_mod_records_the_arrays_of_a_reply(tmp_path):
         })
         return Message(content, reply_to=msg)
 
-    mod = audit_mod(lambda ctx: ctx.node_config["ledger"])
+    mod = audit_mod(lambda ctx, msg: ctx.node_config["ledger"])
     reply = mod(incoming, context, call_next)
     assert reply.content["lora"]["A"].numpy().shape == (4, 3)  # the reply passes unchanged
 
@@ -279,7 +279,7 @@ def test_flower_mod_skips_when_no_ledger_path(tmp_path):
 
     incoming = instruction(RecordDict(), "query")
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    reply = audit_mod(lambda ctx: None)(incoming, context,
+    reply = audit_mod(lambda ctx, msg: None)(incoming, context,
                                         lambda m, c: Message(RecordDict(), reply_to=m))
     assert reply.has_content() and not list(tmp_path.iterdir())
 

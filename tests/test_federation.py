@@ -264,13 +264,20 @@ def test_ray_simulation_two_clients_two_rounds(tmp_path, method):
     check_run(summary, method, tmp_path, num_clients=2, rounds=2)
 
 
-def test_sample_per_round_trains_exactly_that_many_clients(tmp_path, tiny):
-    from simulations.simulate import run_stage1_simulation
+def test_sample_per_round_trains_exactly_that_many_clients_and_keeps_no_state(tmp_path, tiny):
+    from cloud_server.server_app import resolve_config
+    from edge_client.client_app import make_client_app
+    from edge_client.state import ledger_paths
+    from simulations.simulate import LocalGrid
 
-    summary = run_stage1_simulation(method="lora", num_clients=20, rounds=2, run_dir=tmp_path,
-                                    backend="inprocess", num_users_per_client=1,
-                                    options={**FAST, "sample-per-round": 3})
+    grid = LocalGrid(make_client_app(), 20)
+    config = resolve_config({"method": "lora", "rounds": 2, "num-clients": 20,
+                             "num-users-per-client": 1, "sample-per-round": 3,
+                             "run-dir": str(tmp_path), **FAST})
+    summary = run_stage1(grid, config)
     assert summary["sample_size"] == 3
     assert summary["replies"] == [3, 3] and summary["accepted"] == [3, 3]
-    # only the sampled devices did anything: at most 6 ledgers among the 20
-    assert 3 <= len(summary["ledgers"]) <= 6
+    # only the sampled devices did anything: 3 to 6 ledgers among the 20
+    assert 3 <= len(ledger_paths(tmp_path)) <= 6
+    # per-client state lives on disk: Flower's in-memory context.state stays empty
+    assert all(len(context.state) == 0 for context in grid.contexts.values())
