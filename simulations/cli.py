@@ -4,6 +4,10 @@
     pfl eval        evaluate methods on target users (in-process, one base model)
     pfl data stats  users, queries and history sizes of a task's data
     pfl bench model forward and training throughput of a model
+    pfl bench population  simulation throughput and peak memory vs population size
+    pfl bench aggregation server aggregation time vs number of replies
+    pfl bench storage     server and per-user storage vs number of users
+    pfl bench personalize personalization time per user vs history length
     pfl simulate    a federation of virtual devices (Flower simulation engine or in-process)
     pfl claims      check the papers' claims against a pfl eval results file
     pfl audit       show, summarize or verify a device's audit ledger
@@ -255,6 +259,71 @@ def cmd_claims(args) -> int:
     return 0
 
 
+def cmd_bench_population(args) -> int:
+    """Client updates per second and peak memory (all processes) of `pfl simulate` at each
+    population size, beside a no-op ClientApp through the same engine (Flower's floor)."""
+    from simulations.bench_population import (bench_population, population_plot,
+                                              population_table)
+
+    out_dir = Path(args.out_dir)
+    result = bench_population(args.clients, sample=args.sample_per_round, rounds=args.rounds,
+                              method=args.method, model=args.model, max_steps=args.max_steps,
+                              work_dir=Path(args.work_dir), timeout=args.timeout)
+    print(population_table(result))
+    _write_json(str(out_dir / "population.json"), result)
+    plot = population_plot(result, out_dir / "population.png")
+    print(f"results written to {out_dir / 'population.json'} and {plot}")
+    return 0
+
+
+def cmd_bench_aggregation(args) -> int:
+    """Server aggregation time (validation + example-weighted mean, R re-orthonormalized for
+    PerFit) against the number of replies, on the model's real stage-1 array shapes."""
+    from simulations.bench_aggregation import (aggregation_plot, aggregation_table,
+                                               bench_aggregation)
+
+    out_dir = Path(args.out_dir)
+    result = bench_aggregation(args.replies, model=args.model or "smollm2-135m",
+                               repeats=args.repeats)
+    print(aggregation_table(result))
+    _write_json(str(out_dir / "aggregation.json"), result)
+    plot = aggregation_plot(result, out_dir / "aggregation.png")
+    print(f"results written to {out_dir / 'aggregation.json'} and {plot}")
+    return 0
+
+
+def cmd_bench_storage(args) -> int:
+    """Server and per-user storage of OPPU, PerFit and PER-PCS against the number of users,
+    from real artifacts on the model's shapes (PER-PCS paper, Figure 7 top)."""
+    from simulations.bench_storage import bench_storage, storage_plot, storage_table
+
+    out_dir = Path(args.out_dir)
+    result = bench_storage(args.model or "smollm2-135m", args.users, sharers=args.sharers,
+                           pieces_per_module=args.pieces_per_module)
+    print(storage_table(result))
+    _write_json(str(out_dir / "storage.json"), result)
+    plot = storage_plot(result, out_dir / "storage.png")
+    print(f"results written to {out_dir / 'storage.json'} and {plot}")
+    return 0
+
+
+def cmd_bench_personalize(args) -> int:
+    """Personalization seconds per user against history length: OPPU training, PER-PCS
+    assembly, PerFit stage 2, same user and process (PER-PCS paper, Figure 7 bottom)."""
+    from simulations.bench_personalize import (bench_personalize, personalize_plot,
+                                               personalize_table)
+
+    out_dir = Path(args.out_dir)
+    result = bench_personalize(args.model or "smollm2-135m", args.task, args.data,
+                               args.history, sharers=args.sharers, repeats=args.repeats,
+                               personal_epochs=args.personal_epochs)
+    print(personalize_table(result))
+    _write_json(str(out_dir / "personalize.json"), result)
+    plot = personalize_plot(result, out_dir / "personalize.png")
+    print(f"results written to {out_dir / 'personalize.json'} and {plot}")
+    return 0
+
+
 def cmd_bench_model(args) -> int:
     from simulations.bench_model import bench_model, bench_table
 
@@ -403,6 +472,59 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--out", default=None, help="write the results JSON here")
     _model_options(bm)
     bm.set_defaults(func=cmd_bench_model)
+
+    bp = bench.add_parser("population", help="simulation throughput and peak memory vs "
+                                             "population size", description=cmd_bench_population.__doc__)
+    bp.add_argument("--clients", type=_ints, default=[1000, 5000, 10000],
+                    help="population sizes (default 1000,5000,10000)")
+    bp.add_argument("--sample-per-round", type=int, default=100)
+    bp.add_argument("--rounds", type=int, default=3)
+    bp.add_argument("--method", default="perfit", help="perfit (default), oppu, perpcs, lora-c")
+    bp.add_argument("--model", default="tiny")
+    bp.add_argument("--max-steps", type=int, default=2,
+                    help="local stage-1 steps per update (default 2: measures the system, "
+                         "not the model)")
+    bp.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
+    bp.add_argument("--work-dir", default="runs/bench-population",
+                    help="run folders and logs (default %(default)s)")
+    bp.add_argument("--out-dir", default="results/bench",
+                    help="population.json and population.png go here (default %(default)s)")
+    bp.set_defaults(func=cmd_bench_population)
+
+    ba = bench.add_parser("aggregation", help="server aggregation time vs number of replies",
+                          description=cmd_bench_aggregation.__doc__)
+    ba.add_argument("--replies", type=_ints, default=[10, 100, 1000],
+                    help="reply counts (default 10,100,1000)")
+    ba.add_argument("--repeats", type=int, default=3)
+    ba.add_argument("--model", default=None, help="smollm2-135m (default) or tiny")
+    ba.add_argument("--out-dir", default="results/bench",
+                    help="aggregation.json and aggregation.png go here (default %(default)s)")
+    ba.set_defaults(func=cmd_bench_aggregation)
+
+    bs = bench.add_parser("storage", help="server and per-user storage vs number of users",
+                          description=cmd_bench_storage.__doc__)
+    bs.add_argument("--users", type=_ints, default=[10, 100, 1000, 10000])
+    bs.add_argument("--sharers", type=int, default=10, help="PER-PCS pool sharers (default 10)")
+    bs.add_argument("--pieces-per-module", type=int, default=3,
+                    help="pieces per layer and module in a recipe (default 3)")
+    bs.add_argument("--model", default=None, help="smollm2-135m (default) or tiny")
+    bs.add_argument("--out-dir", default="results/bench",
+                    help="storage.json and storage.png go here (default %(default)s)")
+    bs.set_defaults(func=cmd_bench_storage)
+
+    bz = bench.add_parser("personalize", help="personalization time vs history length",
+                          description=cmd_bench_personalize.__doc__)
+    bz.add_argument("--history", type=_ints, default=[5, 10, 20, 40],
+                    help="history lengths (default 5,10,20,40)")
+    bz.add_argument("--task", default="synthetic")
+    bz.add_argument("--data", default=None)
+    bz.add_argument("--sharers", type=int, default=3)
+    bz.add_argument("--personal-epochs", type=float, default=2.0)
+    bz.add_argument("--repeats", type=int, default=1)
+    bz.add_argument("--model", default=None, help="smollm2-135m (default) or tiny")
+    bz.add_argument("--out-dir", default="results/bench",
+                    help="personalize.json and personalize.png go here (default %(default)s)")
+    bz.set_defaults(func=cmd_bench_personalize)
 
     from cloud_server.pool_cli import add_certs_command, add_pool_commands
     from edge_client.audit import add_audit_commands

@@ -1,0 +1,112 @@
+"""``pfl bench personalize``: personalization time per user against history length (the
+PER-PCS paper's Figure 7, bottom).
+
+One target user (the one with the longest history) is personalized with its N most recent
+items, for each N, by the very cores ``pfl eval`` and the devices run: OPPU (personal LoRA
+training), PER-PCS (assembly from a pool, no training) and PerFit (stage-2 training). The
+collective parts are built once and reused: a small PER-PCS pool trained by ``sharers``
+sharers on ``sharer_history`` items each, and fresh stage-1 parts (the time of a
+personalization step does not depend on the values of the frozen collective parameters, so
+stage 1 is not trained here). Each cell is the median of ``repeats`` runs; all methods are
+timed in the same process, one after the other, so their ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+METHODS = ("oppu", "perpcs", "perfit")
+
+
+def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
+                      data: str | None = None, lengths: Sequence[int] = (5, 10, 20, 40),
+                      *, sharers: int = 3, sharer_history: int = 10,
+                      personal_epochs: float = 2.0, repeats: int = 1, seed: int = 0,
+                      progress: bool = True) -> dict[str, Any]:
+    from shared.data import load_dataset
+    from shared.methods.base import Runtime, parse_method
+    from shared.methods.perfit import PerFitConfig, new_stages
+    from shared.models import load_model
+    from shared.types import recent_history
+
+    import simulations.methods as cores
+
+    dataset = load_dataset(task, data, seed=seed)
+    users = sorted(dataset.users(limit=max(50, sharers + 1)), key=lambda u: -len(u.history))
+    target, sharer_users = users[0], users[1: 1 + sharers]
+    if len(target.history) < max(lengths):
+        lengths = [n for n in lengths if n <= len(target.history)]
+    loaded = load_model(model, seed=seed)
+    options = {"max_history": sharer_history, "personal_epochs": personal_epochs}
+    shared = Runtime(loaded=loaded, task=dataset.task, seed=seed, progress=False,
+                     options=options, roles={"sharers": sharer_users})
+    shared.cache["stage1"] = loaded.model  # untrained stage 1: same cost, no training here
+    config = PerFitConfig()
+    shared.cache["perfit_stage1"] = new_stages(config, loaded.model.config.num_hidden_layers,
+                                               loaded.model.config.hidden_size, seed=seed)
+    t0 = time.perf_counter()
+    pool = cores.piece_pool(shared)
+    pool_seconds = time.perf_counter() - t0
+    if progress:
+        print(f"pool: {len(pool['pool'])} pieces from {sharers} sharers in {pool_seconds:.0f} s",
+              flush=True)
+    rows = []
+    for n in lengths:
+        user = recent_history(target, n)
+        runtime = Runtime(loaded=loaded, task=dataset.task, seed=seed, progress=False,
+                          options={**options, "max_history": n}, cache=shared.cache)
+        row: dict[str, Any] = {"history": n}
+        for name in METHODS:
+            spec = parse_method(name)
+            core = spec.make_core()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                core.personalize(runtime, user, spec.augmentation, None)
+                times.append(time.perf_counter() - t0)
+            row[name] = statistics.median(times)
+        rows.append(row)
+        if progress:
+            print(f"history {n:>4}: " + ", ".join(f"{m} {row[m]:.2f} s" for m in METHODS),
+                  flush=True)
+    return {"model": loaded.name, "task": dataset.task.name, "user": target.id,
+            "sharers": sharers, "pool_pieces": len(pool["pool"]),
+            "personal_epochs": personal_epochs, "repeats": repeats, "rows": rows}
+
+
+def personalize_table(result: dict[str, Any]) -> str:
+    lines = [f"personalization seconds per user, {result['model']}, {result['task']} user "
+             f"{result['user']}; pool of {result['pool_pieces']} pieces; personal epochs "
+             f"{result['personal_epochs']}; median of {result['repeats']}",
+             f"{'history':>8} {'OPPU':>8} {'PER-PCS':>8} {'PerFit':>8} "
+             f"{'OPPU/PER-PCS':>13} {'OPPU/PerFit':>12}"]
+    for r in result["rows"]:
+        lines.append(f"{r['history']:>8} {r['oppu']:>8.2f} {r['perpcs']:>8.2f} "
+                     f"{r['perfit']:>8.2f} {r['oppu'] / r['perpcs']:>12.1f}x "
+                     f"{r['oppu'] / r['perfit']:>11.1f}x")
+    return "\n".join(lines)
+
+
+def personalize_plot(result: dict[str, Any], path) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(5.5, 4))
+    xs = [r["history"] for r in result["rows"]]
+    for key, label in (("oppu", "OPPU (train)"), ("perpcs", "PER-PCS (assemble)"),
+                       ("perfit", "PerFit (stage 2)")):
+        axis.plot(xs, [r[key] for r in result["rows"]], marker="o", label=label)
+    axis.set_xlabel("history items")
+    axis.set_ylabel("seconds per user")
+    axis.set_title(f"personalization time, {result['model']}")
+    axis.set_ylim(bottom=0)
+    axis.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,75 @@
+"""The benchmark suite's own machinery: process-tree memory, storage accounting, tables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from simulations.bench_population import population_table, run_measured
+
+
+def test_peak_memory_counts_every_descendant(tmp_path):
+    """A child that starts a grandchild holding ~300 MB: the tree's peak sees it."""
+    script = textwrap.dedent("""
+        import subprocess, sys
+        grandchild = ("import time; data = bytearray(300 * 2**20); "
+                      "data[::4096] = b'x' * len(data[::4096]); time.sleep(1.5)")
+        subprocess.run([sys.executable, "-c", grandchild], check=True)
+    """)
+    result = run_measured([sys.executable, "-c", script], log_path=tmp_path / "log.txt",
+                          interval=0.1)
+    assert result["returncode"] == 0
+    assert result["peak_rss_bytes"] > 300 * 2**20
+
+
+def test_a_run_past_its_timeout_is_stopped_with_its_children(tmp_path):
+    marker = tmp_path / "pid"
+    script = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(marker)!r}, "w").write(str(child.pid))
+        time.sleep(60)
+    """)
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_measured([sys.executable, "-c", script], log_path=tmp_path / "log.txt",
+                     timeout=3.0)
+    grandchild = int(marker.read_text())
+    gone = not psutil.pid_exists(grandchild) or \
+        psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    assert gone
+
+
+def test_population_table_reports_ratio_and_memory_growth():
+    rows = [{"clients": n, "kind": kind, "updates_per_second": ups, "peak_rss_bytes": rss,
+             "wall_seconds": 10.0}
+            for n, kind, ups, rss in ((1000, "pfl", 2.0, 2 * 2**30), (1000, "noop", 8.0, 2**30),
+                                      (10000, "pfl", 2.0, 2.2 * 2**30),
+                                      (10000, "noop", 8.0, 2**30))]
+    text = population_table({"method": "perfit", "model": "tiny", "sample_per_round": 100,
+                             "rounds": 3, "max_steps": 2, "rows": rows})
+    assert "0.25" in text  # 2 / 8
+    assert "+10.0%" in text
+
+
+def test_storage_totals_are_server_plus_users_times_per_user(tiny):
+    from simulations.bench_storage import bench_storage, storage_table
+
+    result = bench_storage("tiny", (10, 1000), sharers=4, pieces_per_module=2)
+    methods = result["methods"]
+    first, last = result["rows"]
+    for name, sizes in methods.items():
+        assert first[f"{name}_total"] == sizes["server"] + 10 * sizes["per_user"]
+        assert last[f"{name}_total"] - first[f"{name}_total"] == 990 * sizes["per_user"]
+    # an OPPU adapter (tiny: 4 layers, q and v, r=8, float32) is its LoRA factors plus
+    # the peft files' overhead
+    config = tiny.model.config
+    kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    lora = 4 * config.num_hidden_layers * 8 * (2 * config.hidden_size + config.hidden_size + kv)
+    assert lora < methods["oppu"]["per_user"] < lora + 20_000
+    assert methods["perpcs"]["per_user"] < methods["perfit"]["per_user"] < \
+        methods["oppu"]["per_user"]
+    assert "OPPU / PER-PCS" in storage_table(result)
