@@ -409,7 +409,7 @@ def personalize(msg: Message, context: Context) -> Message:
         methods = _methods(options)
         pool = None
         if any(m.split("+")[0] == "perpcs" for m in methods):
-            from simulations.methods import perpcs_config
+            from edge_client.cores import perpcs_config
 
             target, ca, interceptors = _pool_access(options, context)
             modules = perpcs_config(phases.device_runtime(loaded, task, options, {})) \

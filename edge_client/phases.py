@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-import simulations.methods  # noqa: F401  (registers the method cores pfl eval runs)
+import edge_client.cores  # noqa: F401  (registers the method cores, as pfl eval does)
 from edge_client.consent import ConsentPolicy
 from shared.errors import PflError
 from shared.types import recent_history
@@ -159,7 +159,7 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
         raise PflError("sharing needs the stage-1 LoRA arrays (lora.*) in the message")
     key = crypto.device_key(key_path)
     pseudonym = "sharer-" + crypto.key_fingerprint(crypto.public_key_bytes(key))[:16]
-    from simulations.methods import perpcs_config  # the same settings pfl eval reads
+    from edge_client.cores import perpcs_config  # the same settings pfl eval reads
 
     config = perpcs_config(runtime)
     train_config = personal_train(seed=runtime.seed,

@@ -31,7 +31,7 @@ def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
     from shared.models import load_model
     from shared.types import recent_history
 
-    import simulations.methods as cores
+    import edge_client.cores as cores
 
     dataset = load_dataset(task, data, seed=seed)
     users = sorted(dataset.users(limit=max(50, sharers + 1)), key=lambda u: -len(u.history))

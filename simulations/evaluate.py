@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from shared.data import load_dataset
 from shared.generation import GenerationConfig
-import simulations.methods  # noqa: F401  (registers every core)
+import edge_client.cores  # noqa: F401  (registers every core)
 from shared.methods.base import (Core, MethodSpec, PersonalState, PromptAugmentation, Runtime,
                                  parse_method)
 from shared.metrics import evaluate

@@ -1,8 +1,9 @@
-"""Every method's cores as run in one process (``pfl eval``): the same steps the federation
-runs across server and devices, here one after the other on one machine.
+"""Every method's cores: how a device personalizes a user (and what a sharer or collective
+user contributes), on top of the method math in :mod:`shared.methods` and the trainers of
+:mod:`edge_client.trainers`. A device runs them in the federation (:mod:`edge_client.phases`);
+``pfl eval`` runs the very same cores one after the other in one process.
 
-Importing this module registers the cores with :mod:`shared.methods.base`; the method math
-lives in :mod:`shared.methods`, the device-side training in :mod:`edge_client.trainers`.
+Importing this module registers the cores with :mod:`shared.methods.base`.
 
 Roles (chosen by :func:`simulations.evaluate.assign_roles`): *collective* users train stage 1
 (the task adaptation shared by all methods), *sharers* contribute PER-PCS pieces, *targets*
