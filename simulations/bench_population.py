@@ -169,14 +169,23 @@ STAGE1_OF = {"perfit": "perfit", "oppu": "lora", "perpcs": "lora", "lora-c": "lo
 def bench_population(populations: Sequence[int], *, sample: int = 100, rounds: int = 3,
                      method: str = "perfit", model: str = "tiny", max_steps: int | None = 2,
                      targets: int = 4, sharers: int = 2, work_dir: Path = Path("runs/bench-population"),
-                     timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
-    """Measure ``pfl simulate`` and the no-op run at each population size (see module doc)."""
+                     timeout: float | None = None, progress: bool = True,
+                     on_row=None) -> dict[str, Any]:
+    """Measure ``pfl simulate`` and the no-op run at each population size (see module doc).
+    ``on_row(result so far)`` is called after every run (to save partial results); a run
+    that fails is kept as a row with ``failed`` and its log, and the others go on."""
     if method not in STAGE1_OF:
         raise PflError(f"--method must be one of {', '.join(STAGE1_OF)}")
     if any(n <= sample + targets + sharers for n in populations):
         raise PflError(f"every population must exceed --sample-per-round + targets + sharers "
                        f"({sample + targets + sharers})")
     work_dir = Path(work_dir).resolve()
+
+    def _result(rows: list) -> dict[str, Any]:
+        return {"method": method, "model": model, "sample_per_round": sample,
+                "rounds": rounds, "max_steps": max_steps, "cpu_count": os.cpu_count(),
+                "total_memory_bytes": psutil.virtual_memory().total, "rows": list(rows)}
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = []
     for n in populations:
@@ -199,11 +208,25 @@ def bench_population(populations: Sequence[int], *, sample: int = 100, rounds: i
                     command += ["--max-steps", str(max_steps)]
             if progress:
                 print(f"[{n} clients] {kind} ...", flush=True)
-            measured = run_measured(command, log_path=run_dir / "log.txt", timeout=timeout,
-                                    env=env)
+            try:
+                measured = run_measured(command, log_path=run_dir / "log.txt",
+                                        timeout=timeout, env=env)
+            except subprocess.TimeoutExpired:
+                measured = {"returncode": "timeout", "wall_seconds": timeout,
+                            "peak_rss_bytes": 0}
             if measured["returncode"] != 0 or not out.is_file():
-                raise PflError(f"{kind} run with {n} clients failed (exit "
-                               f"{measured['returncode']}); see {run_dir / 'log.txt'}")
+                # Reported, not hidden: the row says it failed and where the log is.
+                rows.append({"clients": n, "kind": kind, "failed": True,
+                             "returncode": measured["returncode"],
+                             "log": str(run_dir / "log.txt"),
+                             "wall_seconds": measured["wall_seconds"],
+                             "peak_rss_bytes": measured["peak_rss_bytes"]})
+                if progress:
+                    print(f"[{n} clients] {kind}: FAILED (exit {measured['returncode']}); "
+                          f"see {run_dir / 'log.txt'}", flush=True)
+                if on_row is not None:
+                    on_row(_result(rows))
+                continue
             result = json.loads(out.read_text())
             if kind == "noop":
                 updates, seconds = result["updates"], result["seconds"]
@@ -218,14 +241,14 @@ def bench_population(populations: Sequence[int], *, sample: int = 100, rounds: i
                    "wall_seconds": measured["wall_seconds"],
                    "peak_rss_bytes": measured["peak_rss_bytes"], "phase_seconds": phases}
             rows.append(row)
+            if on_row is not None:
+                on_row(_result(rows))
             if progress:
                 print(f"[{n} clients] {kind}: {updates} updates in {seconds:.1f} s "
                       f"({row['updates_per_second']:.2f}/s), peak RSS "
                       f"{row['peak_rss_bytes'] / 2**30:.2f} GiB, wall "
                       f"{row['wall_seconds']:.0f} s", flush=True)
-    return {"method": method, "model": model, "sample_per_round": sample, "rounds": rounds,
-            "max_steps": max_steps, "cpu_count": os.cpu_count(),
-            "total_memory_bytes": psutil.virtual_memory().total, "rows": rows}
+    return _result(rows)
 
 
 def population_table(result: dict[str, Any]) -> str:
@@ -241,12 +264,20 @@ def population_table(result: dict[str, Any]) -> str:
         ours, floor = by.get((n, "pfl")), by.get((n, "noop"))
         if not ours or not floor:
             continue
+        if ours.get("failed") or floor.get("failed"):
+            failed = [r["kind"] for r in (ours, floor) if r.get("failed")]
+            lines.append(f"{n:>8,}  FAILED: {', '.join(failed)} (exit "
+                         f"{(ours if ours.get('failed') else floor)['returncode']}; see "
+                         f"{(ours if ours.get('failed') else floor)['log']})")
+            continue
         lines.append(f"{n:>8,} {ours['updates_per_second']:>10.2f} "
                      f"{floor['updates_per_second']:>12.2f} "
                      f"{ours['updates_per_second'] / floor['updates_per_second']:>6.2f} "
                      f"{ours['peak_rss_bytes'] / 2**30:>10.2f} GiB "
                      f"{floor['peak_rss_bytes'] / 2**30:>12.2f} GiB {ours['wall_seconds']:>11.0f}")
-    if len(sizes) > 1 and (sizes[0], "pfl") in by and (sizes[-1], "pfl") in by:
+    done = [n for n in sizes if (n, "pfl") in by and not by[(n, "pfl")].get("failed")]
+    if len(done) > 1:
+        sizes = done
         first, last = by[(sizes[0], "pfl")], by[(sizes[-1], "pfl")]
         growth = last["peak_rss_bytes"] / first["peak_rss_bytes"] - 1
         lines.append(f"peak memory at {sizes[-1]:,} vs {sizes[0]:,} clients: "
@@ -263,7 +294,7 @@ def population_plot(result: dict[str, Any], path: Path) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, label in (("pfl", f"pfl ({result['method']})"), ("noop", "no-op ClientApp")):
-        rows = sorted((r for r in result["rows"] if r["kind"] == kind),
+        rows = sorted((r for r in result["rows"] if r["kind"] == kind and not r.get("failed")),
                       key=lambda r: r["clients"])
         xs = [r["clients"] for r in rows]
         left.plot(xs, [r["updates_per_second"] for r in rows], marker="o", label=label)

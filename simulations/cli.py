@@ -268,7 +268,9 @@ def cmd_bench_population(args) -> int:
     out_dir = Path(args.out_dir)
     result = bench_population(args.clients, sample=args.sample_per_round, rounds=args.rounds,
                               method=args.method, model=args.model, max_steps=args.max_steps,
-                              work_dir=Path(args.work_dir), timeout=args.timeout)
+                              work_dir=Path(args.work_dir), timeout=args.timeout,
+                              on_row=lambda partial: _write_json(
+                                  str(out_dir / "population.json"), partial))
     print(population_table(result))
     _write_json(str(out_dir / "population.json"), result)
     plot = population_plot(result, out_dir / "population.png")
@@ -562,10 +564,39 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PflError as exc:
         print(f"pfl: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("pfl: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    _leave_nothing_behind(code)
+    return code
+
+
+def _leave_nothing_behind(code: int) -> None:
+    """After a failed or interrupted command: stop every process this one started (Ray's
+    workers and daemons, a pool server) and, if a worker thread is still waiting on them
+    (Flower's ServerApp thread after the simulation engine died), exit now."""
+    import threading
+
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

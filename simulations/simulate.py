@@ -129,11 +129,16 @@ def _run_server(backend: str, main, make_app, config: dict[str, Any], num_client
                     config)
     from flwr.simulation import run_simulation
 
-    run_simulation(server_app=make_app(config), client_app=make_client_app(),
-                   num_supernodes=int(num_clients),
-                   backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
-                                                        "num_gpus": 0.0}},
-                   verbose_logging=verbose)
+    try:
+        run_simulation(server_app=make_app(config), client_app=make_client_app(),
+                       num_supernodes=int(num_clients),
+                       backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
+                                                            "num_gpus": 0.0}},
+                       verbose_logging=verbose)
+    except RuntimeError as exc:  # Flower's "Simulation Runtime crashed" (e.g. Ray's start)
+        cause = exc.__cause__.__cause__ if exc.__cause__ is not None else None
+        raise PflError(f"Flower's simulation engine stopped: {exc}"
+                       + (f" ({cause})" if cause else "") + "; see the log above") from exc
     if not summary_path.is_file():
         raise PflError(f"the simulation ended without a summary in {summary_path.parent} "
                        "(see the log above)")
