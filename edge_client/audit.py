@@ -425,6 +425,13 @@ def describe_record_dict(content) -> tuple[dict[str, Any], dict[str, Any]]:
     return arrays, fields
 
 
+def message_bytes(msg) -> int:
+    """Size of a Flower message as serialized for the wire (content, metadata, error)."""
+    from flwr.common.serde import message_to_proto
+
+    return int(message_to_proto(msg).ByteSize())
+
+
 def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
               channel: str = "flower",
               consent_rule_fn: Callable[[Any, Any], str | None] | None = None):
@@ -451,11 +458,15 @@ def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
         else:
             arrays = {}
             fields = {"error": {"code": reply.error.code, "reason": reply.error.reason or ""}}
+        # payload_bytes: the whole serialized reply (arrays, metrics, metadata);
+        # inbound_bytes: the message it answers (what came down), for traffic accounting.
         ledger.append(channel, f"superlink run {meta.run_id} node {meta.dst_node_id}",
                       meta.message_type, arrays, rule_of(reply, context), fields,
+                      payload_bytes=message_bytes(reply),
                       meta={"run_id": meta.run_id, "node_id": context.node_id,
                             "group_id": meta.group_id,
-                            "reply_to": meta.reply_to_message_id})
+                            "reply_to": meta.reply_to_message_id,
+                            "inbound_bytes": message_bytes(msg)})
         return reply
 
     return mod

@@ -417,6 +417,8 @@ def personalize(msg: Message, context: Context) -> Message:
             pool = phases.fetch_pool(target, ca, modules, interceptors=interceptors)
         metrics = phases.personalize(loaded, task, user, methods, options, arrays,
                                      _device_dir(options, context), pool=pool)
+        if pool is not None:  # what came down from the pool (tensor bytes of the pieces)
+            metrics["pool-download-bytes"] = float(pool["download_bytes"])
         return metrics, None, rule
 
     return _run_phase(msg, context, "metrics", work)
@@ -430,16 +432,21 @@ def evaluate(msg: Message, context: Context) -> Message:
         loaded, task, user = _device_user(options, context)
         methods = _methods(options)
         needs_pool = any(m.split("+")[0] == "perpcs" for m in methods)
+        downloaded = []
 
         def fetch(ids):
             from edge_client.pool_client import PoolClient
 
             target, ca, interceptors = _pool_access(options, context)
             with PoolClient(target, ca, interceptors=interceptors) as client:
-                return client.fetch_pieces(ids)
+                pieces = client.fetch_pieces(ids)
+            downloaded.append(sum(p.num_bytes for p in pieces.values()))
+            return pieces
         metrics = phases.evaluate(loaded, task, user, methods, options, arrays,
                                   _device_dir(options, context),
                                   pool_pieces=fetch if needs_pool else None)
+        if downloaded:
+            metrics["pool-download-bytes"] = float(sum(downloaded))
         return metrics, None, rule
 
     return _run_phase(msg, context, "metrics", work)

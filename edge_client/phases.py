@@ -191,7 +191,8 @@ def fetch_pool(pool_target: str, pool_ca: str | Path, modules: Sequence[str], *,
     pool = list(pieces.values())
     if not pool:
         raise PflError(f"the piece pool at {pool_target} has no pieces for {list(modules)}")
-    return {"pool": pool, "lookup": dict(pieces)}
+    return {"pool": pool, "lookup": dict(pieces),
+            "download_bytes": sum(p.num_bytes for p in pool)}
 
 
 def _state_dir(base: Path, method: str) -> Path:

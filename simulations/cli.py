@@ -8,6 +8,7 @@
     pfl bench aggregation server aggregation time vs number of replies
     pfl bench storage     server and per-user storage vs number of users
     pfl bench personalize personalization time per user vs history length
+    pfl bench traffic     uplink/downlink bytes per client and phase (audit ledgers)
     pfl simulate    a federation of virtual devices (Flower simulation engine or in-process)
     pfl claims      check the papers' claims against a pfl eval results file
     pfl audit       show, summarize or verify a device's audit ledger
@@ -326,6 +327,20 @@ def cmd_bench_personalize(args) -> int:
     return 0
 
 
+def cmd_bench_traffic(args) -> int:
+    """Uplink and downlink bytes per client and phase, read from the audit ledgers of a
+    federation run folder (pfl simulate / pfl demo)."""
+    from simulations.traffic import ledger_traffic, traffic_plot, traffic_table
+
+    out_dir = Path(args.out_dir)
+    result = ledger_traffic(args.run_dir)
+    print(traffic_table(result))
+    _write_json(str(out_dir / "traffic.json"), result)
+    plot = traffic_plot(result, out_dir / "traffic.png")
+    print(f"results written to {out_dir / 'traffic.json'} and {plot}")
+    return 0
+
+
 def cmd_bench_model(args) -> int:
     from simulations.bench_model import bench_model, bench_table
 
@@ -527,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     bz.add_argument("--out-dir", default="results/bench",
                     help="personalize.json and personalize.png go here (default %(default)s)")
     bz.set_defaults(func=cmd_bench_personalize)
+
+    bt = bench.add_parser("traffic", help="uplink/downlink bytes per client and phase, from "
+                                          "the ledgers of a run", description=cmd_bench_traffic.__doc__)
+    bt.add_argument("run_dir", help="a run folder of pfl simulate or pfl demo")
+    bt.add_argument("--out-dir", default="results/bench",
+                    help="traffic.json and traffic.png go here (default %(default)s)")
+    bt.set_defaults(func=cmd_bench_traffic)
 
     from cloud_server.pool_cli import add_certs_command, add_pool_commands
     from edge_client.audit import add_audit_commands

@@ -255,7 +255,10 @@ def test_flower_mod_records_the_arrays_of_a_reply(tmp_path):
     assert entry["channel"] == "flower" and entry["message_type"] == "train"
     assert entry["consent_rule"] == "upload.stage1_lora"
     assert entry["destination"] == "superlink run 11 node 1"
-    assert entry["meta"] == {"run_id": 11, "node_id": 7, "group_id": "3", "reply_to": "msg-1"}
+    from flwr.common.serde import message_to_proto
+
+    assert entry["meta"] == {"run_id": 11, "node_id": 7, "group_id": "3", "reply_to": "msg-1",
+                             "inbound_bytes": message_to_proto(incoming).ByteSize()}
     arrays = {x["name"]: x for x in entry["arrays"]}
     assert set(arrays) == {"lora/A", "lora/B"}
     for name, value in (("lora/A", a), ("lora/B", b)):
@@ -266,7 +269,9 @@ def test_flower_mod_records_the_arrays_of_a_reply(tmp_path):
         assert arrays[name]["sha256"] == raw_sha(value)
         assert arrays[name]["wire_bytes"] == len(wire)
         assert arrays[name]["wire_sha256"] == hashlib.sha256(wire).hexdigest()
-    assert entry["payload_bytes"] == sum(x["wire_bytes"] for x in entry["arrays"])
+    # the whole serialized reply: its arrays plus metrics, config and metadata
+    assert entry["payload_bytes"] == message_to_proto(reply).ByteSize()
+    assert entry["payload_bytes"] > sum(x["wire_bytes"] for x in entry["arrays"])
     assert entry["fields"]["metrics/metrics"] == {"num-examples": 12, "loss": 0.5}
     assert entry["fields"]["config/meta"] == {"comment": {"type": "str", "chars": 11}}
     assert "secret" not in (tmp_path / "l.jsonl").read_text()

@@ -267,3 +267,27 @@ def test_pfl_simulate_on_flowers_engine_equals_the_inprocess_grid(tmp_path):
             assert a.files == b.files
             for key in a.files:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_traffic_per_phase_from_the_ledgers(federation):
+    """`pfl bench traffic`: uplink/downlink per client and phase, from the ledgers alone."""
+    from simulations.traffic import ledger_traffic, traffic_table
+
+    summary, _, run_dir = federation
+    result = ledger_traffic(run_dir)
+    phases = {p["phase"]: p for p in result["phases"]}
+    assert {"selection", "stage 1 (lora)", "stage 1 (perfit)", "share", "personalize",
+            "evaluate"} <= set(phases)
+    # selection: two numbers up, the centroids down
+    assert 0 < phases["selection"]["up_max"] < 1000
+    assert phases["selection"]["down_median"] > 4 * 384 * len(summary["selection"]["cluster_sizes"])
+    # stage 1: a client sends back arrays as large as it received
+    lora = phases["stage 1 (lora)"]
+    assert lora["up_median"] >= summary["stage1"]["lora"]["bytes_per_update"]
+    assert lora["down_median"] >= summary["stage1"]["lora"]["bytes_per_update"]
+    # sharers upload their pieces to the pool: far more than a metrics reply
+    assert phases["share"]["up_median"] > 10 * phases["personalize"]["up_median"]
+    # targets download the pool for PER-PCS (reported by the device, kept in its ledger)
+    assert phases["personalize"]["clients"] == len(summary["evaluated_targets"])
+    assert phases["personalize"]["down_median"] > phases["personalize"]["up_median"]
+    assert "stage 1 (lora)" in traffic_table(result)

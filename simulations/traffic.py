@@ -1,0 +1,122 @@
+"""``pfl bench traffic RUN_DIR``: uplink and downlink bytes per client, per phase, read from
+the devices' audit ledgers of a federation run (``pfl simulate`` / ``pfl demo``).
+
+- Uplink: every ledger entry is one outbound payload (``payload_bytes``): the Flower reply of
+  a phase, and the pool calls a device made while handling it (a pool entry belongs to the
+  phase of the next Flower reply in the same ledger, since the reply is written when the
+  handler returns).
+- Downlink: the Flower message the device received (``meta.inbound_bytes``, written by the
+  audit mod beside the reply) plus what it fetched from the piece pool, which the device
+  reports as ``pool-download-bytes`` in the reply's metrics (also in the ledger).
+
+Stage 1 is split by what was trained: the task LoRA (OPPU, PER-PCS, LoRA-C) or PerFit.
+Personalization and evaluation carry every method of the run in one message each.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+PHASES = {"query.select": "selection", "train": "stage 1", "train.share": "share",
+          "train.personalize": "personalize", "evaluate": "evaluate"}
+ORDER = ("selection", "stage 1 (lora)", "stage 1 (perfit)", "share", "personalize",
+         "evaluate")
+
+
+def _phase(entry: dict) -> str:
+    phase = PHASES.get(entry["message_type"], entry["message_type"])
+    if phase == "stage 1":
+        names = " ".join(a["name"] for a in entry.get("arrays", []))
+        phase = "stage 1 (perfit)" if "stage1.layers" in names else "stage 1 (lora)"
+    return phase
+
+
+def _pool_download(entry: dict) -> int:
+    for value in (entry.get("fields") or {}).values():
+        if isinstance(value, dict) and "pool-download-bytes" in value:
+            return int(value["pool-download-bytes"])
+    return 0
+
+
+def ledger_traffic(run_dir: str | Path) -> dict[str, Any]:
+    """Per phase: how many clients took part and their uplink / downlink bytes."""
+    from edge_client.audit import read_entries
+    from edge_client.state import ledger_paths
+
+    paths = ledger_paths(run_dir)
+    if not paths:
+        from shared.errors import PflError
+
+        raise PflError(f"no device ledgers under {run_dir}/clients (is it a run folder?)")
+    per_client: dict[str, dict[int, dict[str, int]]] = defaultdict(dict)
+    for pid, path in paths.items():
+        pending_up = 0
+        for entry in read_entries(path):
+            if entry["channel"] != "flower":
+                pending_up += int(entry.get("payload_bytes") or 0)
+                continue
+            phase = _phase(entry)
+            totals = per_client[phase].setdefault(pid, {"up": 0, "down": 0, "messages": 0})
+            totals["up"] += int(entry.get("payload_bytes") or 0) + pending_up
+            totals["down"] += int((entry.get("meta") or {}).get("inbound_bytes") or 0) \
+                + _pool_download(entry)
+            totals["messages"] += 1
+            pending_up = 0
+    phases = []
+    for phase in sorted(per_client, key=lambda p: ORDER.index(p) if p in ORDER else 99):
+        clients = per_client[phase]
+        ups = [c["up"] for c in clients.values()]
+        downs = [c["down"] for c in clients.values()]
+        phases.append({"phase": phase, "clients": len(clients),
+                       "messages": sum(c["messages"] for c in clients.values()),
+                       "up_median": statistics.median(ups), "up_max": max(ups),
+                       "down_median": statistics.median(downs), "down_max": max(downs),
+                       "up_total": sum(ups), "down_total": sum(downs)})
+    return {"run_dir": str(run_dir), "ledgers": len(paths), "phases": phases}
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1000
+    return f"{size} B"  # pragma: no cover
+
+
+def traffic_table(result: dict[str, Any]) -> str:
+    lines = [f"traffic per client, from {result['ledgers']} device ledgers in {result['run_dir']}",
+             f"{'phase':<17} {'clients':>7} {'uplink median':>14} {'uplink max':>11} "
+             f"{'downlink median':>16} {'downlink max':>13}"]
+    for p in result["phases"]:
+        lines.append(f"{p['phase']:<17} {p['clients']:>7,} {_human(p['up_median']):>14} "
+                     f"{_human(p['up_max']):>11} {_human(p['down_median']):>16} "
+                     f"{_human(p['down_max']):>13}")
+    return "\n".join(lines)
+
+
+def traffic_plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [p["phase"] for p in result["phases"]]
+    xs = range(len(phases))
+    fig, axis = plt.subplots(figsize=(7, 4))
+    axis.bar([x - 0.2 for x in xs], [max(1, p["up_median"]) for p in result["phases"]],
+             width=0.4, label="uplink (median client)")
+    axis.bar([x + 0.2 for x in xs], [max(1, p["down_median"]) for p in result["phases"]],
+             width=0.4, label="downlink (median client)")
+    axis.set_xticks(list(xs), phases, rotation=20)
+    axis.set_yscale("log")
+    axis.set_ylabel("bytes per client")
+    axis.set_title("bytes on the wire per phase (audit ledgers)")
+    axis.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
