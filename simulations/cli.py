@@ -586,12 +586,20 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PflError as exc:
         print(f"pfl: error: {exc}", file=sys.stderr)
-        code = 2
+        return 2
     except KeyboardInterrupt:
         print("pfl: interrupted", file=sys.stderr)
-        code = 130
-    _leave_nothing_behind(code)
-    return code
+        return 130
+
+
+def entry_point() -> None:
+    """The ``pfl`` console command: :func:`main`, then, after a failure or Ctrl-C, nothing
+    left behind (see :func:`_leave_nothing_behind`). Only the command does this, never a
+    caller of :func:`main` inside its own process (a test, a notebook)."""
+    code = main()
+    if code:
+        _leave_nothing_behind(code)
+    sys.exit(code)
 
 
 def _leave_nothing_behind(code: int) -> None:
@@ -622,4 +630,4 @@ def _leave_nothing_behind(code: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

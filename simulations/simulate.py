@@ -19,6 +19,7 @@ clients inside every round's ConfigRecord. Per-client state and ledgers live und
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +29,8 @@ from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
 
 from shared.errors import PflError
+
+log = logging.getLogger("flwr.pfl.simulate")
 
 SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID
 BACKENDS = ("ray", "inprocess")
@@ -115,6 +118,42 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def start_ray(attempts: int = 3) -> None:
+    """Start Ray for Flower's simulation engine, retrying a failed start.
+
+    Ray gives its raylet a fixed 30 s to register with the GCS; on a loaded machine a start
+    now and then misses it ("The current node timed out during startup"). Flower would then
+    crash the run with its ServerApp thread already started; starting Ray here first, before
+    anything else runs, makes a retry safe (Flower reuses an initialized Ray, with the same
+    settings it would use, and shuts it down at the end)."""
+    import os
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(include_dashboard=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+            return
+        except Exception as exc:  # Ray raises plain Exception / RuntimeError here
+            log.warning("Ray did not start (attempt %d of %d): %s", attempt, attempts, exc)
+            try:
+                ray.shutdown()
+            except Exception:  # pragma: no cover - best effort
+                pass
+            if attempt == attempts:
+                raise PflError(f"Ray (Flower's simulation engine) did not start after "
+                               f"{attempts} attempts: {exc}") from exc
+            time.sleep(2.0)
+
+
 def _run_server(backend: str, main, make_app, config: dict[str, Any], num_clients: int,
                 summary_path: Path, *, num_cpus_per_client: float, verbose: bool,
                 grid_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -129,6 +168,7 @@ def _run_server(backend: str, main, make_app, config: dict[str, Any], num_client
                     config)
     from flwr.simulation import run_simulation
 
+    start_ray()
     try:
         run_simulation(server_app=make_app(config), client_app=make_client_app(),
                        num_supernodes=int(num_clients),

@@ -227,14 +227,28 @@ def test_pfl_simulate_on_flowers_engine_equals_the_inprocess_grid(tmp_path):
     same pool, stage-1 arrays and results as the deterministic in-process grid with the same
     users in the same roles (Ray's node ids are random, so the roles are mapped back to data
     partitions through the ledgers, which record each device's node id)."""
-    from simulations.cli import main
+    import os
+    import signal
+    import subprocess
+    import sys
 
     out = tmp_path / "ray.json"
-    assert main(["simulate", "--clients", "6", "--targets", "2", "--sharers", "1",
-                 "--rounds", "1", "--max-steps", "2", "--max-history", "6",
-                 "--personal-epochs", "1", "--set", "perpcs.gate_steps=3",
-                 "--set", "perfit.epochs=1", "--run-dir", str(tmp_path / "ray"),
-                 "--out", str(out)]) == 0
+    command = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", "6",
+               "--targets", "2", "--sharers", "1", "--rounds", "1", "--max-steps", "2",
+               "--max-history", "6", "--personal-epochs", "1", "--set", "perpcs.gate_steps=3",
+               "--set", "perfit.epochs=1", "--run-dir", str(tmp_path / "ray"),
+               "--out", str(out)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                             start_new_session=True)  # the real command, its own group
+    try:
+        output, _ = child.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # Ray's daemons, if any outlived it
+        except ProcessLookupError:
+            pass
+    assert child.returncode == 0, output.decode(errors="replace")[-3000:]
     ray = json.loads(out.read_text())
     assert ray["backend"] == "ray" and len(ray["ledgers"]) == 6
     partition = {}
