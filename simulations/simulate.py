@@ -42,7 +42,8 @@ class LocalGrid(Grid):
     Node ids are 1001..1000+N (1 is the SuperLink's), partition ids 0..N-1; each node keeps
     its own Context (as Flower's simulation does); ``node_config`` is added to every node's
     config, ``node_configs[pid]`` to partition ``pid``'s (e.g. a device's consent policy).
-    A ClientApp that raises gives an error reply, as on a real SuperNode. Like
+    A ClientApp that raises gives an error reply, as on a real SuperNode; a node in
+    ``unreachable`` (partition ids) has vanished: it never replies. Like
     ``run_simulation``, it sets this process's Flower task identity (which ``Message(...)``
     reads) to the run.
     """
@@ -52,7 +53,8 @@ class LocalGrid(Grid):
     def __init__(self, client_app, num_nodes: int, *, run_id: int = 1,
                  node_config: dict[str, Any] | None = None,
                  node_configs: dict[int, dict[str, Any]] | None = None,
-                 on_reply: Callable[[Message], None] | None = None):
+                 on_reply: Callable[[Message], None] | None = None,
+                 unreachable: Iterable[int] = ()):
         from flwr.supercore.run import Run
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -71,6 +73,8 @@ class LocalGrid(Grid):
             for pid in range(num_nodes)}
         self._replies: dict[str, Message] = {}
         self.on_reply = on_reply  # sees every reply as it leaves a device (tests, tracing)
+        # partitions whose device has vanished: messages to them are lost, no reply comes
+        self.unreachable = {self.FIRST_NODE_ID + int(pid) for pid in unreachable}
 
     def set_run(self, run) -> None:
         self._run = run
@@ -106,7 +110,8 @@ class LocalGrid(Grid):
         ids = []
         for message in messages:
             key = uuid.uuid4().hex
-            self._replies[key] = self._deliver(message)
+            if message.metadata.dst_node_id not in self.unreachable:
+                self._replies[key] = self._deliver(message)
             ids.append(key)
         return ids
 
@@ -242,14 +247,15 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
                               num_cpus_per_client: float = 1.0,
                               node_configs: dict[int, dict[str, Any]] | None = None,
                               on_reply: Callable[[Message], None] | None = None,
+                              unreachable: Iterable[int] = (),
                               verbose: bool = False) -> dict[str, Any]:
     """A whole federation (every phase of :mod:`cloud_server.federation`) on one machine.
 
     Starts the real piece-pool gRPC service with TLS on 127.0.0.1 (dev certificates under
     ``run_dir/certs``, the database under ``run_dir/pool``), runs the federation ServerApp
     with ``num_clients`` virtual devices (one user each) on ``backend``, stops the pool and
-    returns the server's summary plus ``ledgers`` ({partition: path}). ``node_configs``
-    and ``on_reply`` go to :class:`LocalGrid` (in-process backend only).
+    returns the server's summary plus ``ledgers`` ({partition: path}). ``node_configs``,
+    ``on_reply`` and ``unreachable`` go to :class:`LocalGrid` (in-process backend only).
     """
     from cloud_server.federation import make_federation_app, resolve, run_federation
     from cloud_server.pool_service import start_pool_server
@@ -282,7 +288,8 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
                               num_clients, summary_path,
                               num_cpus_per_client=num_cpus_per_client, verbose=verbose,
                               grid_options={"node_configs": node_configs,
-                                            "on_reply": on_reply})
+                                            "on_reply": on_reply,
+                                            "unreachable": unreachable})
         summary["pool_pieces"] = len(pool.store)
     finally:
         pool.stop()

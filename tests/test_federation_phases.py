@@ -305,3 +305,30 @@ def test_traffic_per_phase_from_the_ledgers(federation):
     assert phases["personalize"]["clients"] == len(summary["evaluated_targets"])
     assert phases["personalize"]["down_median"] > phases["personalize"]["up_median"]
     assert "stage 1 (lora)" in traffic_table(result)
+
+
+def test_devices_that_vanish_are_left_out_and_the_log_says_so(tmp_path, tiny, caplog):
+    """A target and a collective device stop answering (their messages are lost): stage 1
+    averages the replies it has, the other target is still evaluated, and the server logs
+    who did not answer."""
+    import logging
+
+    handler = caplog.handler
+    logging.getLogger("flwr.pfl").addHandler(handler)  # Flower's logger may not propagate
+    try:
+        with caplog.at_level(logging.INFO, logger="flwr.pfl"):
+            summary = run_federation_simulation(
+                7, methods="nonpersonalized,oppu,perfit", targets=2, sharers=0,
+                run_dir=tmp_path, options={**FAST, "target-nodes": "1001,1002"},
+                unreachable={1, 5})  # node 1002 (a target) and 1006 (collective)
+    finally:
+        logging.getLogger("flwr.pfl").removeHandler(handler)
+    assert summary["targets"] == [1001, 1002] and summary["evaluated_targets"] == [1001]
+    assert summary["collective"] == [1003, 1004, 1005, 1006, 1007]
+    for kind in ("lora", "perfit"):
+        assert summary["stage1"][kind]["replies"] == [4]  # 5 sampled, 1 vanished
+    for name in ("oppu", "perfit"):
+        assert summary["methods"][name]["users"] == 1
+    log = caplog.text
+    assert "personalize: 1 node(s) did not answer: [1002]" in log
+    assert "4 of 5 sampled clients replied" in log
