@@ -154,6 +154,10 @@ def run_noop(num_clients: int, sample: int, rounds: int, method: str, model: str
                                    "bytes_per_update": int(sum(np.asarray(v).nbytes
                                                                for v in arrays.values()))}))
 
+    if os.environ.get("PFL_FLOWER_PATCH", "1") != "0":  # the same engine as pfl simulate's
+        from simulations.flower_patches import patch_simulation_engine
+
+        patch_simulation_engine()
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                    backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
                                                         "num_gpus": 0.0}})

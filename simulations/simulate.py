@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +30,7 @@ from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
 
 from shared.errors import PflError
+from simulations.flower_patches import patch_simulation_engine
 
 log = logging.getLogger("flwr.pfl.simulate")
 
@@ -131,7 +133,6 @@ def start_ray(attempts: int = 3) -> None:
     crash the run with its ServerApp thread already started; starting Ray here first, before
     anything else runs, makes a retry safe (Flower reuses an initialized Ray, with the same
     settings it would use, and shuts it down at the end)."""
-    import os
     import sys
 
     import ray
@@ -173,6 +174,8 @@ def _run_server(backend: str, main, make_app, config: dict[str, Any], num_client
                     config)
     from flwr.simulation import run_simulation
 
+    if os.environ.get("PFL_FLOWER_PATCH", "1") != "0":
+        patch_simulation_engine()  # simulations/flower_patches.py: O(pending) message polling
     start_ray()
     try:
         run_simulation(server_app=make_app(config), client_app=make_client_app(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -73,3 +74,44 @@ def test_storage_totals_are_server_plus_users_times_per_user(tiny):
     assert methods["perpcs"]["per_user"] < methods["perfit"]["per_user"] < \
         methods["oppu"]["per_user"]
     assert "OPPU / PER-PCS" in storage_table(result)
+
+
+def test_patched_engine_loop_asks_only_nodes_with_queued_messages():
+    """simulations/flower_patches.py: the same messages reach the queue, and only nodes
+    with an undelivered message are asked (Flower's loop asks all N every 0.1 s)."""
+    import threading
+    from queue import Queue
+    from types import SimpleNamespace
+
+    from simulations.flower_patches import add_messages_to_queue_of_pending_nodes
+
+    def message(node, delivered=""):
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node,
+                                                        delivered_at=delivered))
+
+    class State:
+        def __init__(self):
+            self.lock = threading.RLock()
+            self.message_ins_store = {"a": message(7), "b": message(42), "c": message(9, "t"),
+                                      "d": message(99999)}  # 99999 is not a simulated node
+            self.asked = []
+
+        def get_message_ins(self, node_id, limit):
+            self.asked.append(node_id)
+            found = [m for m in self.message_ins_store.values()
+                     if m.metadata.dst_node_id == node_id and not m.metadata.delivered_at][:limit]
+            for m in found:
+                m.metadata.delivered_at = "now"
+            return found
+
+    state, queue, stop = State(), Queue(), threading.Event()
+    nodes = {node: i for i, node in enumerate(range(10_000))}
+    worker = threading.Thread(target=add_messages_to_queue_of_pending_nodes,
+                              args=(state, queue, nodes, stop))
+    worker.start()
+    time.sleep(0.35)  # a few ticks
+    stop.set()
+    worker.join(timeout=5)
+    assert sorted(state.asked) == [7, 42]  # asked once each, never the other 9,998 nodes
+    delivered = sorted(queue.get().metadata.dst_node_id for _ in range(queue.qsize()))
+    assert delivered == [7, 42]
