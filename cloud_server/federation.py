@@ -152,6 +152,8 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
                                          for k, v in arrays.items()})
     messages = [grid.create_message(content, message_type, node, group_id=phase)
                 for node in node_ids]
+    log.info("%s: sending %s to %d device(s) ...", phase, message_type, len(messages))
+    started = time.perf_counter()
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     good: dict[int, Message] = {}
     for reply in replies:
@@ -163,6 +165,8 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
     missing = set(node_ids) - {int(r.metadata.src_node_id) for r in replies}
     if missing:
         log.warning("%s: %d node(s) did not answer: %s", phase, len(missing), sorted(missing))
+    log.info("%s: %d of %d device(s) answered in %.1f s", phase, len(good), len(node_ids),
+             time.perf_counter() - started)
     return good
 
 
