@@ -7,7 +7,9 @@ training), PER-PCS (assembly from a pool, no training) and PerFit (stage-2 train
 collective parts are built once and reused: a small PER-PCS pool trained by ``sharers``
 sharers on ``sharer_history`` items each, and fresh stage-1 parts (the time of a
 personalization step does not depend on the values of the frozen collective parameters, so
-stage 1 is not trained here). Each cell is the median of ``repeats`` runs; all methods are
+stage 1 is not trained here). OPPU trains ``personal_epochs`` epochs and PerFit stage 2
+``perfit_epochs`` (default: the same number, so both pass over the history as often). Each
+cell is the median of ``repeats`` runs; all methods are
 timed in the same process, one after the other, so their ratios are comparable.
 """
 
@@ -23,7 +25,8 @@ METHODS = ("oppu", "perpcs", "perfit")
 def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
                       data: str | None = None, lengths: Sequence[int] = (5, 10, 20, 40),
                       *, sharers: int = 3, sharer_history: int = 10,
-                      personal_epochs: float = 2.0, repeats: int = 1, seed: int = 0,
+                      personal_epochs: float = 2.0, perfit_epochs: float | None = None,
+                      repeats: int = 1, seed: int = 0,
                       progress: bool = True) -> dict[str, Any]:
     from shared.data import load_dataset
     from shared.methods.base import Runtime, parse_method
@@ -42,7 +45,9 @@ def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
     # The pool is set-up, not what is timed: few gate steps (the values of the gates do not
     # change the cost of an assembly, only which pieces it picks).
     options = {"max_history": sharer_history, "personal_epochs": personal_epochs,
-               "perpcs": {"gate_steps": 20}}
+               "perpcs": {"gate_steps": 20},
+               "perfit": {"epochs": perfit_epochs if perfit_epochs is not None
+                          else personal_epochs}}
     shared = Runtime(loaded=loaded, task=dataset.task, seed=seed, progress=False,
                      options=options, roles={"sharers": sharer_users})
     shared.cache["stage1"] = loaded.model  # untrained stage 1: same cost, no training here
@@ -76,13 +81,15 @@ def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
                   flush=True)
     return {"model": loaded.name, "task": dataset.task.name, "user": target.id,
             "sharers": sharers, "pool_pieces": len(pool["pool"]),
-            "personal_epochs": personal_epochs, "repeats": repeats, "rows": rows}
+            "personal_epochs": personal_epochs,
+            "perfit_epochs": options["perfit"]["epochs"], "repeats": repeats, "rows": rows}
 
 
 def personalize_table(result: dict[str, Any]) -> str:
     lines = [f"personalization seconds per user, {result['model']}, {result['task']} user "
-             f"{result['user']}; pool of {result['pool_pieces']} pieces; personal epochs "
-             f"{result['personal_epochs']}; median of {result['repeats']}",
+             f"{result['user']}; pool of {result['pool_pieces']} pieces; epochs: OPPU "
+             f"{result['personal_epochs']}, PerFit {result.get('perfit_epochs', 4.0)}; "
+             f"median of {result['repeats']}",
              f"{'history':>8} {'OPPU':>8} {'PER-PCS':>8} {'PerFit':>8} "
              f"{'OPPU/PER-PCS':>13} {'OPPU/PerFit':>12}"]
     for r in result["rows"]:

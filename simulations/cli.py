@@ -319,7 +319,8 @@ def cmd_bench_personalize(args) -> int:
     out_dir = Path(args.out_dir)
     result = bench_personalize(args.model or "smollm2-135m", args.task, args.data,
                                args.history, sharers=args.sharers, repeats=args.repeats,
-                               personal_epochs=args.personal_epochs)
+                               personal_epochs=args.personal_epochs,
+                               perfit_epochs=args.perfit_epochs)
     print(personalize_table(result))
     _write_json(str(out_dir / "personalize.json"), result)
     plot = personalize_plot(result, out_dir / "personalize.png")
@@ -536,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     bz.add_argument("--task", default="synthetic")
     bz.add_argument("--data", default=None)
     bz.add_argument("--sharers", type=int, default=3)
-    bz.add_argument("--personal-epochs", type=float, default=2.0)
+    bz.add_argument("--personal-epochs", type=float, default=2.0, help="OPPU (default 2)")
+    bz.add_argument("--perfit-epochs", type=float, default=None,
+                    help="PerFit stage 2 (default: --personal-epochs)")
     bz.add_argument("--repeats", type=int, default=1)
     bz.add_argument("--model", default=None, help="smollm2-135m (default) or tiny")
     bz.add_argument("--out-dir", default="results/bench",
