@@ -59,12 +59,9 @@ def aggregation_table(result: dict[str, Any]) -> str:
 
 
 def aggregation_plot(result: dict[str, Any], path) -> Any:
-    import matplotlib
+    from simulations.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(5, 4))
+    fig, axis = new_figure(size=(5, 4))
     for kind in ("lora", "perfit"):
         rows = [r for r in result["rows"] if r["kind"] == kind]
         axis.plot([r["replies"] for r in rows], [r["seconds"] for r in rows], marker="o",
@@ -75,8 +72,4 @@ def aggregation_plot(result: dict[str, Any], path) -> Any:
     axis.set_ylabel("seconds")
     axis.set_title(f"server aggregation, {result['model']}")
     axis.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -100,12 +100,9 @@ def personalize_table(result: dict[str, Any]) -> str:
 
 
 def personalize_plot(result: dict[str, Any], path) -> Any:
-    import matplotlib
+    from simulations.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(5.5, 4))
+    fig, axis = new_figure(size=(5.5, 4))
     xs = [r["history"] for r in result["rows"]]
     for key, label in (("oppu", "OPPU (train)"), ("perpcs", "PER-PCS (assemble)"),
                        ("perfit", "PerFit (stage 2)")):
@@ -115,8 +112,4 @@ def personalize_plot(result: dict[str, Any], path) -> Any:
     axis.set_title(f"personalization time, {result['model']}")
     axis.set_ylim(bottom=0)
     axis.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -291,12 +291,9 @@ def population_table(result: dict[str, Any]) -> str:
 
 def population_plot(result: dict[str, Any], path: Path) -> Path:
     """Updates/s and peak RSS against population size, pfl and no-op."""
-    import matplotlib
+    from simulations.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = new_figure(2, (10, 4))
     for kind, label in (("pfl", f"pfl ({result['method']})"), ("noop", "no-op ClientApp")):
         rows = sorted((r for r in result["rows"] if r["kind"] == kind and not r.get("failed")),
                       key=lambda r: r["clients"])
@@ -309,11 +306,7 @@ def population_plot(result: dict[str, Any], path: Path) -> Path:
         axis.set_title(title)
         axis.set_ylim(bottom=0)
         axis.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":  # the no-op child: noop N SAMPLE ROUNDS KIND MODEL OUT

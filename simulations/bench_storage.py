@@ -126,12 +126,9 @@ def storage_table(result: dict[str, Any]) -> str:
 
 
 def storage_plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    from simulations.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(5.5, 4))
+    fig, axis = new_figure(size=(5.5, 4))
     xs = [r["users"] for r in result["rows"]]
     for key, label in (("oppu", "OPPU"), ("perfit", "PerFit"), ("perpcs", "PER-PCS")):
         axis.plot(xs, [r[f"{key}_total"] / 1e6 for r in result["rows"]], marker="o", label=label)
@@ -141,8 +138,4 @@ def storage_plot(result: dict[str, Any], path: Path) -> Path:
     axis.set_ylabel("total storage (MB)")
     axis.set_title(f"storage vs users, {result['model']}")
     axis.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -260,23 +260,29 @@ def cmd_claims(args) -> int:
     return 0
 
 
+def _report(result: dict, table, plot, out_dir: str, name: str) -> int:
+    """A benchmark's output: its table on stdout, ``NAME.json`` and ``NAME.png`` in
+    ``out_dir``."""
+    print(table(result))
+    out = Path(out_dir)
+    _write_json(str(out / f"{name}.json"), result)
+    png = plot(result, out / f"{name}.png")
+    print(f"results written to {out / f'{name}.json'} and {png}")
+    return 0
+
+
 def cmd_bench_population(args) -> int:
     """Client updates per second and peak memory (all processes) of `pfl simulate` at each
     population size, beside a no-op ClientApp through the same engine (Flower's floor)."""
     from simulations.bench_population import (bench_population, population_plot,
                                               population_table)
 
-    out_dir = Path(args.out_dir)
     result = bench_population(args.clients, sample=args.sample_per_round, rounds=args.rounds,
                               method=args.method, model=args.model, max_steps=args.max_steps,
                               work_dir=Path(args.work_dir), timeout=args.timeout,
                               on_row=lambda partial: _write_json(
-                                  str(out_dir / "population.json"), partial))
-    print(population_table(result))
-    _write_json(str(out_dir / "population.json"), result)
-    plot = population_plot(result, out_dir / "population.png")
-    print(f"results written to {out_dir / 'population.json'} and {plot}")
-    return 0
+                                  str(Path(args.out_dir) / "population.json"), partial))
+    return _report(result, population_table, population_plot, args.out_dir, "population")
 
 
 def cmd_bench_aggregation(args) -> int:
@@ -285,14 +291,9 @@ def cmd_bench_aggregation(args) -> int:
     from simulations.bench_aggregation import (aggregation_plot, aggregation_table,
                                                bench_aggregation)
 
-    out_dir = Path(args.out_dir)
     result = bench_aggregation(args.replies, model=args.model or "smollm2-135m",
                                repeats=args.repeats)
-    print(aggregation_table(result))
-    _write_json(str(out_dir / "aggregation.json"), result)
-    plot = aggregation_plot(result, out_dir / "aggregation.png")
-    print(f"results written to {out_dir / 'aggregation.json'} and {plot}")
-    return 0
+    return _report(result, aggregation_table, aggregation_plot, args.out_dir, "aggregation")
 
 
 def cmd_bench_storage(args) -> int:
@@ -300,14 +301,9 @@ def cmd_bench_storage(args) -> int:
     from real artifacts on the model's shapes (PER-PCS paper, Figure 7 top)."""
     from simulations.bench_storage import bench_storage, storage_plot, storage_table
 
-    out_dir = Path(args.out_dir)
     result = bench_storage(args.model or "smollm2-135m", args.users, sharers=args.sharers,
                            pieces_per_module=args.pieces_per_module)
-    print(storage_table(result))
-    _write_json(str(out_dir / "storage.json"), result)
-    plot = storage_plot(result, out_dir / "storage.png")
-    print(f"results written to {out_dir / 'storage.json'} and {plot}")
-    return 0
+    return _report(result, storage_table, storage_plot, args.out_dir, "storage")
 
 
 def cmd_bench_personalize(args) -> int:
@@ -316,16 +312,11 @@ def cmd_bench_personalize(args) -> int:
     from simulations.bench_personalize import (bench_personalize, personalize_plot,
                                                personalize_table)
 
-    out_dir = Path(args.out_dir)
     result = bench_personalize(args.model or "smollm2-135m", args.task, args.data,
                                args.history, sharers=args.sharers, repeats=args.repeats,
                                personal_epochs=args.personal_epochs,
                                perfit_epochs=args.perfit_epochs)
-    print(personalize_table(result))
-    _write_json(str(out_dir / "personalize.json"), result)
-    plot = personalize_plot(result, out_dir / "personalize.png")
-    print(f"results written to {out_dir / 'personalize.json'} and {plot}")
-    return 0
+    return _report(result, personalize_table, personalize_plot, args.out_dir, "personalize")
 
 
 def cmd_bench_traffic(args) -> int:
@@ -333,13 +324,8 @@ def cmd_bench_traffic(args) -> int:
     federation run folder (pfl simulate / pfl demo)."""
     from simulations.traffic import ledger_traffic, traffic_plot, traffic_table
 
-    out_dir = Path(args.out_dir)
-    result = ledger_traffic(args.run_dir)
-    print(traffic_table(result))
-    _write_json(str(out_dir / "traffic.json"), result)
-    plot = traffic_plot(result, out_dir / "traffic.png")
-    print(f"results written to {out_dir / 'traffic.json'} and {plot}")
-    return 0
+    return _report(ledger_traffic(args.run_dir), traffic_table, traffic_plot, args.out_dir,
+                   "traffic")
 
 
 def cmd_bench_model(args) -> int:

@@ -98,14 +98,11 @@ def traffic_table(result: dict[str, Any]) -> str:
 
 
 def traffic_plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from simulations.plots import new_figure, save_figure
 
     phases = [p["phase"] for p in result["phases"]]
     xs = range(len(phases))
-    fig, axis = plt.subplots(figsize=(7, 4))
+    fig, axis = new_figure(size=(7, 4))
     axis.bar([x - 0.2 for x in xs], [max(1, p["up_median"]) for p in result["phases"]],
              width=0.4, label="uplink (median client)")
     axis.bar([x + 0.2 for x in xs], [max(1, p["down_median"]) for p in result["phases"]],
@@ -115,8 +112,4 @@ def traffic_plot(result: dict[str, Any], path: Path) -> Path:
     axis.set_ylabel("bytes per client")
     axis.set_title("bytes on the wire per phase (audit ledgers)")
     axis.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
