@@ -125,9 +125,9 @@ def run_noop(num_clients: int, sample: int, rounds: int, method: str, model: str
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
 
     from cloud_server.server_app import initial_arrays
+    from simulations.simulate import run_on_engine
 
     arrays = initial_arrays(method, model)
     client_app = ClientApp()
@@ -154,13 +154,8 @@ def run_noop(num_clients: int, sample: int, rounds: int, method: str, model: str
                                    "bytes_per_update": int(sum(np.asarray(v).nbytes
                                                                for v in arrays.values()))}))
 
-    if os.environ.get("PFL_FLOWER_PATCH", "1") != "0":  # the same engine as pfl simulate's
-        from simulations.flower_patches import patch_simulation_engine
-
-        patch_simulation_engine()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                   backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
-                                                        "num_gpus": 0.0}})
+    run_on_engine(server_app, client_app, num_clients,  # the same engine as pfl simulate's
+                  num_cpus_per_client=num_cpus_per_client)
     if not out.is_file():
         raise PflError("the no-op simulation ended without a result (see its log)")
     return json.loads(out.read_text())

@@ -1,6 +1,8 @@
-"""Simulate the collective stage-1 phase on one machine: ServerApp + N virtual ClientApps.
+"""Simulate a federation on one machine: ServerApp + N virtual ClientApps.
 
-:func:`run_stage1_simulation` is the entry point (the ``pfl simulate`` command wraps it):
+:func:`run_federation_simulation` runs every phase (``pfl simulate``, ``pfl demo``);
+:func:`run_stage1_simulation` runs collective stage 1 alone (``pfl simulate --phases
+stage1``). Both run on one of two backends:
 
 - ``backend="ray"`` (default): Flower's Simulation Runtime
   (:func:`flwr.simulation.run_simulation`): the ServerApp runs in a thread of this process,
@@ -11,9 +13,11 @@
   messages (metadata filled as a SuperLink would), same ledgers.
 
 ``run_simulation`` has no run-config argument in flwr 1.41, so the server's settings are
-bound into the ServerApp (:func:`cloud_server.server_app.make_server_app`) and reach the
-clients inside every round's ConfigRecord. Per-client state and ledgers live under
-``run_dir/clients/partition-NNNNN/`` (:mod:`edge_client.state`).
+bound into the ServerApp (:func:`cloud_server.federation.make_federation_app`,
+:func:`cloud_server.server_app.make_server_app`) and reach the clients inside every message's
+ConfigRecord. :func:`run_on_engine` is the one way this project starts Flower's engine.
+Per-client state and ledgers live under ``run_dir/clients/partition-NNNNN/``
+(:mod:`edge_client.state`).
 """
 
 from __future__ import annotations
@@ -160,6 +164,30 @@ def start_ray(attempts: int = 3) -> None:
             time.sleep(2.0)
 
 
+def run_on_engine(server_app, client_app, num_clients: int, *,
+                  num_cpus_per_client: float = 1.0, verbose: bool = False) -> None:
+    """Run a ServerApp with ``num_clients`` virtual ClientApps on Flower's simulation engine
+    (Ray), as every Ray run of this project does: the engine's message loop patched for large
+    populations (:mod:`simulations.flower_patches`; ``PFL_FLOWER_PATCH=0`` keeps Flower's),
+    Ray started first with retries (:func:`start_ray`), and an engine crash turned into a
+    :class:`PflError` that names its cause."""
+    from flwr.simulation import run_simulation
+
+    if os.environ.get("PFL_FLOWER_PATCH", "1") != "0":
+        patch_simulation_engine()
+    start_ray()
+    try:
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=int(num_clients),
+                       backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
+                                                            "num_gpus": 0.0}},
+                       verbose_logging=verbose)
+    except RuntimeError as exc:  # Flower's "Simulation Runtime crashed" (e.g. Ray's start)
+        cause = exc.__cause__.__cause__ if exc.__cause__ is not None else None
+        raise PflError(f"Flower's simulation engine stopped: {exc}"
+                       + (f" ({cause})" if cause else "") + "; see the log above") from exc
+
+
 def _run_server(backend: str, main, make_app, config: dict[str, Any], num_clients: int,
                 summary_path: Path, *, num_cpus_per_client: float, verbose: bool,
                 grid_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -172,21 +200,8 @@ def _run_server(backend: str, main, make_app, config: dict[str, Any], num_client
     if backend == "inprocess":
         return main(LocalGrid(make_client_app(), int(num_clients), **(grid_options or {})),
                     config)
-    from flwr.simulation import run_simulation
-
-    if os.environ.get("PFL_FLOWER_PATCH", "1") != "0":
-        patch_simulation_engine()  # simulations/flower_patches.py: O(pending) message polling
-    start_ray()
-    try:
-        run_simulation(server_app=make_app(config), client_app=make_client_app(),
-                       num_supernodes=int(num_clients),
-                       backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
-                                                            "num_gpus": 0.0}},
-                       verbose_logging=verbose)
-    except RuntimeError as exc:  # Flower's "Simulation Runtime crashed" (e.g. Ray's start)
-        cause = exc.__cause__.__cause__ if exc.__cause__ is not None else None
-        raise PflError(f"Flower's simulation engine stopped: {exc}"
-                       + (f" ({cause})" if cause else "") + "; see the log above") from exc
+    run_on_engine(make_app(config), make_client_app(), num_clients,
+                  num_cpus_per_client=num_cpus_per_client, verbose=verbose)
     if not summary_path.is_file():
         raise PflError(f"the simulation ended without a summary in {summary_path.parent} "
                        "(see the log above)")
