@@ -1,9 +1,11 @@
-"""The device's Flower ClientApp (flwr 1.41 Message API) for the collective stage-1 phase.
+"""The device's Flower ClientApp (flwr 1.41 Message API): one handler per federation phase.
 
-The ``train`` handler only unpacks the message, calls plain functions and packs the reply;
-the training math is in :mod:`edge_client.trainers` and :mod:`shared.methods`.
+Handlers only unpack the message, call plain functions and pack the reply: ``train``
+(collective stage 1, below), ``query.select`` (sharer selection), ``train.share``,
+``train.personalize`` and ``evaluate`` (:mod:`edge_client.phases`); the training math is in
+:mod:`edge_client.trainers`, :mod:`edge_client.cores` and :mod:`shared.methods`.
 
-Message in (from :mod:`cloud_server.server_app`):
+Stage-1 message in (from :mod:`cloud_server.server_app`):
 
 - ArrayRecord ``"arrays"``: the global collective parameters, float32. ``method = "lora"``: the
   stage-1 task LoRA state (keys ``model.layers.N.self_attn.q_proj.lora_A.weight`` ...).
@@ -226,8 +228,7 @@ def consent_policy(context: Context, options: Mapping[str, Any]) -> ConsentPolic
 
 
 def _message_options(msg: Message, context: Context) -> dict[str, Any]:
-    """The run config overlaid with the message's ConfigRecord (the server's message wins);
-    notes the run folder, where the ledger goes (read by the audit mod)."""
+    """The run config overlaid with the message's ConfigRecord (the server's message wins)."""
     config = msg.content.config_records.get("config") or ConfigRecord()
     return {**dict(context.run_config), **dict(config)}
 
@@ -346,6 +347,13 @@ def _methods(options: Mapping[str, Any]) -> list[str]:
     return [m for m in str(options.get("methods", "")).split(",") if m]
 
 
+def _needs_pool(methods: Sequence[str]) -> bool:
+    """Whether one of ``methods`` is PER-PCS (with any prompt augmentation)."""
+    from shared.methods.base import parse_method
+
+    return any(parse_method(m).core == "perpcs" for m in methods)
+
+
 def _reply(msg: Message, context: Context, rule: str, metrics: Mapping[str, float],
            arrays: Mapping[str, np.ndarray] | None = None) -> Message:
     """The reply: ``metrics`` (as given: ints stay ints) and optional float32 ``arrays``,
@@ -408,7 +416,7 @@ def personalize(msg: Message, context: Context) -> Message:
         loaded, task, user = _device_user(options, context)
         methods = _methods(options)
         pool = None
-        if any(m.split("+")[0] == "perpcs" for m in methods):
+        if _needs_pool(methods):
             from edge_client.cores import perpcs_config
 
             target, ca, interceptors = _pool_access(options, context)
@@ -431,7 +439,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     def work(options, policy, rule, arrays):
         loaded, task, user = _device_user(options, context)
         methods = _methods(options)
-        needs_pool = any(m.split("+")[0] == "perpcs" for m in methods)
         downloaded = []
 
         def fetch(ids):
@@ -440,12 +447,12 @@ def evaluate(msg: Message, context: Context) -> Message:
             target, ca, interceptors = _pool_access(options, context)
             with PoolClient(target, ca, interceptors=interceptors) as client:
                 pieces = client.fetch_pieces(ids)
-            downloaded.append(sum(p.num_bytes for p in pieces.values()))
+            downloaded.append(client.received_bytes)
             return pieces
         metrics = phases.evaluate(loaded, task, user, methods, options, arrays,
                                   _device_dir(options, context),
-                                  pool_pieces=fetch if needs_pool else None)
-        if downloaded:
+                                  pool_pieces=fetch if _needs_pool(methods) else None)
+        if downloaded:  # what came down from the pool (tensor bytes of the pieces)
             metrics["pool-download-bytes"] = float(sum(downloaded))
         return metrics, None, rule
 
@@ -453,11 +460,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def make_client_app() -> ClientApp:
-    """A fresh ClientApp running :func:`train`, audited by its own :func:`audit_mod`.
+    """A ClientApp with every phase's handler, audited by :func:`audit_mod`.
 
     audit_mod is the outermost (here: only) mod: it records the reply as it leaves the device.
-    A fresh app holds no open ledgers, so it pickles (Ray ships the ClientApp to its actors);
-    an app that already wrote ledgers in this process does not.
+    The app holds no model and no ledger, so it pickles (Ray ships the ClientApp to its
+    actors); each worker loads the frozen model once (:func:`shared.models.load_model`).
     """
     client_app = ClientApp(mods=[audit_mod(device_ledger_path, channel="flower")])
     client_app.train()(train)

@@ -27,11 +27,30 @@ from shared.methods.oppu import (attach_lora, merge_lora, param_count, personal_
                                  personal_train, stage1_lora, stage1_train, state_bytes)
 from shared.methods.perpcs import (PerPcsConfig, assemble, peft_retrieval_recipe, rebuild,
                                    select_shared_pieces)
-from shared.prompts import pad_token_id
+from shared.prompts import build_prompt, pad_token_id
+from shared.retrieval import BM25Retriever, random_k
 from shared.training import history_examples
 from shared.types import User, recent_history
 
 log = logging.getLogger(__name__)
+
+
+def augmented_prompts(runtime: Runtime, user: User, augmentation: PromptAugmentation,
+                      profile: str | None) -> list[str]:
+    """The prompt of each of the user's queries under a prompt augmentation."""
+    task = runtime.task
+    retriever = BM25Retriever(task, user.history) if augmentation.retrieval == "bm25" else None
+    prompts = []
+    for query in user.queries:
+        retrieved: list = []
+        if retriever is not None:
+            retrieved = retriever.top_k(task.retrieval_query(query.input), augmentation.k)
+        elif augmentation.retrieval == "random":
+            retrieved = random_k(user.history, augmentation.k,
+                               f"{runtime.seed}-{user.id}-{query.id}")
+        prompts.append(build_prompt(query.input, profile=profile if augmentation.profile else None,
+                                    retrieved=retrieved, task=task))
+    return prompts
 
 
 def stage1_model(runtime: Runtime):

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-import edge_client.cores  # noqa: F401  (registers the method cores, as pfl eval does)
+from edge_client.cores import augmented_prompts  # importing it registers every core
 from edge_client.consent import ConsentPolicy
 from shared.errors import PflError
 from shared.types import recent_history
@@ -191,8 +191,7 @@ def fetch_pool(pool_target: str, pool_ca: str | Path, modules: Sequence[str], *,
     pool = list(pieces.values())
     if not pool:
         raise PflError(f"the piece pool at {pool_target} has no pieces for {list(modules)}")
-    return {"pool": pool, "lookup": dict(pieces),
-            "download_bytes": sum(p.num_bytes for p in pool)}
+    return {"pool": pool, "lookup": dict(pieces), "download_bytes": client.received_bytes}
 
 
 def _state_dir(base: Path, method: str) -> Path:
@@ -286,7 +285,6 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
     from shared.generation import GenerationConfig
     from shared.methods.base import parse_method
     from shared.metrics import metric_stats
-    from simulations.evaluate import augmented_prompts
 
     golds = [q.gold for q in user.queries]
     if not golds or any(g is None for g in golds):

@@ -65,6 +65,8 @@ class PoolClient:
         self.timeout = timeout
         self.limits = limits
         self.trusted_keys = None if trusted_keys is None else dict(trusted_keys)
+        #: tensor bytes (A, B, gate) of every piece fetched so far: the device's pool downlink
+        self.received_bytes = 0
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -138,6 +140,7 @@ class PoolClient:
                                        f"to {signed.piece_id[:12]}")
                 signed.verify()
                 self._check_key(signed.piece.sharer, signed.public_key)
+                self.received_bytes += signed.piece.num_bytes
             out.extend(received)
         return out
 

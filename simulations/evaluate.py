@@ -17,16 +17,13 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from edge_client.cores import augmented_prompts  # importing it registers every core
 from shared.data import load_dataset
 from shared.generation import GenerationConfig
-import edge_client.cores  # noqa: F401  (registers every core)
-from shared.methods.base import (Core, MethodSpec, PersonalState, PromptAugmentation, Runtime,
-                                 parse_method)
+from shared.methods.base import Core, MethodSpec, PersonalState, Runtime, parse_method
 from shared.metrics import evaluate
 from shared.models import load_model
 from shared.profiles import generate_profiles
-from shared.prompts import build_prompt
-from shared.retrieval import BM25Retriever, random_k
 from shared.types import User
 
 log = logging.getLogger(__name__)
@@ -73,23 +70,6 @@ def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int
     rest.sort(key=lambda u: -len(u.history))  # stable: ties keep the dataset's order
     return {"targets": [pool[i] for i in chosen], "sharers": rest[:sharers],
             "collective": rest[sharers: sharers + collective]}
-
-
-def augmented_prompts(runtime: Runtime, user: User, augmentation: PromptAugmentation,
-                      profile: str | None) -> list[str]:
-    """The prompt of each of the user's queries under a prompt augmentation."""
-    task = runtime.task
-    retriever = BM25Retriever(task, user.history) if augmentation.retrieval == "bm25" else None
-    prompts = []
-    for query in user.queries:
-        retrieved: list = []
-        if retriever is not None:
-            retrieved = retriever.top_k(task.retrieval_query(query.input), augmentation.k)
-        elif augmentation.retrieval == "random":
-            retrieved = random_k(user.history, augmentation.k, f"{runtime.seed}-{user.id}-{query.id}")
-        prompts.append(build_prompt(query.input, profile=profile if augmentation.profile else None,
-                                    retrieved=retrieved, task=task))
-    return prompts
 
 
 def _profile_bytes(profile: str | None) -> int:
