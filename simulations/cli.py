@@ -54,6 +54,14 @@ def _setting(text: str) -> tuple[str, str, object]:
     return section.strip(), key.strip(), value
 
 
+def _method_settings(args) -> dict:
+    """``--set METHOD.KEY=VALUE`` options as ``{METHOD: {KEY: VALUE}}``."""
+    settings: dict = {}
+    for section, key, value in getattr(args, "set", None) or []:
+        settings.setdefault(section, {})[key] = value
+    return settings
+
+
 def _write_json(path: str, payload: dict) -> None:
     out = Path(path)
     if out.parent and not out.parent.exists():
@@ -66,9 +74,7 @@ def cmd_eval(args) -> int:
     from simulations.evaluate import EvalConfig, run_eval
     from simulations.report import results_table
 
-    options: dict = {}
-    for section, key, value in getattr(args, "set", None) or []:
-        options.setdefault(section, {})[key] = value
+    options = _method_settings(args)
     config = EvalConfig(task=args.task, data=args.data, methods=_csv(args.methods),
                         model=args.model, users=args.users, seed=args.seed,
                         batch_size=args.batch_size, device=args.device,
@@ -213,9 +219,7 @@ def cmd_simulate(args) -> int:
 
     from cloud_server.federation import format_results
 
-    method_options: dict = {}
-    for section, key, value in args.set or []:
-        method_options.setdefault(section, {})[key] = value
+    method_options = _method_settings(args)
     for key in ("max_history", "personal_epochs", "stage1_epochs"):
         if getattr(args, key, None) is not None:
             method_options[key] = getattr(args, key)
