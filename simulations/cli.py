@@ -70,21 +70,34 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ commands
-def cmd_eval(args) -> int:
-    from simulations.evaluate import EvalConfig, run_eval
-    from simulations.report import results_table
+def eval_config(args):
+    """The :class:`~simulations.evaluate.EvalConfig` of ``pfl eval``'s arguments."""
+    from simulations.evaluate import EvalConfig
 
     options = _method_settings(args)
-    config = EvalConfig(task=args.task, data=args.data, methods=_csv(args.methods),
-                        model=args.model, users=args.users, seed=args.seed,
-                        batch_size=args.batch_size, device=args.device,
-                        cache_dir=args.cache_dir, min_history=args.min_history,
-                        progress=not args.quiet, sample=args.sample, options=options,
-                        **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
-                                                          "stage1_epochs", "personal_epochs")
-                           if getattr(args, k, None) is not None})
+    return EvalConfig(task=args.task, data=args.data, methods=_csv(args.methods),
+                      model=args.model, users=args.users, seed=args.seed,
+                      batch_size=args.batch_size, device=args.device,
+                      cache_dir=args.cache_dir, min_history=args.min_history,
+                      progress=not args.quiet, sample=args.sample, options=options,
+                      **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
+                                                        "stage1_epochs", "personal_epochs")
+                         if getattr(args, k, None) is not None})
+
+
+def cmd_eval(args) -> int:
+    from simulations.evaluate import run_eval
+    from simulations.report import results_table
+
+    config = eval_config(args)
+    previous = None
+    if args.resume:
+        if not args.out:
+            raise PflError("--resume needs --out: the results file to resume")
+        if Path(args.out).exists():
+            previous = json.loads(Path(args.out).read_text())
     results = run_eval(config, on_method=(lambda partial: _write_json(args.out, partial))
-                       if args.out else None)
+                       if args.out else None, previous=previous)
     print(results_table(results))
     if args.out:
         _write_json(args.out, results)
@@ -404,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8, help="generation batch size")
     ev.add_argument("--sample", action="store_true",
                     help="sample (T=0.1, top-k 10, top-p 0.9) instead of greedy decoding")
-    ev.add_argument("--out", default=None, help="write the results JSON here")
+    ev.add_argument("--out", default=None, help="write the results JSON here (after each "
+                    "method, so a run that is cut off keeps what it finished)")
+    ev.add_argument("--resume", action="store_true",
+                    help="keep the methods already in --out (same settings required) and run "
+                         "only the others")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _model_options(ev)
     ev.set_defaults(func=cmd_eval)

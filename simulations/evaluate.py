@@ -9,6 +9,7 @@ such method's per-user time).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from edge_client.cores import augmented_prompts  # importing it registers every core
 from shared.data import load_dataset
+from shared.errors import PflError
 from shared.generation import GenerationConfig
 from shared.methods.base import Core, MethodSpec, PersonalState, Runtime, parse_method
 from shared.metrics import evaluate
@@ -124,19 +126,50 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
     }
 
 
-def run_eval(config: EvalConfig, on_method=None) -> dict:
+def run_settings(config: EvalConfig) -> dict:
+    """What decides a method's results besides its name: two runs with equal settings give
+    the same results (seeded), so a resumed run may keep the methods an earlier one finished."""
+    return {"task": config.task, "data": config.data, "model": config.model,
+            "users": config.users, "seed": config.seed, "min_history": config.min_history,
+            "sharers": config.sharers, "collective": config.collective,
+            "max_history": config.max_history, "stage1_epochs": config.stage1_epochs,
+            "personal_epochs": config.personal_epochs, "sample": config.sample,
+            "options": config.options}
+
+
+def resumable_methods(config: EvalConfig, previous: dict) -> dict:
+    """The finished methods of an earlier run's results that a run of ``config`` may keep.
+
+    Raises PflError if the earlier run had other settings (its results would not be
+    comparable with the new ones)."""
+    earlier = previous.get("settings")
+    wanted = json.loads(json.dumps(run_settings(config)))  # as the JSON file holds them
+    if earlier != wanted:
+        changed = sorted(k for k in set(wanted) | set(earlier or {})
+                         if (earlier or {}).get(k) != wanted.get(k))
+        raise PflError("cannot resume: the earlier results were made with other settings "
+                       f"({', '.join(changed) if earlier else 'none recorded'}); "
+                       "use the same options or another --out")
+    return {name: result for name, result in previous.get("methods", {}).items()
+            if name in {parse_method(m).name for m in config.methods}}
+
+
+def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -> dict:
     """Evaluate ``config.methods`` on ``config.users`` target users; returns the results dict.
 
     ``on_method(results)`` is called after each method with the results so far (``pfl eval
-    --out`` writes them, so a long run that is cut off keeps the methods it finished)."""
+    --out`` writes them, so a long run that is cut off keeps the methods it finished).
+    ``previous``: an earlier run's results with the same settings (``--resume``); the methods
+    it finished are kept as they are and not run again."""
     specs = [parse_method(m) for m in config.methods]  # fail fast on a bad name
+    kept = resumable_methods(config, previous) if previous else {}
+    todo = [s for s in specs if s.name not in kept]
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
                            seed=config.seed)
     roles = assign_roles(dataset, config.users, config.sharers, config.collective, config.seed)
     targets = roles["targets"]
     missing = [u.id for u in targets if any(q.gold is None for q in u.queries)]
     if missing:
-        from shared.errors import PflError
         raise PflError(f"{len(missing)} users have queries without gold outputs "
                        f"(e.g. {missing[0]}): evaluate on a split with outputs")
     loaded = load_model(config.model, device=config.device, cache=config.cache_dir,
@@ -151,7 +184,7 @@ def run_eval(config: EvalConfig, on_method=None) -> dict:
 
     profiles: dict[str, str] = {}
     profile_seconds = 0.0
-    if any(s.augmentation.profile for s in specs):
+    if any(s.augmentation.profile for s in todo):
         t0 = time.perf_counter()
         profiles = generate_profiles(loaded.model, loaded.tokenizer, dataset.task, targets,
                                      batch_size=config.batch_size, progress=config.progress)
@@ -166,9 +199,17 @@ def run_eval(config: EvalConfig, on_method=None) -> dict:
         "queries": sum(len(u.queries) for u in targets),
         "data": config.data,
         "seed": config.seed,
+        "targets": [u.id for u in targets],
+        "settings": run_settings(config),
         "methods": {},
     }
+    if kept and previous.get("targets", results["targets"]) != results["targets"]:
+        raise PflError("cannot resume: the earlier run evaluated other target users")
     for spec in specs:
+        if spec.name in kept:
+            log.info("keeping %s from the earlier run", spec.name)
+            results["methods"][spec.name] = kept[spec.name]
+            continue
         log.info("evaluating %s", spec.name)
         results["methods"][spec.name] = evaluate_method(runtime, spec, dataset, targets, profiles,
                                                         profile_seconds, generation)

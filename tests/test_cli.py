@@ -33,6 +33,33 @@ def test_eval_prompt_baselines_end_to_end(capsys, tmp_path):
     assert "pag+rag1" in out and "mae" in out  # the table
 
 
+def test_eval_resume_keeps_finished_methods_and_refuses_other_settings(capsys, tmp_path):
+    out_file = tmp_path / "r.json"
+    base = ["eval", "--task", "synthetic", "--model", "tiny", "--users", "2", "--quiet",
+            "--out", str(out_file)]
+    code, _, err = run(capsys, *base, "--methods", "nonpersonalized,rag1")
+    assert code == 0, err
+    first = json.loads(out_file.read_text())
+    # mark the kept results: a resumed run must keep them as they are, not recompute them
+    first["methods"]["rag1"]["seconds_per_user"] = -1.0
+    out_file.write_text(json.dumps(first))
+
+    code, out, err = run(capsys, *base, "--methods", "rag1,nonpersonalized,rag2", "--resume")
+    assert code == 0, err
+    second = json.loads(out_file.read_text())
+    assert list(second["methods"]) == ["rag1", "nonpersonalized", "rag2"]
+    assert second["methods"]["rag1"]["seconds_per_user"] == -1.0
+    assert second["methods"]["nonpersonalized"] == first["methods"]["nonpersonalized"]
+    assert second["methods"]["rag2"]["seconds_per_user"] >= 0
+    assert second["targets"] == first["targets"] and len(second["targets"]) == 2
+
+    code, _, err = run(capsys, *base, "--methods", "rag1", "--seed", "7", "--resume")
+    assert code == 2 and "cannot resume" in err and "seed" in err
+    assert json.loads(out_file.read_text()) == second  # left untouched
+    code, _, err = run(capsys, "eval", "--task", "synthetic", "--resume", "--quiet")
+    assert code == 2 and "--resume needs --out" in err
+
+
 def test_data_stats_synthetic_json(capsys):
     code, out, _ = run(capsys, "data", "stats", "synthetic", "--num-users", "50", "--json")
     stats = json.loads(out)
