@@ -29,7 +29,7 @@ from shared.methods.perpcs import (PerPcsConfig, assemble, peft_retrieval_recipe
                                    select_shared_pieces)
 from shared.prompts import build_prompt, pad_token_id
 from shared.retrieval import BM25Retriever, random_k
-from shared.training import history_examples
+from shared.training import TrainConfig, history_examples
 from shared.types import User, recent_history
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,7 @@ class PersonalLora(Core):
     def personalize(self, runtime: Runtime, user: User, augmentation: PromptAugmentation,
                     profile: str | None) -> PersonalState:
         user = recent_history(user, runtime.option("max_history", None))
-        config = personal_train(seed=runtime.seed,
-                                epochs=runtime.option("personal_epochs", 2.0))
+        config = personal_train_config(runtime)
         rag_k = augmentation.k if augmentation.retrieval == "bm25" else 0
         state, stats = train_personal_lora(self._base(runtime), runtime.tokenizer, runtime.task,
                                            user, personal_lora(), config, rag_k=rag_k,
@@ -136,13 +135,22 @@ def _examples(runtime: Runtime, user: User, augmentation: PromptAugmentation | N
                             profile=profile)
 
 
-def _method_config(cls, runtime: Runtime, section: str):
-    """``cls`` built from the run's ``--set section.key=value`` options, with clear errors."""
+def _method_config(cls, runtime: Runtime, section: str, **defaults):
+    """``cls`` built from the run's ``--set section.key=value`` options (over ``defaults``),
+    with clear errors."""
     settings = runtime.option(section, {})
     try:
-        return cls(**settings)
+        return cls(**{**defaults, **settings})
     except (TypeError, ValueError) as exc:
         raise PflError(f"bad {section} setting in {settings}: {exc}") from None
+
+
+def personal_train_config(runtime: Runtime) -> TrainConfig:
+    """The personal LoRA recipe of OPPU, LoRA-P and the PER-PCS sharers: 2 epochs (or the
+    run's ``personal_epochs``), lr 1e-4, ..., with any ``--set oppu.FIELD=VALUE`` of
+    :class:`~shared.training.TrainConfig` (e.g. ``oppu.gradient_checkpointing=true``)."""
+    return _method_config(personal_train, runtime, "oppu", seed=runtime.seed,
+                          epochs=runtime.option("personal_epochs", 2.0))
 
 
 def perpcs_config(runtime: Runtime) -> PerPcsConfig:
@@ -158,7 +166,7 @@ def piece_pool(runtime: Runtime) -> dict:
         return runtime.cache["perpcs_pool"]
     config = perpcs_config(runtime)
     model = stage1_model(runtime)
-    train_config = personal_train(seed=runtime.seed, epochs=runtime.option("personal_epochs", 2.0))
+    train_config = personal_train_config(runtime)
     pool, adapters, embeddings, seconds = [], {}, {}, {}
     for sharer in runtime.roles.get("sharers", []):
         t0 = time.perf_counter()

@@ -150,7 +150,6 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
     from edge_client.pool_client import PoolClient
     from edge_client.trainers import train_sharer_pieces
     from shared import crypto
-    from shared.methods.oppu import personal_train
 
     rule = consent.require("perpcs_pieces")
     started = time.perf_counter()
@@ -159,11 +158,10 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
         raise PflError("sharing needs the stage-1 LoRA arrays (lora.*) in the message")
     key = crypto.device_key(key_path)
     pseudonym = "sharer-" + crypto.key_fingerprint(crypto.public_key_bytes(key))[:16]
-    from edge_client.cores import perpcs_config  # the same settings pfl eval reads
+    from edge_client.cores import perpcs_config, personal_train_config  # as pfl eval reads them
 
     config = perpcs_config(runtime)
-    train_config = personal_train(seed=runtime.seed,
-                                  epochs=runtime.option("personal_epochs", 2.0))
+    train_config = personal_train_config(runtime)
     user = recent_history(user, runtime.option("max_history", None))
     gated = train_sharer_pieces(runtime.cache["stage1"], loaded.tokenizer, task, user, config,
                                 train_config, sharer=pseudonym)

@@ -43,6 +43,10 @@ class TrainConfig:
     seed: int = 0
     max_prompt_tokens: int = 384
     max_target_tokens: int = 64
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them
+    # (less memory, one more forward pass of compute per step). The PER-PCS/OPPU authors'
+    # code trains this way (``grad_ckpt=True``); off by default here.
+    gradient_checkpointing: bool = False
 
 
 def history_examples(task: TaskSpec, history: Sequence[HistoryItem], tokenizer, *,
@@ -119,6 +123,24 @@ def _linear_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _checkpointing(model: torch.nn.Module, enable: bool) -> None:
+    """Switch transformers' activation checkpointing of the decoder layers on or off.
+
+    Reentrant checkpointing recomputes each whole layer in the backward pass, as
+    ``torch.utils.checkpoint.checkpoint(layer, ...)`` did in the authors' code (the
+    non-reentrant kind stops recomputing early). The RNG state is replayed, so dropout masks,
+    and so the trained values, are those of a run without it. transformers makes the
+    embeddings' output require grad for it; that hook is removed again when switching off."""
+    if enable:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": True})
+        return
+    model.activation_checkpointing_disable()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
+
+
 def train(model: torch.nn.Module, parameters: Iterable[torch.nn.Parameter],
           examples: Sequence[Example], config: TrainConfig, pad_id: int, *,
           desc: str = "train", progress: bool = True) -> dict:
@@ -142,6 +164,8 @@ def train(model: torch.nn.Module, parameters: Iterable[torch.nn.Parameter],
     model.train()
     losses, tokens, step, epoch = [], 0, 0, 0
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    if config.gradient_checkpointing:
+        _checkpointing(model, True)
     try:
         while step < total:
             for batch in batches(examples, config.batch_size, pad_id, shuffle=True,
@@ -162,5 +186,7 @@ def train(model: torch.nn.Module, parameters: Iterable[torch.nn.Parameter],
             epoch += 1
     finally:
         bar.close()
+        if config.gradient_checkpointing:
+            _checkpointing(model, False)
         model.train(was_training)
     return {"steps": step, "loss_first": losses[0], "loss_last": losses[-1], "tokens": tokens}

@@ -240,3 +240,29 @@ def test_personal_lora_on_merged_model_and_initial_state(tiny):
                                    initial_state=start, progress=False)
     assert stats["users"] == 2 and stats["examples"] == 12 and stats["steps"] == 1
     assert all(torch.equal(out[k], start[k]) for k in start)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter_and_is_switched_off_after(tiny):
+    """The authors' code trains with gradient checkpointing; here it is an option that must
+    give the same adapter (dropout masks replayed), and leave the model as it was."""
+    args = (tiny.model, tiny.tokenizer, NEWS_HEADLINE, USER_A, personal_lora())
+    calls = []
+    mlp = tiny.model.get_decoder().layers[0].mlp  # the end of the layer: all recomputed
+    handle = mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        plain, stats = train_personal_lora(*args, TrainConfig(epochs=2, lr=1e-2, seed=3, **FAST),
+                                           progress=False)
+        plain_calls = len(calls)
+        ckpt, _ = train_personal_lora(*args, TrainConfig(epochs=2, lr=1e-2, seed=3,
+                                                         gradient_checkpointing=True, **FAST),
+                                      progress=False)
+    finally:
+        handle.remove()
+    assert plain_calls == stats["steps"]  # one forward per step
+    assert len(calls) - plain_calls == 2 * stats["steps"]  # recomputed in every backward
+    assert set(plain) == set(ckpt)
+    for key in plain:
+        assert torch.allclose(plain[key], ckpt[key], atol=1e-6), key
+    assert any(plain[k].abs().sum() > 0 for k in plain if "lora_B" in k)  # it trained
+    assert not tiny.model.is_activation_checkpointing
+    assert not tiny.model.get_input_embeddings()._forward_hooks  # transformers' grads hook
