@@ -5,6 +5,9 @@
 - PerFit vs OPPU: matches or beats OPPU's score with ~92% fewer parameters, less training
   time per user.
 - personalized methods vs the non-personalized model.
+- with retrieval or a profile in the prompt (+rag1, +pag; rows only where the run has them):
+  PER-PCS still ~99% of OPPU (PER-PCS paper), and the augmentation adds to OPPU (OPPU paper:
+  OPPU+RAG and OPPU+PAG beat OPPU alone).
 
 The score is the task's first metric (accuracy, MAE, ROUGE-1); for lower-is-better metrics
 the ratio is inverted so that > 1 always means "better than the reference".
@@ -71,6 +74,14 @@ def paper_claims(results: dict) -> list[dict]:
     for method in ("oppu", "perpcs", "perfit"):
         claim(f"{method} beats non-personalized",
               score_ratio(results, method, "nonpersonalized"), lambda r: r > 1)
+    for suffix in ("+rag1", "+pag"):
+        if f"oppu{suffix}" not in results["methods"]:
+            continue
+        if f"perpcs{suffix}" in results["methods"]:
+            claim(f"PER-PCS{suffix} score / OPPU{suffix} score ~ 0.99",
+                  score_ratio(results, f"perpcs{suffix}", f"oppu{suffix}"), lambda r: r >= 0.95)
+        claim(f"OPPU{suffix} beats OPPU", score_ratio(results, f"oppu{suffix}", "oppu"),
+              lambda r: r > 1)
     return rows
 
 

@@ -38,3 +38,16 @@ def test_claims_measure_compute_storage_and_parameters():
     assert rows["PerFit s/user < OPPU s/user"]["held"] is True
     assert rows["PER-PCS beats PEFT retrieval"]["held"] is True
     assert "did not hold" not in claims_table(results).split("PER-PCS score")[1].splitlines()[0]
+
+
+def test_augmented_variants_get_their_own_claims_only_when_run():
+    plain = result("rouge-1", {"oppu": 0.4, "perpcs": 0.4})
+    assert not [r for r in paper_claims(plain) if "+" in r["claim"]]
+    both = result("rouge-1", {"oppu": 0.4, "perpcs": 0.4, "oppu+rag1": 0.5, "perpcs+rag1": 0.45,
+                              "oppu+pag": 0.38})
+    rows = {r["claim"]: r for r in paper_claims(both)}
+    assert rows["PER-PCS+rag1 score / OPPU+rag1 score ~ 0.99"]["measured"] == pytest.approx(0.9)
+    assert rows["PER-PCS+rag1 score / OPPU+rag1 score ~ 0.99"]["held"] is False
+    assert rows["OPPU+rag1 beats OPPU"]["held"] is True
+    assert rows["OPPU+pag beats OPPU"]["held"] is False
+    assert "PER-PCS+pag score / OPPU+pag score ~ 0.99" not in rows  # perpcs+pag was not run
