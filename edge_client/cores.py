@@ -100,6 +100,7 @@ class PersonalLora(Core):
         return stage1_model(runtime) if self.on_stage1 else runtime.model
 
     def prepare(self, runtime, dataset, augmentation):
+        personal_train_config(runtime)  # a bad --set oppu.* fails now, not after stage 1
         self._base(runtime)
 
     def personalize(self, runtime: Runtime, user: User, augmentation: PromptAugmentation,
@@ -165,8 +166,8 @@ def piece_pool(runtime: Runtime) -> dict:
     if "perpcs_pool" in runtime.cache:
         return runtime.cache["perpcs_pool"]
     config = perpcs_config(runtime)
+    train_config = personal_train_config(runtime)  # both checked before stage 1 trains
     model = stage1_model(runtime)
-    train_config = personal_train_config(runtime)
     pool, adapters, embeddings, seconds = [], {}, {}, {}
     for sharer in runtime.roles.get("sharers", []):
         t0 = time.perf_counter()
