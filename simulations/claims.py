@@ -28,15 +28,18 @@ def _score(results: dict, method: str) -> tuple[str, float] | None:
 
 
 def score_ratio(results: dict, method: str, reference: str) -> float | None:
-    """method's score over reference's (inverted for lower-is-better metrics)."""
+    """method's score over reference's (inverted for lower-is-better metrics); a reference
+    of 0 gives 1.0 for an equal score and infinity for a better one."""
     a, b = _score(results, method), _score(results, reference)
     if a is None or b is None:
         return None
     metric, value = a
     ref = b[1]
-    if HIGHER_IS_BETTER.get(metric, True):
-        return value / ref if ref else None
-    return ref / value if value else None
+    if not HIGHER_IS_BETTER.get(metric, True):
+        value, ref = ref, value  # less error is better: compare the other way round
+    if ref == 0:  # e.g. an accuracy of 0: equal if both are 0, else infinitely better
+        return 1.0 if value == 0 else float("inf")
+    return value / ref
 
 
 def _ratio(results: dict, numerator: str, denominator: str, field: str) -> float | None:

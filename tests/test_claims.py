@@ -21,6 +21,11 @@ def test_score_ratio_inverts_lower_is_better_metrics():
     lower = result("mae", {"perpcs": 0.5, "oppu": 1.0})  # half the error: twice as good
     assert score_ratio(lower, "perpcs", "oppu") == pytest.approx(2.0)
     assert score_ratio(lower, "perfit", "oppu") is None
+    zero = result("accuracy", {"nonpersonalized": 0.0, "oppu": 0.05, "rag1": 0.0})
+    assert score_ratio(zero, "oppu", "nonpersonalized") == float("inf")  # beats a score of 0
+    assert score_ratio(zero, "rag1", "nonpersonalized") == 1.0
+    rows = {r["claim"]: r for r in paper_claims(zero)}
+    assert rows["oppu beats non-personalized"]["held"] is True
 
 
 def test_claims_measure_compute_storage_and_parameters():
