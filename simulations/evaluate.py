@@ -137,8 +137,9 @@ def run_settings(config: EvalConfig) -> dict:
             "options": config.options}
 
 
-def resumable_methods(config: EvalConfig, previous: dict) -> dict:
-    """The finished methods of an earlier run's results that a run of ``config`` may keep.
+def resumable_methods(config: EvalConfig, previous: dict, names: Sequence[str]) -> dict:
+    """The finished methods among ``names`` of an earlier run's results that a run of
+    ``config`` may keep.
 
     Raises PflError if the earlier run had other settings (its results would not be
     comparable with the new ones)."""
@@ -151,7 +152,7 @@ def resumable_methods(config: EvalConfig, previous: dict) -> dict:
                        f"({', '.join(changed) if earlier else 'none recorded'}); "
                        "use the same options or another --out")
     return {name: result for name, result in previous.get("methods", {}).items()
-            if name in {parse_method(m).name for m in config.methods}}
+            if name in names}
 
 
 def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -> dict:
@@ -162,12 +163,14 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
     ``previous``: an earlier run's results with the same settings (``--resume``); the methods
     it finished are kept as they are and not run again."""
     specs = [parse_method(m) for m in config.methods]  # fail fast on a bad name
-    kept = resumable_methods(config, previous) if previous else {}
+    kept = resumable_methods(config, previous, [s.name for s in specs]) if previous else {}
     todo = [s for s in specs if s.name not in kept]
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
                            seed=config.seed)
     roles = assign_roles(dataset, config.users, config.sharers, config.collective, config.seed)
     targets = roles["targets"]
+    if kept and previous.get("targets", [u.id for u in targets]) != [u.id for u in targets]:
+        raise PflError("cannot resume: the earlier run evaluated other target users")
     missing = [u.id for u in targets if any(q.gold is None for q in u.queries)]
     if missing:
         raise PflError(f"{len(missing)} users have queries without gold outputs "
@@ -203,8 +206,6 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
         "settings": run_settings(config),
         "methods": {},
     }
-    if kept and previous.get("targets", results["targets"]) != results["targets"]:
-        raise PflError("cannot resume: the earlier run evaluated other target users")
     for spec in specs:
         if spec.name in kept:
             log.info("keeping %s from the earlier run", spec.name)
