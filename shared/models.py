@@ -102,20 +102,38 @@ def _write_atomically(target: Path, write) -> None:
         raise
 
 
+def from_pretrained_complete(path: Path, **kwargs) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` that raises when any weight of the model was
+    not found in the files (transformers would leave it randomly initialised, with a log line
+    only: a GGUF tensor-name mapping that a release changed would go unnoticed otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    problems = {kind: sorted(map(str, info.get(kind) or ()))
+                for kind in ("missing_keys", "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(keys[:5])}"
+                           + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+                           for kind, keys in problems.items())
+        raise PflError(f"loading {path} left weights uninitialised ({detail}); this "
+                       "transformers version reads the checkpoint differently")
+    return model
+
+
 def smollm2_checkpoint(cache: Path) -> Path:
     """A float32 safetensors checkpoint of SmolLM2-135M, converted from the GGUF once."""
     target = cache / "smollm2-135m"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     gguf = smollm2_gguf_path()
     log.info("converting %s to float32 safetensors under %s (once, ~30 s)", gguf.name, target)
 
     def write(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        model = from_pretrained_complete(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers marks a GGUF-loaded model as quantized and refuses to save it; its
         # weights are already de-quantized floats, so clearing the marker is correct.
         model.hf_quantizer = None
@@ -188,23 +206,20 @@ def load_model(name: str | None = None, *, device: str | None = None,
 
 
 def _load_uncached(name: str, device: torch.device, cache: Path, seed: int) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
-
     if name == "tiny":
         tokenizer = _load_tokenizer(tokenizer_checkpoint(cache))
         model = build_tiny_model(len(tokenizer), seed=seed)
     elif name == "smollm2-135m":
         path = smollm2_checkpoint(cache)
         tokenizer = _load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     local_files_only=True)
+        model = from_pretrained_complete(path, dtype=torch.float32, local_files_only=True)
     elif Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise PflError(f"{path} is not a Hugging Face checkpoint (no config.json)")
         tokenizer = _load_tokenizer(path)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = from_pretrained_complete(path, dtype=dtype, local_files_only=True)
     else:
         raise PflError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} "
                        "or the path of a local Hugging Face checkpoint")

@@ -134,6 +134,11 @@ def _checkpointing(model: torch.nn.Module, enable: bool) -> None:
     if enable:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": True})
+        if not any(getattr(module, "gradient_checkpointing", False) is True
+                   for module in model.modules()):  # a release that moved the switch
+            raise RuntimeError("gradient checkpointing was asked for, but transformers' "
+                               "activation_checkpointing_enable switched no layer of "
+                               f"{type(model).__name__} to it")
         return
     model.activation_checkpointing_disable()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

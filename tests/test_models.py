@@ -70,3 +70,18 @@ def test_smollm2_answers_a_prompt_sensibly(smollm2):
                         ["What is the capital of France? Answer with one word."],
                         GenerationConfig(max_new_tokens=8), progress=False)
     assert "paris" in answer.lower()
+
+
+def test_a_checkpoint_missing_a_weight_is_an_error_not_a_random_init(tiny, tmp_path):
+    """transformers only logs weights it did not find and initialises them at random; a
+    release that reads a checkpoint (or the GGUF) differently must fail loudly instead."""
+    from safetensors.torch import load_file, save_file
+
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = "model.layers.1.self_attn.q_proj.weight"
+    del weights[dropped]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PflError, match=r"uninitialised \(missing keys: " + dropped.replace(".", r"\.")):
+        load_model(str(tmp_path), device="cpu")

@@ -300,3 +300,24 @@ def test_generation_intervenes_the_prompt_only(tiny):
                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert base[0, len(prompts[0]):].tolist() != out[0]
     assert not model.get_decoder().layers[LAYER]._forward_hooks
+
+
+def test_a_layer_call_without_position_ids_fails_loudly(tiny):
+    """The intervened window is read from the position ids the model gives each layer; a
+    transformers release that stops passing them must raise, not intervene column 0 on."""
+    from shared.methods.perfit import window_start
+
+    layer = tiny.model.get_decoder().layers[LAYER]
+    assert window_start(layer.forward, (), {"position_ids": torch.tensor([[5, 6, 7], [0, 3, 4]])},
+                        3) == 5
+    assert window_start(layer.forward, (), {"position_ids": torch.tensor([[9], [4]])}, 1) == 9
+    with pytest.raises(RuntimeError, match="no row of the batch is unpadded"):
+        window_start(layer.forward, (), {"position_ids": torch.tensor([[0, 0, 1]])}, 3)
+    stage1 = _strong_stage([LAYER], 8, seed=8)
+    hidden = torch.randn(1, 4, D)
+    rotary = tiny.model.get_decoder().rotary_emb(hidden, torch.arange(4)[None])
+    with intervened(tiny.model, stage1) as controller:
+        controller.set_mask(torch.ones(1, 4, dtype=torch.bool))
+        with pytest.raises(RuntimeError, match="not given position_ids"):
+            layer(hidden, position_embeddings=rotary)
+    assert not layer._forward_hooks

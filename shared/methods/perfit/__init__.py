@@ -9,7 +9,7 @@ from shared.methods.perfit.intervention import (LoReftIntervention, orthonormali
                                                 reorthonormalize)
 from shared.methods.perfit.model import (InterventionController, PerFitStage, PrefixCache,
                                          evaluate_loss, generate, intervened, new_stages,
-                                         train_stage1, train_stage2)
+                                         train_stage1, train_stage2, window_start)
 from shared.methods.perfit.positions import (intervention_mask, parse_positions,
                                              prompt_lengths_from_labels)
 
@@ -17,5 +17,6 @@ __all__ = [
     "PerFitConfig", "default_layers", "LoReftIntervention", "orthonormality_error",
     "reorthonormalize", "InterventionController", "PerFitStage", "PrefixCache",
     "evaluate_loss", "generate", "intervened", "new_stages", "train_stage1", "train_stage2",
+    "window_start",
     "intervention_mask", "parse_positions", "prompt_lengths_from_labels",
 ]

@@ -8,7 +8,11 @@
   yields (:meth:`InterventionController.set_prompts`) before calling the model or ``generate``.
 - During generation the prompt is intervened in the prefill; cached decoding steps (forward
   calls whose tokens are all new) are not intervened: the prompt's intervened states already
-  live in the KV cache.
+  live in the KV cache. Which columns a forward call covers is read from the ``position_ids``
+  that the model passes to each decoder layer (:func:`window_start`), not from an internal
+  keyword (transformers 5.24 renamed ``past_key_values`` to ``cache``, which silently
+  intervened every generated token of a hook that read the old name); a layer that is not told
+  its positions raises.
 - :func:`train_stage1` / :func:`train_stage2` train through :func:`shared.training.train`; the
   base model stays frozen (and in eval mode); only intervention parameters train.
 - Speed: everything up to and including the first intervened layer is frozen and sees only the
@@ -21,6 +25,7 @@ a time, not thread-safe.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Mapping, Sequence
 
@@ -119,8 +124,9 @@ class InterventionController:
 
     Set the current batch's positions with :meth:`set_prompts` (or :meth:`set_mask`) before
     each model call. The mask covers the prompt columns of the batch; a forward call over
-    columns [offset, offset + seq) (offset = tokens already in the KV cache) uses that window
-    of it, so cached decoding steps, which lie past the prompt, intervene on nothing.
+    columns [start, start + seq) (start = tokens already in the KV cache, see
+    :func:`window_start`) uses that window of it, so cached decoding steps, which lie past the
+    prompt, intervene on nothing.
     """
 
     def __init__(self, stage1: PerFitStage | None, stage2: PerFitStage | None, positions: str):
@@ -130,7 +136,6 @@ class InterventionController:
         self.layers = tuple(sorted({layer for stage in self.stages for layer in stage.layers}))
         self.positions = positions
         self.mask: torch.Tensor | None = None  # (batch, width) bool
-        self._offset = 0
 
     def set_prompts(self, prompt_lengths: Sequence[int] | torch.Tensor, width: int,
                     padding_side: str) -> torch.Tensor:
@@ -143,9 +148,10 @@ class InterventionController:
         self.mask = mask.to(device=_device_of(self.stages[0]), dtype=torch.bool)
         return self.mask
 
-    def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """``h`` (batch, seq, d) with phi2(phi1(.)) applied at this call's masked positions."""
-        window = self._window(h)
+    def apply(self, layer: int, h: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``h`` (batch, seq, d), the states of columns [start, start + seq) of the batch,
+        with phi2(phi1(.)) applied at the masked positions among them."""
+        window = self._window(h, start)
         if window is None:
             return h
         rows, cols = window.nonzero(as_tuple=True)
@@ -155,7 +161,7 @@ class InterventionController:
                 x = stage[layer](x)
         return h.index_put((rows, cols), x.to(h.dtype))
 
-    def _window(self, h: torch.Tensor) -> torch.Tensor | None:
+    def _window(self, h: torch.Tensor, start: int) -> torch.Tensor | None:
         if self.mask is None:
             raise RuntimeError("PerFit: set the batch's prompt positions (set_prompts) "
                                "before calling the model")
@@ -165,7 +171,7 @@ class InterventionController:
             if batch % mask.shape[0]:
                 raise RuntimeError(f"PerFit mask has {mask.shape[0]} rows, batch has {batch}")
             mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
-        window = mask[:, self._offset: self._offset + seq]
+        window = mask[:, start: start + seq]
         if window.shape[1] < seq:  # columns past the prompt: generated tokens
             window = F.pad(window, (0, seq - window.shape[1]), value=False)
         return window if window.any() else None
@@ -176,26 +182,57 @@ class InterventionController:
         if max(self.layers) >= len(decoder.layers):
             raise ValueError(f"layer {max(self.layers)} does not exist "
                              f"({len(decoder.layers)} decoder layers)")
-        handles = [decoder.register_forward_pre_hook(self._track_offset, with_kwargs=True)]
+        handles = []
         try:
             for layer in self.layers:
-                handles.append(decoder.layers[layer].register_forward_hook(self._hook(layer)))
+                handles.append(decoder.layers[layer].register_forward_hook(
+                    self._hook(layer), with_kwargs=True))
         except BaseException:
             for handle in handles:
                 handle.remove()
             raise
         return handles
 
-    def _track_offset(self, module, args, kwargs) -> None:
-        cache = kwargs.get("past_key_values")
-        self._offset = cache.get_seq_length() if cache is not None else 0
-
     def _hook(self, layer: int):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            start = window_start(module.forward, args, kwargs, hidden.shape[1])
+            out = self.apply(layer, hidden, start)
             if isinstance(output, tuple):  # older transformers return (hidden, ...)
-                return (self.apply(layer, output[0]),) + tuple(output[1:])
-            return self.apply(layer, output)
+                return (out,) + tuple(output[1:])
+            return out
         return hook
+
+
+def window_start(forward, args: tuple, kwargs: dict, seq: int) -> int:
+    """The first batch column of a decoder layer's current call (tokens already cached), from
+    the arguments of that call to the layer's ``forward``.
+
+    Read from the ``position_ids`` the model gives the layer: the row with no padding (every
+    batch has one: the longest prompt) has position ids ``start .. start + seq - 1``, and
+    padded rows (left padding, as generate numbers them) have smaller ones, so ``start`` is the
+    largest last position id less ``seq - 1``. Raises when the layer is not told its positions,
+    so that a transformers release that stops passing them fails loudly instead of
+    intervening the wrong tokens.
+    """
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None and args:
+        try:
+            bound = inspect.signature(forward).bind_partial(*args, **kwargs)
+        except TypeError:
+            bound = None
+        position_ids = bound.arguments.get("position_ids") if bound is not None else None
+    if not torch.is_tensor(position_ids) or position_ids.dim() != 2 \
+            or position_ids.shape[-1] != seq:
+        raise RuntimeError(
+            "PerFit: the decoder layer was not given position_ids of shape (batch, seq), so "
+            "the intervened positions of this call cannot be determined; this transformers "
+            "version passes decoder layers something else (see the lock file for a tested one)")
+    start = int(position_ids[:, -1].max()) - seq + 1
+    if start < 0:
+        raise RuntimeError(f"PerFit: position_ids {position_ids[:, -1].tolist()} end before "
+                           f"the {seq} columns of this call: no row of the batch is unpadded")
+    return start
 
 
 @contextmanager
@@ -292,9 +329,14 @@ class _Replay(_Skip):
         super().__init__(original)
         self.cached, self.controller = cached, controller
         self.layer, self.as_tuple = layer, as_tuple
+        self.__dict__["original_forward"] = original.forward  # for its signature only
+        self.calls = 0
 
     def forward(self, hidden_states, *args, **kwargs):
-        out = self.controller.apply(self.layer, self.cached)
+        self.calls += 1
+        start = window_start(self.original_forward, (hidden_states,) + args, kwargs,
+                             self.cached.shape[1])
+        out = self.controller.apply(self.layer, self.cached, start)
         return (out,) if self.as_tuple else out
 
 
@@ -327,11 +369,15 @@ class PrefixCache:
                 for start in range(0, len(unique), batch_size):
                     chunk = unique[start: start + batch_size]
                     batch = collate([(list(ids), list(ids)) for ids in chunk], pad_id, device)
+                    captured.clear()
                     try:
                         decoder(input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"])
                     except _StopForward:
                         pass
+                    if "h" not in captured:
+                        raise RuntimeError(f"PerFit prefix cache: decoder layer {layer} never "
+                                           "ran during the decoder's forward")
                     for row, ids in enumerate(chunk):
                         self.store[ids] = captured["h"][row, : len(ids)].clone()
         finally:
@@ -352,13 +398,15 @@ class PrefixCache:
         """Within the block, ``decoder`` skips layers < layer and replays ``hidden`` at it."""
         layers = decoder.layers
         stand_ins = [_Skip(layers[i]) for i in range(self.layer)]
-        stand_ins.append(_Replay(layers[self.layer], hidden, controller, self.layer,
-                                 self.as_tuple))
-        decoder.layers = nn.ModuleList(stand_ins + list(layers[self.layer + 1:]))
+        replay = _Replay(layers[self.layer], hidden, controller, self.layer, self.as_tuple)
+        decoder.layers = nn.ModuleList(stand_ins + [replay] + list(layers[self.layer + 1:]))
         try:
             yield
         finally:
             decoder.layers = layers
+        if replay.calls != 1:  # the decoder no longer runs its layers from decoder.layers
+            raise RuntimeError(f"PerFit prefix cache: the decoder called the cached layer "
+                               f"{replay.calls} times, expected once")
 
 
 class _TrainingView(nn.Module):
