@@ -26,6 +26,11 @@
 6. **Evaluation** (``evaluate``) on the device; replies are additive metric statistics, which
    the server sums into the results table (:func:`shared.metrics.metrics_from_stats`).
 
+The training recipe (``recipe``: ``tuned``, ``paper`` or a file; :mod:`shared.recipes`) is
+resolved once for the run's model and task and laid under ``method-options``, which the
+devices receive with every phase message; stage 1's ``lr`` (and epochs) come from it unless
+the run config sets them.
+
 A node that fails or does not answer in a phase is logged and left out; the phase goes on
 with the others. Everything lands in ``run-dir``: ``federation.json`` (the results), the
 stage-1 folders and, in simulation, the devices' folders and ledgers.
@@ -46,6 +51,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from shared.errors import PflError
 from shared.metrics import TASK_KINDS
+from shared.models import canonical_name
+from shared.recipes import merge_options, resolve_recipe
+from shared.tasks import canonical_task_name
 
 log = logging.getLogger("flwr.pfl.federation")
 
@@ -55,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "kmeans-iterations": 3, "small-cluster-items": 0, "model": "tiny", "task": "synthetic",
     "seed": 0, "run-dir": "runs/federation", "num-clients": 0, "phase-timeout": 3600.0,
     "wait-for-nodes": 120.0, "method-options": "{}", "selection-sample": 0,
-    "sample-per-round": 0, "target-nodes": "", "sharer-nodes": "",
+    "sample-per-round": 0, "target-nodes": "", "sharer-nodes": "", "recipe": "tuned",
 }
 #: Run-config keys sent to devices with every phase message.
 DEVICE_KEYS = ("model", "task", "data-path", "seed", "run-dir", "method-options", "device",
@@ -118,6 +126,15 @@ def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
         raise PflError("need at least one target")
     if config["selection"] not in ("kmeans", "most-active"):
         raise PflError(f"selection must be kmeans or most-active, got {config['selection']!r}")
+    # the training recipe (shared.recipes) under the run's own method options
+    try:
+        method_options = json.loads(str(config["method-options"] or "{}"))
+    except json.JSONDecodeError as exc:
+        raise PflError(f"method-options is not JSON: {exc}") from None
+    config["recipe-name"], recipe = resolve_recipe(str(config["recipe"]),
+                                              canonical_name(str(config["model"])),
+                                              canonical_task_name(str(config["task"])))
+    config["method-options"] = json.dumps(merge_options(recipe, method_options))
     return config
 
 
@@ -321,9 +338,13 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         stage_config = {**{k: v for k, v in config.items() if k not in ("methods",)},
                         "method": kind, "output-dir": str(run_dir / f"stage1-{kind}"),
                         "num-clients": len(collective)}
-        for key, option in (("max-history", "max_history"), ("local-epochs", "stage1_epochs")):
-            if key not in config and method_options.get(option) is not None:
-                stage_config[key] = method_options[option]
+        recipe = method_options.get("stage1" if kind == "lora" else "perfit") or {}
+        for key, value in (("max-history", method_options.get("max_history")),
+                           ("local-epochs", method_options.get("stage1_epochs")
+                            or (recipe.get("epochs") if kind == "lora" else None)),
+                           ("lr", recipe.get("lr"))):
+            if key not in config and value is not None:
+                stage_config[key] = value
         summary = run_stage1(NodeSubset(grid, collective), stage_config)
         with np.load(summary["final_arrays"]) as data:
             arrays.update({f"{kind}.{k}": data[k] for k in data.files})
@@ -374,6 +395,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                          "bytes_per_user": sum(costs["bytes"]) / n,
                          "seconds_per_user": sum(costs["seconds"]) / n}
     summary = {"task": str(config["task"]), "model": str(config["model"]), "seed": int(config["seed"]),
+               "recipe": {"name": config["recipe-name"],
+                          "options": json.loads(config["method-options"])},
                "nodes": len(nodes), "targets": targets, "sharers": sharers,
                "collective": collective, "selection": selection, "stage1": stage1,
                "shared": shared, "methods": results, "phase_seconds": phase_seconds,

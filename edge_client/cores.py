@@ -64,8 +64,7 @@ def stage1_model(runtime: Runtime):
                       for u in runtime.roles.get("collective", [])]
         if not collective:
             raise ValueError("stage 1 needs collective users: none were assigned")
-        config = stage1_train(seed=runtime.seed,
-                              epochs=runtime.option("stage1_epochs", 3.0))
+        config = stage1_train_config(runtime)
         state, stats = train_stage1_lora(runtime.model, runtime.tokenizer, runtime.task,
                                          collective, stage1_lora(), config,
                                          progress=runtime.progress)
@@ -101,6 +100,8 @@ class PersonalLora(Core):
 
     def prepare(self, runtime, dataset, augmentation):
         personal_train_config(runtime)  # a bad --set oppu.* fails now, not after stage 1
+        if self.on_stage1:
+            stage1_train_config(runtime)
         self._base(runtime)
 
     def personalize(self, runtime: Runtime, user: User, augmentation: PromptAugmentation,
@@ -152,6 +153,13 @@ def personal_train_config(runtime: Runtime) -> TrainConfig:
     :class:`~shared.training.TrainConfig` (e.g. ``oppu.gradient_checkpointing=true``)."""
     return _method_config(personal_train, runtime, "oppu", seed=runtime.seed,
                           epochs=runtime.option("personal_epochs", 2.0))
+
+
+def stage1_train_config(runtime: Runtime) -> TrainConfig:
+    """The stage-1 task LoRA's recipe: 3 epochs (or the run's ``stage1_epochs``), lr 1e-4,
+    ..., with any ``--set stage1.FIELD=VALUE`` of :class:`~shared.training.TrainConfig`."""
+    return _method_config(stage1_train, runtime, "stage1", seed=runtime.seed,
+                          epochs=runtime.option("stage1_epochs", 3.0))
 
 
 def perpcs_config(runtime: Runtime) -> PerPcsConfig:

@@ -5,6 +5,9 @@
   an invalid prediction costs recall of the gold label and adds no false positive to any label.
 - Rating (LaMP-3, synthetic): float(prediction); an unparsable prediction becomes whichever of
   1 and 5 is farther from the gold. MAE and RMSE.
+- Both also report ``valid``: the share of outputs that parse (a label of the list, a finite
+  number), which tells a model that has not learnt the output format from one that answers
+  wrongly.
 - Generation (LaMP-4/5/6/7, news-headline): ROUGE-1 and ROUGE-L F-measure (rouge-score, no
   stemmer), averaged over queries.
 """
@@ -21,7 +24,7 @@ from shared.tasks import TaskSpec
 
 #: Which way each metric improves (for tables and comparisons).
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "mae": False, "rmse": False,
-                    "rouge-1": True, "rouge-L": True}
+                    "rouge-1": True, "rouge-L": True, "valid": True}
 
 
 def label_index(prediction: str, labels: Sequence[str]) -> int:
@@ -42,17 +45,24 @@ def classification_metrics(predictions: Sequence[str], golds: Sequence[str],
         "accuracy": float(accuracy_score(gold_idx, pred_idx)),
         "f1": float(f1_score(gold_idx, pred_idx, labels=list(range(len(labels))),
                              average="macro", zero_division=0)),
+        "valid": sum(i != -1 for i in pred_idx) / len(pred_idx),
     }
+
+
+def rating_value(prediction: str) -> float | None:
+    """float(prediction) when it is a finite number, else None."""
+    try:
+        value = float(prediction.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def parse_rating(prediction: str, gold: float) -> float:
     """float(prediction), or the one of 1 and 5 farther from the gold when unparsable."""
-    try:
-        value = float(prediction.strip())
-        if math.isfinite(value):
-            return value
-    except ValueError:
-        pass
+    value = rating_value(prediction)
+    if value is not None:
+        return value
     return 1.0 if abs(1.0 - gold) > abs(5.0 - gold) else 5.0
 
 
@@ -60,7 +70,8 @@ def rating_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str
     gold_values = [float(g) for g in golds]
     errors = [parse_rating(p, g) - g for p, g in zip(predictions, gold_values)]
     return {"mae": sum(abs(e) for e in errors) / len(errors),
-            "rmse": math.sqrt(sum(e * e for e in errors) / len(errors))}
+            "rmse": math.sqrt(sum(e * e for e in errors) / len(errors)),
+            "valid": sum(rating_value(p) is not None for p in predictions) / len(predictions)}
 
 
 _SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
@@ -97,20 +108,21 @@ def metric_stats(task: TaskSpec, predictions: Sequence[str],
     A device reports these; the server adds them over users and :func:`metrics_from_stats`
     turns the total into exactly the metrics :func:`evaluate` gives on all queries at once
     (macro F1 needs per-label counts, so a mean of per-user F1s would be wrong).
-    Classification: ``n``, ``correct`` and, for labels that occur, ``tp.I`` / ``fp.I`` /
-    ``fn.I``; rating: ``n``, ``abs_error``, ``squared_error``; generation: ``n``,
-    ``rouge-1``, ``rouge-L`` (sums of per-query F-measures).
+    Classification: ``n``, ``correct``, ``valid`` and, for labels that occur, ``tp.I`` /
+    ``fp.I`` / ``fn.I``; rating: ``n``, ``abs_error``, ``squared_error``, ``valid``;
+    generation: ``n``, ``rouge-1``, ``rouge-L`` (sums of per-query F-measures).
     """
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds")
     stats: dict[str, float] = {"n": float(len(golds))}
     if task.kind == "classification":
         labels = list(task.labels)
-        stats["correct"] = 0.0
+        stats["correct"] = stats["valid"] = 0.0
         for prediction, gold in zip(predictions, golds):
             p, g = label_index(prediction, labels), label_index(gold, labels)
             if g == -1:
                 raise ValueError(f"gold label {gold!r} is not in the task's label list")
+            stats["valid"] += p != -1
             if p == g:
                 stats["correct"] += 1
                 stats[f"tp.{g}"] = stats.get(f"tp.{g}", 0.0) + 1
@@ -122,6 +134,7 @@ def metric_stats(task: TaskSpec, predictions: Sequence[str],
         errors = [parse_rating(p, float(g)) - float(g) for p, g in zip(predictions, golds)]
         stats["abs_error"] = float(sum(abs(e) for e in errors))
         stats["squared_error"] = float(sum(e * e for e in errors))
+        stats["valid"] = float(sum(rating_value(p) is not None for p in predictions))
     else:
         scores = [_SCORER.score(target=g, prediction=p) for p, g in zip(predictions, golds)]
         stats["rouge-1"] = float(sum(s["rouge1"].fmeasure for s in scores))
@@ -146,7 +159,9 @@ def metrics_from_stats(task: TaskSpec, stats: dict[str, float]) -> dict[str, flo
         for i in range(len(task.labels)):
             tp, fp, fn = (stats.get(f"{k}.{i}", 0.0) for k in ("tp", "fp", "fn"))
             f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-        return {"accuracy": stats["correct"] / n, "f1": sum(f1s) / len(f1s)}
+        return {"accuracy": stats["correct"] / n, "f1": sum(f1s) / len(f1s),
+                "valid": stats.get("valid", 0.0) / n}
     if task.kind == "rating":
-        return {"mae": stats["abs_error"] / n, "rmse": math.sqrt(stats["squared_error"] / n)}
+        return {"mae": stats["abs_error"] / n, "rmse": math.sqrt(stats["squared_error"] / n),
+                "valid": stats.get("valid", 0.0) / n}
     return {"rouge-1": stats["rouge-1"] / n, "rouge-L": stats["rouge-L"] / n}

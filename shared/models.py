@@ -189,6 +189,11 @@ _MEMO: dict[tuple, LoadedModel] = {}
 _MEMO_LOCK = threading.Lock()
 
 
+def canonical_name(name: str | None) -> str:
+    """The registry name of a model (aliases resolved; a path stays as given)."""
+    return _ALIASES.get((name or DEFAULT_MODEL).lower(), name or DEFAULT_MODEL)
+
+
 def load_model(name: str | None = None, *, device: str | None = None,
                cache: str | os.PathLike | None = None, seed: int = 0) -> LoadedModel:
     """Load a model by registry name or local path; one copy per (model, device) per process.
@@ -196,7 +201,7 @@ def load_model(name: str | None = None, *, device: str | None = None,
     The returned model is in eval mode with every parameter frozen: methods add their own
     trainable parameters on top and never change the base weights.
     """
-    name = _ALIASES.get((name or DEFAULT_MODEL).lower(), name or DEFAULT_MODEL)
+    name = canonical_name(name)
     torch_device = resolve_device(device)
     key = (name, str(torch_device), str(cache_dir(cache)), seed)
     with _MEMO_LOCK:

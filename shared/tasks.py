@@ -190,3 +190,15 @@ def lamp_task(name: str) -> TaskSpec:
         if key == task.name.lower() or key in task.aliases:
             return task
     raise PflError(f"unknown LaMP task {name!r}; known: {', '.join(t.name for t in LAMP_TASKS)}")
+
+
+def canonical_task_name(name: str) -> str:
+    """A task's canonical name as given anywhere (``lamp4`` -> ``LaMP-4``; HuffPost tasks and
+    ``synthetic`` as they are); an unknown name comes back lower-cased."""
+    key = name.strip().lower()
+    if key in ("synthetic", "news-headline", "news-category"):
+        return key
+    try:
+        return lamp_task(name).name
+    except PflError:
+        return key

@@ -10,6 +10,8 @@
     pfl bench personalize personalization time per user vs history length
     pfl bench traffic     uplink/downlink bytes per client and phase (audit ledgers)
     pfl simulate    a federation of virtual devices (Flower simulation engine or in-process)
+    pfl tune        choose a training recipe on validation users (never on targets)
+    pfl compare     paired comparisons of methods (95% intervals) in a pfl eval results file
     pfl claims      check the papers' claims against a pfl eval results file
     pfl audit       show, summarize or verify a device's audit ledger
     pfl certs       a development CA and TLS certificates for the given hosts
@@ -76,10 +78,12 @@ def eval_config(args):
 
     options = _method_settings(args)
     return EvalConfig(task=args.task, data=args.data, methods=_csv(args.methods),
-                      model=args.model, users=args.users, seed=args.seed,
+                      model=args.model, users=args.users,
+                      queries_per_user=args.queries_per_user, seed=args.seed,
                       batch_size=args.batch_size, device=args.device,
                       cache_dir=args.cache_dir, min_history=args.min_history,
                       progress=not args.quiet, sample=args.sample, options=options,
+                      recipe=args.recipe,
                       **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
                                                         "stage1_epochs", "personal_epochs")
                          if getattr(args, k, None) is not None})
@@ -87,7 +91,7 @@ def eval_config(args):
 
 def cmd_eval(args) -> int:
     from simulations.evaluate import run_eval
-    from simulations.report import results_table
+    from simulations.report import comparison_pairs, comparisons_table, results_table
 
     config = eval_config(args)
     previous = None
@@ -99,6 +103,10 @@ def cmd_eval(args) -> int:
     results = run_eval(config, on_method=(lambda partial: _write_json(args.out, partial))
                        if args.out else None, previous=previous)
     print(results_table(results))
+    pairs = comparison_pairs(results, against=REFERENCES)
+    if pairs:
+        print("\npaired on the same users (> 0: the first is better)")
+        print(comparisons_table(results, pairs))
     if args.out:
         _write_json(args.out, results)
         print(f"results written to {args.out}")
@@ -124,7 +132,8 @@ def cmd_demo(args) -> int:
     summary = run_federation_simulation(
         args.clients, methods=methods, targets=args.targets, sharers=args.sharers, model=model,
         task="synthetic", run_dir=args.run_dir, seed=args.seed, rounds=1,
-        options={"max-steps": 10, "method-options": json.dumps(DEMO_OPTIONS)})
+        options={"max-steps": 10, "method-options": json.dumps(DEMO_OPTIONS),
+                 "recipe": args.recipe})
     print()
     print(format_results(summary))
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
@@ -236,7 +245,7 @@ def cmd_simulate(args) -> int:
     for key in ("max_history", "personal_epochs", "stage1_epochs"):
         if getattr(args, key, None) is not None:
             method_options[key] = getattr(args, key)
-    options = {"method-options": json.dumps(method_options),
+    options = {"method-options": json.dumps(method_options), "recipe": args.recipe,
                "fraction-train": args.fraction_train,
                "sample-per-round": args.sample_per_round,
                "selection-sample": (args.selection_sample if args.selection_sample is not None
@@ -263,17 +272,92 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def cmd_claims(args) -> int:
-    from simulations.claims import claims_table
+def _grid_axis(text: str) -> tuple[str, str, list]:
+    """``oppu.lr=1e-4,1e-3`` -> ("oppu", "lr", [1e-4, 1e-3]); values are JSON or strings."""
+    section, key, raw = _setting(text)
+    values = []
+    for part in str(raw if not isinstance(raw, list) else ",".join(map(str, raw))).split(","):
+        try:
+            values.append(json.loads(part))
+        except json.JSONDecodeError:
+            values.append(part.strip())
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        values = [raw]
+    return section, key, values
 
-    path = Path(args.results)
+
+def cmd_tune(args) -> int:
+    """Choose a recipe on validation users (never the targets pfl eval reports)."""
+    from simulations.tune import DEFAULT_GRID, TuneConfig, tune, tune_report
+
+    grid = json.loads(json.dumps(DEFAULT_GRID))
+    for section, key, values in args.grid or []:
+        grid.setdefault(section, {})[key] = values
+    config = TuneConfig(task=args.task, data=args.data, model=args.model, seed=args.seed,
+                        validation=args.validation_users, queries_per_user=args.queries_per_user,
+                        targets=args.targets, sharers=args.sharers, collective=args.collective,
+                        max_history=args.max_history, min_history=args.min_history,
+                        stages=_csv(args.stages), grid=grid, batch_size=args.batch_size,
+                        device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    previous = None
+    if args.resume and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+    recipe = tune(config, on_trial=lambda partial: _write_json(args.out, partial),
+                  previous=previous)
+    report = tune_report(recipe)
+    command = "pfl " + " ".join(args.argv)
+    recipe["command"] = command
+    _write_json(args.out, recipe)
+    Path(args.out).with_suffix(".md").write_text(f"```\n$ {command}\n{report}\n```\n")
+    print(report)
+    print(f"recipe written to {args.out} (use it: pfl eval --recipe {args.out})")
+    return 0
+
+
+#: what pfl eval and pfl compare compare every method against by default
+REFERENCES = ("nonpersonalized", "lora-c")
+
+
+def _read_results(path_text: str) -> dict:
+    path = Path(path_text)
     if not path.is_file():
         raise PflError(f"no results file at {path}")
     try:
         results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PflError(f"{path} is not a pfl eval results file ({exc})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("methods"), dict):
+        raise PflError(f"{path} is not a pfl eval results file (no methods)")
+    return results
+
+
+def cmd_compare(args) -> int:
+    """Paired comparisons of methods of one pfl eval results file, on the same users."""
+    from simulations.report import comparison_pairs, comparisons_table
+
+    results = _read_results(args.results)
+    if (args.a is None) != (args.b is None):
+        raise PflError("give two methods (A B), or none to compare each against --against")
+    against = _csv(args.against) if args.against else REFERENCES
+    try:
+        pairs = comparison_pairs(results, args.a, args.b, against)
+        if not pairs:
+            raise PflError(f"nothing to compare: no per-query results of {', '.join(against)}")
+        metrics = _csv(args.metrics) if args.metrics else None
+        print(comparisons_table(results, pairs, metrics))
+    except (KeyError, ValueError) as exc:
+        raise PflError(f"{args.results}: {exc.args[0] if exc.args else exc}") from None
+    return 0
+
+
+def cmd_claims(args) -> int:
+    from simulations.claims import claims_table
+
+    results = _read_results(args.results)
+    try:
         print(claims_table(results))
-    except (json.JSONDecodeError, KeyError, StopIteration) as exc:
-        raise PflError(f"{path} is not a pfl eval results file ({exc!r})") from None
+    except (KeyError, StopIteration, ValueError) as exc:
+        raise PflError(f"{args.results} is not a pfl eval results file ({exc!r})") from None
     return 0
 
 
@@ -385,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="devices' folders, ledgers, pool (default %(default)s)")
     demo.add_argument("--out", default="results/demo.json",
                       help="write the results JSON here (default %(default)s)")
+    demo.add_argument("--recipe", default="tuned",
+                      help="training recipe: tuned (default), paper or a pfl tune file")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _model_options(demo)
     demo.set_defaults(func=cmd_demo)
@@ -399,7 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default="nonpersonalized,rag1,pag",
                     help="comma-separated method names, e.g. nonpersonalized,random1,rag1,rag2,"
                          "rag4,pag,pag+rag1 (default: %(default)s)")
-    ev.add_argument("--users", type=int, default=20, help="number of target users (default 20)")
+    ev.add_argument("--users", type=int, default=40, help="number of target users (default 40)")
+    ev.add_argument("--queries-per-user", type=int, default=None,
+                    help="each target's latest N items are its queries, the history strictly "
+                         "older (default 3 on HuffPost and synthetic; LaMP has 1)")
     ev.add_argument("--min-history", type=int, default=None,
                     help="minimum history items per user (default: the task's; HuffPost 10)")
     ev.add_argument("--sharers", type=int, default=None,
@@ -408,11 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="collective users for stage 1, disjoint from targets (default 30)")
     ev.add_argument("--max-history", type=int, default=None,
                     help="trained methods use each user's N most recent items (default 50)")
-    ev.add_argument("--stage1-epochs", type=float, default=None, help="default 3")
-    ev.add_argument("--personal-epochs", type=float, default=None, help="default 2")
+    ev.add_argument("--stage1-epochs", type=float, default=None,
+                    help="default: the recipe's (paper: 3)")
+    ev.add_argument("--personal-epochs", type=float, default=None,
+                    help="default: the recipe's (paper: 2)")
     ev.add_argument("--set", type=_setting, action="append", metavar="METHOD.KEY=VALUE",
                     help="a method setting, e.g. perpcs.gate_steps=50, perpcs.top_k=1, "
                          "perfit.epochs=2, perfit.positions=l7 (repeatable)")
+    ev.add_argument("--recipe", default="tuned",
+                    help="training recipe: tuned (default: the one shipped for this model and "
+                         "task, else paper), paper (the papers' settings) or a file written "
+                         "by pfl tune; --set and the epoch flags override it")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=8, help="generation batch size")
     ev.add_argument("--sample", action="store_true",
@@ -468,8 +563,56 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-dir", default="runs/simulate",
                      help="devices' folders and ledgers, pool, arrays (default %(default)s)")
     sim.add_argument("--out", default=None, help="write the summary JSON here")
+    sim.add_argument("--recipe", default="tuned",
+                     help="training recipe: tuned (default), paper or a pfl tune file")
     sim.add_argument("--seed", type=int, default=0)
     sim.set_defaults(func=cmd_simulate)
+
+    tune = commands.add_parser(
+        "tune", help="choose a training recipe on validation users",
+        description=cmd_tune.__doc__ + " Searches a small grid, one trained part after the "
+        "other (stage1, oppu, perpcs, perfit), each on the choices before it; writes a recipe "
+        "file (after each trial: --resume continues) and a report beside it (.md).")
+    tune.add_argument("--task", required=True, help="news-headline, news-category, synthetic")
+    tune.add_argument("--data", default=None, help="data path (HuffPost folder or .jsonl)")
+    tune.add_argument("--out", required=True, help="the recipe file to write (JSON)")
+    tune.add_argument("--resume", action="store_true",
+                      help="keep the trials already in --out (same search) and run the rest")
+    tune.add_argument("--validation-users", type=int, default=8,
+                      help="users scored (default 8); never a target, sharer or collective "
+                           "user of the pfl eval run with the same seed and sizes")
+    tune.add_argument("--queries-per-user", type=int, default=3)
+    tune.add_argument("--targets", type=int, default=40,
+                      help="the pfl eval run's --users, whose targets are left out (default 40)")
+    tune.add_argument("--sharers", type=int, default=10)
+    tune.add_argument("--collective", type=int, default=30)
+    tune.add_argument("--max-history", type=int, default=50)
+    tune.add_argument("--min-history", type=int, default=None)
+    tune.add_argument("--stages", default="stage1,oppu,perpcs,perfit",
+                      help="the parts to tune, in order (default %(default)s)")
+    tune.add_argument("--grid", type=_grid_axis, action="append", metavar="STAGE.KEY=V1,V2",
+                      help="one axis of a stage's grid, e.g. oppu.lr=1e-4,1e-3 (replaces the "
+                           "default axis; repeatable)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_options(tune)
+    tune.set_defaults(func=cmd_tune)
+
+    compare = commands.add_parser(
+        "compare", help="paired comparisons of methods in a results file",
+        description="Method A against B on the same users: the metric's difference with a "
+                    "95%% paired bootstrap interval over users, per-user wins/ties/losses and "
+                    "identical outputs. Without A and B: every method against --against.")
+    compare.add_argument("results", help="a JSON file written by pfl eval --out")
+    compare.add_argument("a", nargs="?", default=None, help="a method of the file")
+    compare.add_argument("b", nargs="?", default=None, help="the method to compare it with")
+    compare.add_argument("--against", default=None,
+                         help="references for the all-methods form (default: "
+                              f"{','.join(REFERENCES)})")
+    compare.add_argument("--metrics", default=None,
+                         help="comma-separated metrics (default: the task's first)")
+    compare.set_defaults(func=cmd_compare)
 
     claims = commands.add_parser("claims", help="check the papers' claims against a results file")
     claims.add_argument("results", help="a JSON file written by pfl eval --out")
@@ -586,6 +729,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()

@@ -23,10 +23,13 @@ from shared.data import load_dataset
 from shared.errors import PflError
 from shared.generation import GenerationConfig
 from shared.methods.base import Core, MethodSpec, PersonalState, Runtime, parse_method
-from shared.metrics import evaluate
-from shared.models import load_model
+from shared.metrics import evaluate, metric_stats
+from shared.models import canonical_name, load_model
+from shared.recipes import merge_options, resolve_recipe
+from shared.tasks import canonical_task_name
 from shared.profiles import generate_profiles
 from shared.types import User
+from simulations.statistics import metric_interval
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,8 @@ class EvalConfig:
     data: str | None = None
     methods: Sequence[str] = DEFAULT_METHODS
     model: str | None = None
-    users: int = 20
+    users: int = 40
+    queries_per_user: int | None = None  # None: 3 on HuffPost and synthetic (LaMP has 1)
     seed: int = 0
     batch_size: int = 8
     device: str | None = None
@@ -48,21 +52,39 @@ class EvalConfig:
     sharers: int = 10
     collective: int = 30
     max_history: int | None = 50  # trained methods use each user's most recent items only
-    stage1_epochs: float = 3.0
-    personal_epochs: float = 2.0
+    stage1_epochs: float | None = None  # None: the recipe's (paper: 3)
+    personal_epochs: float | None = None  # None: the recipe's (paper: 2)
     progress: bool = True
     sample: bool = False
     options: dict = field(default_factory=dict)
+    recipe: str = "tuned"  # "tuned", "paper" or a recipe file (shared.recipes)
 
 
-def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int) -> dict:
-    """Split users into targets, sharers and collective users, disjoint and reproducible.
+def run_options(config: EvalConfig) -> tuple[str, dict]:
+    """(recipe name, the methods' options): the recipe, then the command line's epochs and
+    ``--set`` settings on top."""
+    name, recipe = resolve_recipe(config.recipe, canonical_name(config.model),
+                                  canonical_task_name(config.task))
+    flags = {"max_history": config.max_history}
+    for key in ("stage1_epochs", "personal_epochs"):
+        if getattr(config, key) is not None:
+            flags[key] = getattr(config, key)
+    return name, merge_options(merge_options(recipe, flags), config.options)
+
+
+def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int,
+                 validation: int = 0) -> dict:
+    """Split users into targets, sharers, collective and validation users, disjoint and
+    reproducible.
 
     Targets are drawn at random (seeded) so they are not systematically the most active users;
     sharers are the most active of the rest (PER-PCS' "most active" strategy); collective
-    users are the rest after them. A lazily generated population is only read as far as needed.
+    users are the rest after them, and validation users (``pfl tune``) the rest after those.
+    Asking for validation users changes none of the other roles, so a recipe tuned on them
+    never saw a target of the ``pfl eval`` run with the same seed and sizes. A lazily
+    generated population is only read as far as needed.
     """
-    wanted = targets + sharers + collective
+    wanted = targets + sharers + collective + validation
     pool = list(dataset.users(limit=wanted if len(dataset) > 10_000 else None))
     rng = random.Random(seed)
     order = list(range(len(pool)))
@@ -71,7 +93,8 @@ def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int
     rest = [pool[i] for i in sorted(order[targets:])]
     rest.sort(key=lambda u: -len(u.history))  # stable: ties keep the dataset's order
     return {"targets": [pool[i] for i in chosen], "sharers": rest[:sharers],
-            "collective": rest[sharers: sharers + collective]}
+            "collective": rest[sharers: sharers + collective],
+            "validation": rest[sharers + collective: sharers + collective + validation]}
 
 
 def _profile_bytes(profile: str | None) -> int:
@@ -115,26 +138,42 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
     pairs = [(user, query) for user in targets for query in user.queries]
     golds = [query.gold for _, query in pairs]
     n = max(1, len(targets))
+    queries = [{"user": u.id, "query": q.id, "prediction": p, "gold": q.gold,
+                "stats": metric_stats(runtime.task, [p], [q.gold])}
+               for (u, q), p in zip(pairs, predictions)]
+    metrics = evaluate(runtime.task, predictions, golds)
     return {
-        "metrics": evaluate(runtime.task, predictions, golds),
+        "metrics": metrics,
+        "intervals": {metric: metric_interval(runtime.task, queries, metric, seed=runtime.seed)
+                      for metric in metrics},
         "params_per_user": sum(s.params for s in states) / n,
         "bytes_per_user": sum(s.bytes for s in states) / n,
         "seconds_per_user": sum(seconds) / n,
         "prepare_seconds": prepare_seconds,
-        "examples": [{"user": u.id, "query": q.id, "prediction": p, "gold": q.gold}
-                     for (u, q), p in zip(pairs[:5], predictions)],
+        "queries": queries,
     }
+
+
+DEFAULT_QUERIES_PER_USER = 3
+
+
+def queries_per_user(config: EvalConfig) -> int | None:
+    """The queries of each target: ``config.queries_per_user``, else 3 where the task can have
+    several (HuffPost, synthetic; 40 targets x 3 = 120 queries by default), else LaMP's one."""
+    if config.queries_per_user is not None:
+        return config.queries_per_user
+    multi = config.task.strip().lower() in ("news-headline", "news-category", "synthetic")
+    return DEFAULT_QUERIES_PER_USER if multi else None
 
 
 def run_settings(config: EvalConfig) -> dict:
     """What decides a method's results besides its name: two runs with equal settings give
     the same results (seeded), so a resumed run may keep the methods an earlier one finished."""
     return {"task": config.task, "data": config.data, "model": config.model,
-            "users": config.users, "seed": config.seed, "min_history": config.min_history,
+            "users": config.users, "queries_per_user": queries_per_user(config),
+            "seed": config.seed, "min_history": config.min_history,
             "sharers": config.sharers, "collective": config.collective,
-            "max_history": config.max_history, "stage1_epochs": config.stage1_epochs,
-            "personal_epochs": config.personal_epochs, "sample": config.sample,
-            "options": config.options}
+            "sample": config.sample, "options": run_options(config)[1]}
 
 
 def resumable_methods(config: EvalConfig, previous: dict, names: Sequence[str]) -> dict:
@@ -166,7 +205,7 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
     kept = resumable_methods(config, previous, [s.name for s in specs]) if previous else {}
     todo = [s for s in specs if s.name not in kept]
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
-                           seed=config.seed)
+                           queries_per_user=queries_per_user(config), seed=config.seed)
     roles = assign_roles(dataset, config.users, config.sharers, config.collective, config.seed)
     targets = roles["targets"]
     if kept and previous.get("targets", [u.id for u in targets]) != [u.id for u in targets]:
@@ -177,8 +216,7 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
                        f"(e.g. {missing[0]}): evaluate on a split with outputs")
     loaded = load_model(config.model, device=config.device, cache=config.cache_dir,
                         seed=config.seed)
-    options = {"max_history": config.max_history, "stage1_epochs": config.stage1_epochs,
-               "personal_epochs": config.personal_epochs, **config.options}
+    recipe, options = run_options(config)
     runtime = Runtime(loaded=loaded, task=dataset.task, seed=config.seed,
                       progress=config.progress, options=options, roles=roles)
     generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens,
@@ -203,6 +241,8 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
         "data": config.data,
         "seed": config.seed,
         "targets": [u.id for u in targets],
+        "metric_task": {"kind": dataset.task.kind, "labels": list(dataset.task.labels or ())},
+        "recipe": {"name": recipe, "options": options},
         "settings": run_settings(config),
         "methods": {},
     }

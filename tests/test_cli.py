@@ -26,11 +26,28 @@ def test_eval_prompt_baselines_end_to_end(capsys, tmp_path):
     assert results["users"] == 3
     assert list(results["methods"]) == ["nonpersonalized", "random1", "rag1", "rag2", "pag",
                                         "pag+rag1"]
+    assert results["queries"] == 9  # 3 queries per user by default
     for r in results["methods"].values():
-        assert set(r["metrics"]) == {"mae", "rmse"}
+        assert set(r["metrics"]) == {"mae", "rmse", "valid"}
         assert 0 <= r["metrics"]["mae"] <= 4
         assert {"params_per_user", "bytes_per_user", "seconds_per_user"} <= set(r)
+        # every query kept, with what the bootstrap needs
+        assert [q["user"] for q in r["queries"]] == [u for u in results["targets"]
+                                                     for _ in range(3)]
+        assert all(q["stats"]["n"] == 1 and "prediction" in q for q in r["queries"])
+        interval = r["intervals"]["mae"]
+        assert interval["low"] <= r["metrics"]["mae"] <= interval["high"]
     assert "pag+rag1" in out and "mae" in out  # the table
+    assert "pag vs nonpersonalized" in out  # the paired comparisons
+
+    code, out, err = run(capsys, "compare", str(out_file), "rag1", "random1", "--metrics",
+                         "mae,valid")
+    assert code == 0, err
+    assert "rag1 vs random1" in out and "valid" in out and "/9" in out
+    code, _, err = run(capsys, "compare", str(out_file), "rag1", "oppu")
+    assert code == 2 and "no per-query results for oppu" in err
+    code, _, err = run(capsys, "compare", str(out_file), "rag1")
+    assert code == 2 and "give two methods" in err
 
 
 def test_eval_resume_keeps_finished_methods_and_refuses_other_settings(capsys, tmp_path):

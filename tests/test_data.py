@@ -197,13 +197,16 @@ def test_huffpost_headline_users_and_time_split(huffpost_file: Path):
     assert all(h["text"] for h in ann.history)
 
 
-def test_huffpost_ties_keep_file_order(tmp_path: Path):
-    rows = [_article("Dee", 1, n) for n in range(6)]
+def test_huffpost_ties_keep_file_order_and_history_is_strictly_older(tmp_path: Path):
+    days = [1, 1, 2, 3, 4, 4, 4]  # articles 4, 5 and 6 are of the same day
+    rows = [_article("Dee", day, n) for n, day in enumerate(days)]
     path = tmp_path / "h.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     user = load_dataset("news-headline", path, min_history=3, queries_per_user=2).user(0)
+    assert [q.gold for q in user.queries] == ["Dee headline 5", "Dee headline 6"]
+    # article 4 is as old as the earliest query: neither history nor query
     assert [h["title"] for h in user.history] == [f"Dee headline {n}" for n in range(4)]
-    assert [q.gold for q in user.queries] == ["Dee headline 4", "Dee headline 5"]
+    assert not list(load_dataset("news-headline", path, min_history=5, queries_per_user=2))
 
 
 def test_huffpost_category_labels_filters_and_limit(huffpost_file: Path):
@@ -242,7 +245,7 @@ def test_real_huffpost_file():
         history_dates = [dates[(h["text"], h["title"])] for h in user.history]
         assert history_dates == sorted(history_dates)
         query_text = user.queries[0].input.split("article: ", 1)[1]
-        assert dates[(query_text, user.queries[0].gold)] >= max(history_dates)
+        assert dates[(query_text, user.queries[0].gold)] > max(history_dates)
     top20 = load_dataset("news-category", HUFFPOST_DIR, users=20)
     assert [u.id for u in top20] == [u.id for u in ds.users(20)]
     assert len(top20.task.labels) >= 20

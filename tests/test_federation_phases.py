@@ -54,7 +54,7 @@ def test_every_phase_runs_and_roles_stay_disjoint(federation):
     assert set(summary["stage1"]) == {"lora", "perfit"}
     for name in METHODS.split(","):
         result = summary["methods"][name]
-        assert result["queries"] > 0 and set(result["metrics"]) == {"mae", "rmse"}
+        assert result["queries"] > 0 and set(result["metrics"]) == {"mae", "rmse", "valid"}
     # Costs per user as pfl eval reports them: PER-PCS stores a recipe of bytes, OPPU a LoRA.
     methods = summary["methods"]
     assert 0 < methods["perpcs"]["bytes_per_user"] < methods["oppu"]["bytes_per_user"] / 50

@@ -63,7 +63,7 @@ def test_every_method_is_scored_with_costs(results):
     assert list(results["methods"]) == ALL
     assert results["sharers"] == 2 and results["collective_users"] == 3
     for name, r in results["methods"].items():
-        assert set(r["metrics"]) == {"mae", "rmse"}, name
+        assert set(r["metrics"]) == {"mae", "rmse", "valid"}, name
         assert r["seconds_per_user"] >= 0
     json.dumps(results)  # the results are JSON-able
 

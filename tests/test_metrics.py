@@ -25,6 +25,7 @@ def test_classification_accuracy_and_macro_f1_by_hand():
     assert m["accuracy"] == pytest.approx(2 / 4)
     # a: tp1 fp0 fn1 -> p1 r.5 f 2/3; b: tp1 fp1 fn0 -> p.5 r1 f 2/3; c: tp0 fn1 -> 0
     assert m["f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert m["valid"] == pytest.approx(3 / 4)  # "nonsense" is not a label
 
 
 def test_invalid_prediction_costs_recall_only():
@@ -63,6 +64,8 @@ def test_rating_mae_rmse_by_hand():
     errors = [1.0, 3.0, 0.0]  # "x" with gold 2 -> 5 (farther), error 3
     assert m["mae"] == pytest.approx(sum(errors) / 3)
     assert m["rmse"] == pytest.approx(math.sqrt(sum(e * e for e in errors) / 3))
+    assert m["valid"] == pytest.approx(2 / 3)  # "x" does not parse
+    assert rating_metrics(["inf", " 2 "], ["1", "2"])["valid"] == 0.5
 
 
 def test_rouge_f_measures_by_hand():
@@ -84,8 +87,8 @@ def test_rouge_l_differs_from_rouge_1_on_order():
 
 
 def test_evaluate_dispatches_by_task_kind():
-    assert set(evaluate(LAMP_2_MOVIE, ["comedy"], ["comedy"])) == {"accuracy", "f1"}
-    assert set(evaluate(LAMP_3, ["3"], ["3"])) == {"mae", "rmse"}
+    assert set(evaluate(LAMP_2_MOVIE, ["comedy"], ["comedy"])) == {"accuracy", "f1", "valid"}
+    assert set(evaluate(LAMP_3, ["3"], ["3"])) == {"mae", "rmse", "valid"}
     assert set(evaluate(LAMP_4, ["a b"], ["a b"])) == {"rouge-1", "rouge-L"}
     assert evaluate(news_category(("x", "y")), ["y"], ["y"])["accuracy"] == 1.0
     with pytest.raises(ValueError):

@@ -1,7 +1,8 @@
 """LaMP-style per-author tasks from the HuffPost News Category dataset.
 
 An author is a user. Their articles, sorted by date (file order breaks ties), are split in
-time as LaMP does: the latest ``queries_per_user`` are queries, the earlier ones history.
+time as LaMP does: the latest ``queries_per_user`` are queries, and the history is the
+articles strictly older than the earliest query (same-day articles are left out).
 ``news-headline`` asks for the headline of an article (LaMP-4 style); ``news-category`` for its
 category (LaMP-2N style) over the sorted, lowercased categories of the whole file.
 """
@@ -91,22 +92,29 @@ def load_huffpost(path: str | Path, task: str = "news-headline", *, min_history:
     users = []
     for author, items in by_author.items():
         items.sort(key=lambda la: (str(la[1]["date"]), la[0]))  # by date, then file order
-        if len(items) - queries_per_user < min_history:
+        if len(items) <= queries_per_user:
             continue
-        users.append(_user(spec, author, items, queries_per_user))
+        queries = items[-queries_per_user:]
+        # the history is strictly older than the earliest query: an article of the same day
+        # is neither history nor query
+        first = str(queries[0][1]["date"])
+        history = [item for item in items[:-queries_per_user] if str(item[1]["date"]) < first]
+        if len(history) < min_history:
+            continue
+        users.append(_user(spec, author, history, queries))
     users.sort(key=lambda u: (-len(u.history), u.id))
     return InMemoryDataset(spec, users, f"huffpost/{spec.name}")
 
 
-def _user(spec: TaskSpec, author: str, items: list[tuple[int, dict]], n_queries: int) -> User:
+def _user(spec: TaskSpec, author: str, history_items: list[tuple[int, dict]],
+          query_items: list[tuple[int, dict]]) -> User:
     def fields(a: dict) -> dict[str, str]:
         return {"text": str(a["short_description"]).strip(), "title": str(a["headline"]).strip(),
                 "category": str(a["category"]).strip().lower()}
 
-    split = len(items) - n_queries
-    history = tuple(HistoryItem(_item_id(a, n), fields(a)) for n, a in items[:split])
+    history = tuple(HistoryItem(_item_id(a, n), fields(a)) for n, a in history_items)
     queries = []
-    for n, a in items[split:]:
+    for n, a in query_items:
         f = fields(a)
         queries.append(Query(_item_id(a, n), spec.format_input(f["text"]), f[spec.output_field]))
     return User(author_id(author), history, tuple(queries))

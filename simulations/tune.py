@@ -1,0 +1,208 @@
+"""``pfl tune``: choose a training recipe on validation users, never on reported targets.
+
+The papers' recipes (lr 1e-4, 2-3 epochs) were tuned for a 7B model and users with hundreds
+of history items; a 135M model and 10-50 items a user need their own. ``pfl tune`` searches a
+small grid, one trained part after the other, each on top of the choices before it:
+
+1. ``stage1``: the stage-1 task LoRA, scored as LoRA-C;
+2. ``oppu``: the personal LoRA (OPPU, and so LoRA-P and the PER-PCS sharers), scored as OPPU;
+3. ``perpcs``: the gates (post-hoc, on the sharers), scored as PER-PCS;
+4. ``perfit``: both PerFit stages, scored as PerFit.
+
+Scores are the task's first metric on the held-out queries of *validation users*: users of
+the same data who are neither the targets nor the sharers nor the collective users of the
+``pfl eval`` run with the same seed and sizes (:func:`~simulations.evaluate.assign_roles`).
+The first value of each grid axis is the papers'; a setting replaces it only when it scores
+strictly better. The result is a recipe file (:mod:`shared.recipes`) with every trial kept
+(metrics with 95% intervals over the validation users), written after each trial so that
+``--resume`` continues a cut-off search.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from shared.data import load_dataset
+from shared.errors import PflError
+from shared.generation import GenerationConfig
+from shared.methods.base import Runtime, parse_method
+from shared.metrics import HIGHER_IS_BETTER
+from shared.models import canonical_name, load_model
+from shared.recipes import FORMAT, SECTIONS, check_options, merge_options
+from shared.tasks import canonical_task_name
+from simulations.evaluate import assign_roles, evaluate_method
+
+log = logging.getLogger(__name__)
+
+#: What each stage's settings are scored as.
+STAGE_METHOD = {"stage1": "lora-c", "oppu": "oppu", "perpcs": "perpcs", "perfit": "perfit"}
+#: The default grid: the papers' value first on every axis.
+DEFAULT_GRID: dict[str, dict[str, list]] = {
+    "stage1": {"lr": [1e-4, 1e-3, 3e-3]},
+    "oppu": {"lr": [1e-4, 1e-3, 5e-3], "epochs": [2, 4]},
+    "perpcs": {"gate_lr": [2e-5, 1e-3, 1e-2]},
+    "perfit": {"lr": [1e-4, 1e-3, 1e-2]},
+}
+
+
+@dataclass
+class TuneConfig:
+    task: str
+    data: str | None = None
+    model: str | None = None
+    seed: int = 0
+    validation: int = 8
+    queries_per_user: int | None = 3
+    # the roles of the pfl eval run whose targets must stay unseen
+    targets: int = 40
+    sharers: int = 10
+    collective: int = 30
+    max_history: int | None = 50
+    min_history: int | None = None
+    stages: Sequence[str] = tuple(STAGE_METHOD)
+    grid: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_GRID)))
+    batch_size: int = 8
+    device: str | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+def grid_settings(axes: dict[str, list]) -> list[dict]:
+    """Every combination of a stage's axes, in grid order (the first is the papers')."""
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def check_grid(grid: dict, stages: Sequence[str]) -> None:
+    for stage in stages:
+        if stage not in STAGE_METHOD:
+            raise PflError(f"unknown stage {stage!r} (known: {', '.join(STAGE_METHOD)})")
+        axes = grid.get(stage)
+        if not isinstance(axes, dict) or not axes or not all(
+                isinstance(v, list) and v for v in axes.values()):
+            raise PflError(f"the grid of {stage} needs at least one axis with values")
+        check_options({stage: {k: v[0] for k, v in axes.items()}}, f"grid of {stage}")
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if HIGHER_IS_BETTER.get(metric, True) else value < best
+
+
+def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dict:
+    """Run the search; returns the recipe (``options`` = the chosen settings, ``trials``).
+
+    ``previous``: an earlier, cut-off result of the same search: its trials are kept and not
+    run again. ``on_trial(recipe)`` is called after each trial with the recipe so far.
+    """
+    stages = list(config.stages)
+    check_grid(config.grid, stages)
+    model_name, task = canonical_name(config.model), canonical_task_name(config.task)
+    dataset = load_dataset(config.task, config.data, min_history=config.min_history,
+                           queries_per_user=config.queries_per_user, seed=config.seed)
+    roles = assign_roles(dataset, config.targets, config.sharers, config.collective,
+                         config.seed, validation=config.validation)
+    validation = roles["validation"]
+    if len(validation) < 2:
+        raise PflError(f"only {len(validation)} validation users are left after "
+                       f"{config.targets} targets, {config.sharers} sharers and "
+                       f"{config.collective} collective users: use fewer")
+    search = {"seed": config.seed, "targets_excluded": config.targets,
+              "sharers": config.sharers, "collective": config.collective,
+              "validation": [u.id for u in validation],
+              "queries_per_user": config.queries_per_user, "max_history": config.max_history,
+              "stages": stages, "grid": {s: config.grid[s] for s in stages}}
+    done = {}
+    if previous is not None:
+        if previous.get("search") != json.loads(json.dumps(search)):
+            raise PflError("cannot resume: the earlier search had other settings or users")
+        done = {json.dumps([t["stage"], t["options"]], sort_keys=True): t
+                for t in previous.get("trials", [])}
+    loaded = load_model(config.model, device=config.device, cache=config.cache_dir,
+                        seed=config.seed)
+    generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens,
+                                  batch_size=config.batch_size, seed=config.seed)
+    recipe = {"format": FORMAT, "model": model_name, "task": task, "options": {},
+              "search": search, "trials": []}
+    chosen: dict = {}
+    memo: dict = {}  # the last stage-1 model, reused while its settings do not change
+    for stage in stages:
+        spec = parse_method(STAGE_METHOD[stage])
+        best, best_value, metric = None, None, None
+        for setting in grid_settings(config.grid[stage]):
+            options = merge_options(chosen, {stage: setting})
+            key = json.dumps([stage, options], sort_keys=True)
+            trial = done.get(key)
+            if trial is None:
+                trial = _trial(loaded, dataset, roles, spec, stage, options, config, generation,
+                               memo)
+            recipe["trials"].append(trial)
+            metric = next(iter(trial["metrics"]))
+            value = trial["metrics"][metric]
+            log.info("tune %s %s: %s %.4f", stage, setting, metric, value)
+            if _better(metric, value, best_value):
+                best, best_value = setting, value
+            if on_trial is not None:
+                on_trial(recipe)
+        chosen = merge_options(chosen, {stage: best})
+        recipe["options"] = chosen
+        if on_trial is not None:
+            on_trial(recipe)
+    return recipe
+
+
+def _trial(loaded, dataset, roles, spec, stage, options, config, generation, memo) -> dict:
+    runtime = Runtime(loaded=loaded, task=dataset.task, seed=config.seed,
+                      progress=config.progress,
+                      options=merge_options({"max_history": config.max_history}, options),
+                      roles={**roles, "targets": roles["validation"]})
+    stage1_key = json.dumps([options.get("stage1"), options.get("stage1_epochs")],
+                            sort_keys=True)
+    if memo.get("key") == stage1_key:  # the same stage 1: trained once, not per trial
+        runtime.cache.update(memo["cache"])
+    started = time.perf_counter()
+    result = evaluate_method(runtime, spec, dataset, roles["validation"], {}, 0.0, generation)
+    if "stage1" in runtime.cache:
+        memo.update(key=stage1_key, cache={k: runtime.cache[k] for k in ("stage1", "stage1_stats")
+                                           if k in runtime.cache})
+    return {"stage": stage, "setting": options[stage], "options": options,
+            "metrics": result["metrics"], "intervals": result["intervals"],
+            "seconds_per_user": result["seconds_per_user"],
+            "prepare_seconds": result["prepare_seconds"],
+            "wall_seconds": time.perf_counter() - started}
+
+
+def tune_report(recipe: dict) -> str:
+    """The tuning report: every trial with its 95% interval, and what was chosen."""
+    from simulations.report import format_table
+
+    search = recipe["search"]
+    lines = [f"recipe tuned for {recipe['model']} on {recipe['task']}: "
+             f"{len(search['validation'])} validation users x {search['queries_per_user']} "
+             f"queries (none of them a target, sharer or collective user of the pfl eval run "
+             f"with seed {search['seed']}, {search['targets_excluded']} targets)"]
+    rows = []
+    for trial in recipe["trials"]:
+        metric = next(iter(trial["metrics"]))
+        interval = trial["intervals"][metric]
+        shown = f"{trial['metrics'][metric]:.4f}"
+        if interval.get("low") is not None:
+            shown += f" [{interval['low']:.3f}, {interval['high']:.3f}]"
+        extra = [f"{trial['metrics'][m]:.3f}" if m in trial["metrics"] else "-"
+                 for m in ("valid",)]
+        chosen = recipe["options"].get(trial["stage"]) == trial["setting"]
+        rows.append([trial["stage"], json.dumps(trial["setting"]), f"{metric} {shown}",
+                     *extra, f"{trial['wall_seconds']:.0f}", "chosen" if chosen else ""])
+    lines.append(format_table(["stage", "setting", "score (95% CI over users)", "valid",
+                               "wall s", ""], rows))
+    lines.append("options: " + json.dumps(recipe["options"], sort_keys=True))
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_GRID", "STAGE_METHOD", "SECTIONS", "TuneConfig", "tune", "tune_report"]

@@ -1,0 +1,112 @@
+"""Training recipes: files, precedence, pfl eval --recipe, and pfl tune on validation users."""
+
+import json
+
+import pytest
+
+from shared.data import load_dataset
+from shared.errors import PflError
+from shared.recipes import FORMAT, merge_options, resolve_recipe
+from simulations.cli import main
+from simulations.evaluate import assign_roles
+
+
+def write_recipe(path, options, model="tiny", task="synthetic"):
+    path.write_text(json.dumps({"format": FORMAT, "model": model, "task": task,
+                                "options": options}))
+    return path
+
+
+def test_resolve_paper_tuned_and_files(tmp_path):
+    assert resolve_recipe("paper", "smollm2-135m", "synthetic") == ("paper", {})
+    # no tuned recipe ships for the tiny model: the papers' recipe, said by name
+    assert resolve_recipe("tuned", "tiny", "synthetic") == ("paper", {})
+    good = write_recipe(tmp_path / "r.json", {"oppu": {"lr": 1e-3}, "stage1_epochs": 1})
+    assert resolve_recipe(str(good), "tiny", "synthetic") == (
+        str(good), {"oppu": {"lr": 1e-3}, "stage1_epochs": 1})
+    with pytest.raises(PflError, match="tuned for model tiny on synthetic, not tiny on "
+                                       "news-category"):
+        resolve_recipe(str(good), "tiny", "news-category")
+    bad = write_recipe(tmp_path / "bad.json", {"opu": {"lr": 1e-3}})
+    with pytest.raises(PflError, match="unknown option section 'opu'"):
+        resolve_recipe(str(bad), "tiny", "synthetic")
+    nested = write_recipe(tmp_path / "nested.json", {"oppu": {"lr": {"x": 1}}})
+    with pytest.raises(PflError, match="plain values"):
+        resolve_recipe(str(nested), "tiny", "synthetic")
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    with pytest.raises(PflError, match="not a recipe file"):
+        resolve_recipe(str(tmp_path / "other.json"), "tiny", "synthetic")
+    with pytest.raises(PflError, match="no recipe file"):
+        resolve_recipe(str(tmp_path / "missing.json"), "tiny", "synthetic")
+
+
+def test_command_line_settings_override_the_recipe_field_by_field():
+    recipe = {"oppu": {"lr": 1e-3, "epochs": 4}, "perfit": {"lr": 1e-2}, "stage1_epochs": 2}
+    merged = merge_options(recipe, {"oppu": {"lr": 5e-3}, "stage1_epochs": 1})
+    assert merged == {"oppu": {"lr": 5e-3, "epochs": 4}, "perfit": {"lr": 1e-2},
+                      "stage1_epochs": 1}
+    assert recipe["oppu"] == {"lr": 1e-3, "epochs": 4}  # not modified
+
+
+def _eval(capsys, tmp_path, name, *extra):
+    out = tmp_path / f"{name}.json"
+    argv = ["eval", "--task", "synthetic", "--model", "tiny", "--methods", "perfit",
+            "--users", "2", "--queries-per-user", "2", "--collective", "2", "--sharers", "0",
+            "--max-history", "6", "--stage1-epochs", "1", "--quiet", "--out", str(out), *extra]
+    code = main(argv)
+    assert code == 0, capsys.readouterr().err
+    return json.loads(out.read_text())
+
+
+def test_pfl_eval_trains_with_the_recipe_and_set_overrides_it(capsys, tmp_path):
+    # a large PerFit lr visibly changes the tiny model's answers; the papers' 1e-4 does not
+    recipe = write_recipe(tmp_path / "r.json", {"perfit": {"lr": 0.05, "epochs": 2}})
+    paper = _eval(capsys, tmp_path, "paper", "--recipe", "paper")
+    tuned = _eval(capsys, tmp_path, "tuned", "--recipe", str(recipe))
+    back = _eval(capsys, tmp_path, "back", "--recipe", str(recipe), "--set", "perfit.lr=0.0001",
+                 "--set", "perfit.epochs=4")
+    assert paper["recipe"]["name"] == "paper"
+    assert tuned["recipe"] == {"name": str(recipe), "options": {
+        "perfit": {"lr": 0.05, "epochs": 2}, "max_history": 6, "stage1_epochs": 1.0}}
+
+    def predictions(results):
+        return [q["prediction"] for q in results["methods"]["perfit"]["queries"]]
+    assert predictions(tuned) != predictions(paper)
+    assert predictions(back) == predictions(paper)  # --set restored the papers' values
+    # a resumed run with another recipe is another setting
+    code = main(["eval", "--task", "synthetic", "--model", "tiny", "--methods", "perfit",
+                 "--users", "2", "--queries-per-user", "2", "--collective", "2", "--sharers",
+                 "0", "--max-history", "6", "--stage1-epochs", "1", "--quiet", "--out",
+                 str(tmp_path / "paper.json"), "--resume", "--recipe", str(recipe)])
+    assert code == 2 and "options" in capsys.readouterr().err
+
+
+def test_pfl_tune_scores_validation_users_only_and_resumes(capsys, tmp_path):
+    out = tmp_path / "recipe.json"
+    argv = ["tune", "--task", "synthetic", "--model", "tiny", "--targets", "3", "--sharers",
+            "2", "--collective", "3", "--validation-users", "3", "--max-history", "6",
+            "--stages", "stage1", "--grid", "stage1.lr=1e-4,5e-2", "--grid",
+            "stage1.epochs=1", "--quiet", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    recipe = json.loads(out.read_text())
+    roles = assign_roles(load_dataset("synthetic", None, queries_per_user=3), 3, 2, 3, seed=0)
+    used = {u.id for role in ("targets", "sharers", "collective") for u in roles[role]}
+    assert len(recipe["search"]["validation"]) == 3
+    assert not used & set(recipe["search"]["validation"])
+    assert [t["setting"] for t in recipe["trials"]] == [{"lr": 1e-4, "epochs": 1},
+                                                        {"lr": 5e-2, "epochs": 1}]
+    scores = [t["metrics"]["mae"] for t in recipe["trials"]]
+    best = recipe["trials"][scores.index(min(scores))]["setting"]  # MAE: lower is better
+    assert recipe["options"] == {"stage1": best}
+    assert recipe["command"].startswith("pfl tune --task synthetic")
+    assert (tmp_path / "recipe.md").read_text().count("stage1") >= 2
+    # the recipe is usable as it is
+    assert resolve_recipe(str(out), "tiny", "synthetic")[1] == {"stage1": best}
+    # resume: finished trials are kept as they are, not run again
+    recipe["trials"][0]["wall_seconds"] = -1.0
+    out.write_text(json.dumps(recipe))
+    assert main(argv + ["--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert again["trials"][0]["wall_seconds"] == -1.0 and len(again["trials"]) == 2
+    code = main([*argv[:-2], "--out", str(out), "--resume", "--seed", "3"])
+    assert code == 2 and "cannot resume" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""Scores as statistics: bootstrap intervals over users, paired comparisons, claims with CIs."""
+
+import json
+import random
+
+import pytest
+
+from shared.metrics import add_stats, evaluate, metric_stats, metrics_from_stats
+from shared.tasks import LAMP_3, news_category
+from simulations.claims import paper_claims
+from simulations.report import comparisons_table, results_table
+from simulations.statistics import (metric_interval, metric_task, paired_comparison,
+                                    paired_ratio)
+
+CATEGORY = news_category(("arts", "food", "sports"))
+
+
+def queries(task, users: int, per_user: int, answer) -> list[dict]:
+    """Per-query records as pfl eval writes them; ``answer(user, query, gold)`` predicts."""
+    rng = random.Random(0)
+    out = []
+    for u in range(users):
+        for q in range(per_user):
+            gold = (rng.choice(task.labels) if task.kind == "classification"
+                    else str(rng.randint(1, 5)))
+            prediction = answer(u, q, gold)
+            out.append({"user": f"u{u}", "query": f"u{u}-q{q}", "prediction": prediction,
+                        "gold": gold, "stats": metric_stats(task, [prediction], [gold])})
+    return out
+
+
+def results_of(task, methods: dict) -> dict:
+    entries = {}
+    for name, qs in methods.items():
+        metrics = evaluate(task, [q["prediction"] for q in qs], [q["gold"] for q in qs])
+        entries[name] = {"metrics": metrics, "queries": qs, "seconds_per_user": 1.0,
+                         "bytes_per_user": 0, "params_per_user": 0}
+    return {"task": task.name, "base_model": "m", "users": 0, "seed": 0,
+            "metric_task": {"kind": task.kind, "labels": list(task.labels)},
+            "methods": entries}
+
+
+def test_summed_per_query_statistics_give_exactly_the_metrics():
+    """A bootstrap resample is scored from summed per-query statistics: they must give the
+    very metrics evaluate() gives, macro F1, RMSE and the valid rate included."""
+    for task, answer in ((CATEGORY, lambda u, q, g: g if (u + q) % 3 else "nonsense"),
+                         (LAMP_3, lambda u, q, g: "x" if q == 0 else str(int(g) % 5 + 1))):
+        qs = queries(task, 7, 3, answer)
+        total = {}
+        for q in qs:
+            add_stats(total, q["stats"])
+        expected = evaluate(task, [q["prediction"] for q in qs], [q["gold"] for q in qs])
+        assert metrics_from_stats(task, total) == pytest.approx(expected)
+        assert 0 < expected["valid"] < 1
+
+
+def test_interval_is_over_users_seeded_and_contains_the_value():
+    # half the users always right, half always wrong: accuracy 0.5, wide interval
+    qs = queries(CATEGORY, 20, 3, lambda u, q, g: g if u % 2 else "arts" if g != "arts" else "food")
+    a = metric_interval(CATEGORY, qs, "accuracy", seed=1)
+    assert a["value"] == pytest.approx(0.5)
+    assert a["low"] < 0.5 < a["high"] and a["high"] - a["low"] > 0.2
+    assert metric_interval(CATEGORY, qs, "accuracy", seed=1) == a  # seeded
+    # the same 60 queries spread so that every user has the same score: no spread left
+    even = queries(CATEGORY, 20, 2, lambda u, q, g: g if q == 0 else "nonsense")
+    b = metric_interval(CATEGORY, even, "accuracy")
+    assert b["low"] == pytest.approx(0.5) and b["high"] == pytest.approx(0.5)
+    alone = metric_interval(CATEGORY, qs[:3], "accuracy")
+    assert alone["low"] is None and alone["high"] is None  # one user: no interval
+
+
+def test_paired_comparison_detects_a_consistent_gain_and_not_noise():
+    base = queries(LAMP_3, 30, 3, lambda u, q, g: "3")
+    # better by exactly one rating point wherever the base is off
+    better = [dict(q) for q in base]
+    for q in better:
+        gold, pred = int(q["gold"]), 3
+        pred += (gold > 3) - (gold < 3)
+        q["prediction"] = str(pred)
+        q["stats"] = metric_stats(LAMP_3, [q["prediction"]], [q["gold"]])
+    c = paired_comparison(LAMP_3, better, base, "mae", a="better", b="base")
+    assert c.difference > 0 and c.low > 0 and c.verdict == "better"  # less error is better
+    assert c.losses == 0 and c.wins + c.ties == 30
+    assert c.identical == sum(q["gold"] == "3" for q in base) and c.queries == 90
+    reverse = paired_comparison(LAMP_3, base, better, "mae")
+    assert reverse.verdict == "worse" and reverse.difference == pytest.approx(-c.difference)
+    same = paired_comparison(LAMP_3, base, base, "mae")
+    assert (same.difference, same.low, same.high) == (0, 0, 0)
+    assert same.identical == 90 and same.ties == 30
+    assert same.verdict == "within noise"
+    with pytest.raises(ValueError, match="same queries"):
+        paired_comparison(LAMP_3, base, better[:-1], "mae")
+    ratio = paired_ratio(LAMP_3, better, base, "mae")
+    assert ratio["value"] > 1 and ratio["low"] > 1
+
+
+def test_claims_hold_only_when_the_interval_supports_them():
+    right = lambda u, q, g: g  # noqa: E731
+    wrong = lambda u, q, g: "arts" if g != "arts" else "food"  # noqa: E731
+    coin = lambda u, q, g: g if (u * 7 + q) % 2 else wrong(u, q, g)  # noqa: E731
+    results = results_of(CATEGORY, {
+        "nonpersonalized": queries(CATEGORY, 30, 3, wrong),
+        "oppu": queries(CATEGORY, 30, 3, right),
+        # PER-PCS right about half the time: a ratio to OPPU's far below 0.95
+        "perpcs": queries(CATEGORY, 30, 3, coin),
+        # PerFit: wrong on one query of 90: a ratio just under 1, within noise of it
+        "perfit": queries(CATEGORY, 30, 3, lambda u, q, g: wrong(u, q, g) if u == q == 0 else g),
+    })
+    rows = {r["claim"]: r for r in paper_claims(results)}
+    assert rows["oppu beats non-personalized"]["verdict"] == "held"
+    assert rows["oppu beats non-personalized"]["low"] > 0
+    assert rows["PER-PCS score / OPPU score ~ 0.99"]["verdict"] == "did not hold"
+    perfit = rows["PerFit score / OPPU score >= 1"]
+    assert perfit["measured"] < 1 and perfit["high"] >= 1 and perfit["verdict"] == "within noise"
+    assert perfit["held"] is None
+    # without per-query data the verdict says it is a point estimate
+    for entry in results["methods"].values():
+        del entry["queries"]
+    rows = {r["claim"]: r for r in paper_claims(results)}
+    assert rows["PerFit score / OPPU score >= 1"]["verdict"] == "did not hold (point estimate)"
+
+
+def test_tables_show_intervals_and_comparisons():
+    results = results_of(CATEGORY, {
+        "nonpersonalized": queries(CATEGORY, 10, 3, lambda u, q, g: "nonsense"),
+        "oppu": queries(CATEGORY, 10, 3, lambda u, q, g: g if u % 2 else "nonsense")})
+    for name, entry in results["methods"].items():
+        entry["intervals"] = {m: metric_interval(metric_task(results), entry["queries"], m)
+                              for m in entry["metrics"]}
+    table = results_table(results)
+    oppu_line = next(line for line in table.splitlines() if line.startswith("oppu"))
+    assert "0.5000 [" in oppu_line  # accuracy with its interval
+    text = comparisons_table(json.loads(json.dumps(results)), [("oppu", "nonpersonalized")],
+                             ["accuracy", "valid"])
+    line = next(line for line in text.splitlines() if "accuracy" in line)
+    assert "+0.5000 [" in line and "5/5/0" in line and "15/30" in line and "better" in line
