@@ -275,14 +275,16 @@ def cmd_simulate(args) -> int:
 def _grid_axis(text: str) -> tuple[str, str, list]:
     """``oppu.lr=1e-4,1e-3`` -> ("oppu", "lr", [1e-4, 1e-3]); values are JSON or strings."""
     section, key, raw = _setting(text)
+    if isinstance(raw, list):
+        return section, key, raw
+    if not isinstance(raw, str):  # one JSON value
+        return section, key, [raw]
     values = []
-    for part in str(raw if not isinstance(raw, list) else ",".join(map(str, raw))).split(","):
+    for part in raw.split(","):
         try:
             values.append(json.loads(part))
         except json.JSONDecodeError:
             values.append(part.strip())
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        values = [raw]
     return section, key, values
 
 
@@ -581,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--validation-users", type=int, default=8,
                       help="users scored (default 8); never a target, sharer or collective "
                            "user of the pfl eval run with the same seed and sizes")
-    tune.add_argument("--queries-per-user", type=int, default=3)
+    tune.add_argument("--queries-per-user", type=int, default=None,
+                      help="as pfl eval's (default 3 on HuffPost and synthetic)")
     tune.add_argument("--targets", type=int, default=40,
                       help="the pfl eval run's --users, whose targets are left out (default 40)")
     tune.add_argument("--sharers", type=int, default=10)

@@ -29,6 +29,7 @@ from shared.recipes import merge_options, resolve_recipe
 from shared.tasks import canonical_task_name
 from shared.profiles import generate_profiles
 from shared.types import User
+from simulations import references  # noqa: F401  (registers the synthetic reference rows)
 from simulations.statistics import metric_interval
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,12 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
 DEFAULT_QUERIES_PER_USER = 3
 
 
-def queries_per_user(config: EvalConfig) -> int | None:
-    """The queries of each target: ``config.queries_per_user``, else 3 where the task can have
-    several (HuffPost, synthetic; 40 targets x 3 = 120 queries by default), else LaMP's one."""
-    if config.queries_per_user is not None:
-        return config.queries_per_user
-    multi = config.task.strip().lower() in ("news-headline", "news-category", "synthetic")
+def queries_per_user(task: str, asked: int | None) -> int | None:
+    """The queries of each target: ``asked``, else 3 where the task can have several
+    (HuffPost, synthetic; 40 targets x 3 = 120 queries by default), else LaMP's one (None)."""
+    if asked is not None:
+        return asked
+    multi = canonical_task_name(task) in ("news-headline", "news-category", "synthetic")
     return DEFAULT_QUERIES_PER_USER if multi else None
 
 
@@ -170,7 +171,8 @@ def run_settings(config: EvalConfig) -> dict:
     """What decides a method's results besides its name: two runs with equal settings give
     the same results (seeded), so a resumed run may keep the methods an earlier one finished."""
     return {"task": config.task, "data": config.data, "model": config.model,
-            "users": config.users, "queries_per_user": queries_per_user(config),
+            "users": config.users,
+            "queries_per_user": queries_per_user(config.task, config.queries_per_user),
             "seed": config.seed, "min_history": config.min_history,
             "sharers": config.sharers, "collective": config.collective,
             "sample": config.sample, "options": run_options(config)[1]}
@@ -204,8 +206,9 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
     specs = [parse_method(m) for m in config.methods]  # fail fast on a bad name
     kept = resumable_methods(config, previous, [s.name for s in specs]) if previous else {}
     todo = [s for s in specs if s.name not in kept]
+    queries = queries_per_user(config.task, config.queries_per_user)
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
-                           queries_per_user=queries_per_user(config), seed=config.seed)
+                           queries_per_user=queries, seed=config.seed)
     roles = assign_roles(dataset, config.users, config.sharers, config.collective, config.seed)
     targets = roles["targets"]
     if kept and previous.get("targets", [u.id for u in targets]) != [u.id for u in targets]:

@@ -35,7 +35,7 @@ from shared.metrics import HIGHER_IS_BETTER
 from shared.models import canonical_name, load_model
 from shared.recipes import FORMAT, SECTIONS, check_options, merge_options
 from shared.tasks import canonical_task_name
-from simulations.evaluate import assign_roles, evaluate_method
+from simulations.evaluate import assign_roles, evaluate_method, queries_per_user
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class TuneConfig:
     model: str | None = None
     seed: int = 0
     validation: int = 8
-    queries_per_user: int | None = 3
+    queries_per_user: int | None = None  # None: as pfl eval (3 on HuffPost and synthetic)
     # the roles of the pfl eval run whose targets must stay unseen
     targets: int = 40
     sharers: int = 10
@@ -104,8 +104,9 @@ def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dic
     stages = list(config.stages)
     check_grid(config.grid, stages)
     model_name, task = canonical_name(config.model), canonical_task_name(config.task)
+    queries = queries_per_user(config.task, config.queries_per_user)
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
-                           queries_per_user=config.queries_per_user, seed=config.seed)
+                           queries_per_user=queries, seed=config.seed)
     roles = assign_roles(dataset, config.targets, config.sharers, config.collective,
                          config.seed, validation=config.validation)
     validation = roles["validation"]
@@ -116,7 +117,7 @@ def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dic
     search = {"seed": config.seed, "targets_excluded": config.targets,
               "sharers": config.sharers, "collective": config.collective,
               "validation": [u.id for u in validation],
-              "queries_per_user": config.queries_per_user, "max_history": config.max_history,
+              "queries_per_user": queries, "max_history": config.max_history,
               "stages": stages, "grid": {s: config.grid[s] for s in stages}}
     done = {}
     if previous is not None:

@@ -134,3 +134,26 @@ def test_tables_show_intervals_and_comparisons():
                              ["accuracy", "valid"])
     line = next(line for line in text.splitlines() if "accuracy" in line)
     assert "+0.5000 [" in line and "5/5/0" in line and "15/30" in line and "better" in line
+
+
+def test_synthetic_reference_rows_bound_what_a_model_can_reach(capsys, tmp_path):
+    """The persona-rule oracle sits at the noise floor; the population mean knows every
+    topic's average and nothing of the user; neither takes a prompt augmentation."""
+    from simulations.cli import main
+
+    out = tmp_path / "r.json"
+    code = main(["eval", "--task", "synthetic", "--model", "tiny", "--methods",
+                 "oracle,population-mean", "--users", "30", "--collective", "20",
+                 "--sharers", "0", "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    methods = json.loads(out.read_text())["methods"]
+    oracle, mean = methods["oracle"], methods["population-mean"]
+    # 90 queries; a rating is one step off the rule with probability 0.1
+    assert oracle["metrics"]["mae"] <= 0.25 and oracle["metrics"]["valid"] == 1.0
+    assert all(abs(float(q["prediction"]) - float(q["gold"])) in (0.0, 1.0)
+               for q in oracle["queries"])
+    assert mean["metrics"]["mae"] > oracle["metrics"]["mae"] + 0.5
+    assert oracle["params_per_user"] == 0
+    code = main(["eval", "--task", "synthetic", "--model", "tiny", "--methods", "oracle+rag1",
+                 "--users", "2", "--quiet"])
+    assert code == 2 and "no +rag/+pag" in capsys.readouterr().err

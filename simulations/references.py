@@ -1,0 +1,83 @@
+"""Reference rows for the synthetic persona task: the best any model could do, and the best a
+model that knows the population but not the user could do.
+
+- ``oracle``: each target's noiseless persona rule (:meth:`shared.data.synthetic.Persona.
+  rating` of the query's topic). Its error is the noise floor: a rating in the data moves one
+  step from the rule with probability 0.1, which no model can predict.
+- ``population-mean``: the mean rating of the query's topic over the collective users'
+  histories. It knows the task and the population perfectly and nothing of the user, so a
+  personalized method has to beat it to show that it learnt the user.
+
+Neither runs the model. Both read the persona behind the synthetic data, so they exist for
+that task only (``pfl eval``, ``pfl tune``), never in a federation. Importing this module
+registers them as method cores.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from shared.data.synthetic import TOPICS, SyntheticDataset
+from shared.errors import PflError
+from shared.methods.base import Core, PersonalState, register_core
+
+#: (phrase, topic) of every item phrase, longest first (no phrase is a prefix of another).
+_PHRASES = sorted(((p, t) for t, ps in TOPICS.items() for p in ps), key=lambda x: -len(x[0]))
+
+
+def topic_in(text: str) -> str:
+    """The topic of the synthetic item an input text (a query or history item) is about."""
+    for phrase, topic in _PHRASES:
+        if phrase in text:
+            return topic
+    raise PflError(f"not a synthetic item: {text[:60]!r}")
+
+
+class _Reference(Core):
+    shared_model = False
+
+    def prepare(self, runtime, dataset, augmentation):
+        if not isinstance(dataset, SyntheticDataset):
+            raise PflError(f"{self.name} is a reference row of the synthetic task only")
+        if augmentation.retrieval != "none" or augmentation.profile:
+            raise PflError(f"{self.name} uses no prompt: it takes no +rag/+pag")
+        self.dataset = dataset
+
+    def personalize(self, runtime, user, augmentation, profile) -> PersonalState:
+        return PersonalState(payload=[self.predict(user, query) for query in user.queries])
+
+    def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
+        if len(prompts) != len(state.payload):
+            raise ValueError(f"{len(prompts)} prompts for {len(state.payload)} queries")
+        return list(state.payload)
+
+
+class PersonaOracle(_Reference):
+    name = "oracle"
+
+    def predict(self, user, query) -> str:
+        index = int(user.id.rsplit("-", 1)[1])  # syn-{seed}-{index:06d}
+        return str(self.dataset.persona(index).rating(topic_in(query.input)))
+
+
+class PopulationMean(_Reference):
+    name = "population-mean"
+
+    def prepare(self, runtime, dataset, augmentation):
+        super().prepare(runtime, dataset, augmentation)
+        ratings = defaultdict(list)
+        for user in runtime.roles.get("collective", []):
+            for item in user.history:
+                ratings[topic_in(item["text"])].append(float(item["score"]))
+        if not ratings:
+            raise PflError("population-mean needs collective users: none were assigned")
+        overall = [r for values in ratings.values() for r in values]
+        self.means = {topic: sum(v) / len(v) for topic, v in ratings.items()}
+        self.fallback = sum(overall) / len(overall)  # a topic no collective user rated
+
+    def predict(self, user, query) -> str:
+        return f"{self.means.get(topic_in(query.input), self.fallback):.2f}"
+
+
+for _core in (PersonaOracle, PopulationMean):
+    register_core(_core.name, _core)
