@@ -98,8 +98,8 @@ def paper_claims(results: dict) -> list[dict]:
             row.update(shown="n/a", held=None, verdict="not measured")
         elif interval and interval["low"] is not None:
             row.update(low=interval["low"], high=interval["high"],
-                       shown=f"{fmt.format(value)} [{fmt.format(interval['low'])}, "
-                             f"{fmt.format(interval['high'])}]")
+                       shown=statistics.format_interval(value, interval["low"],
+                                                        interval["high"], fmt, fmt))
             if holds(interval["low"]):
                 row.update(held=True, verdict="held")
             elif not holds(interval["high"]):

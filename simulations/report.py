@@ -27,11 +27,9 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _with_interval(result: dict, metric: str) -> str:
     """"0.5120 [0.431, 0.598]": the value and, where the result has one, its 95% interval."""
-    text = f"{result['metrics'][metric]:.4f}"
     interval = result.get("intervals", {}).get(metric) or {}
-    if interval.get("low") is not None:
-        text += f" [{interval['low']:.3f}, {interval['high']:.3f}]"
-    return text
+    return statistics.format_interval(result["metrics"][metric], interval.get("low"),
+                                      interval.get("high"))
 
 
 def methods_table(methods: dict) -> str:
@@ -72,7 +70,11 @@ def comparison_pairs(results: dict, a: str | None = None, b: str | None = None,
             raise KeyError(f"no per-query results for {', '.join(map(str, missing))} "
                            f"(have: {', '.join(methods) or 'none'})")
         return [(a, b)]
-    return [(name, ref) for ref in against if ref in methods for name in methods if name != ref]
+    pairs: list[tuple[str, str]] = []
+    for ref in (r for r in against if r in methods):
+        pairs += [(name, ref) for name in methods
+                  if name != ref and (ref, name) not in pairs]  # each pair once
+    return pairs
 
 
 def comparisons_table(results: dict, pairs: Sequence[tuple[str, str]],
@@ -87,9 +89,8 @@ def comparisons_table(results: dict, pairs: Sequence[tuple[str, str]],
         for metric in metrics or list(ra["metrics"])[:1]:
             c = statistics.paired_comparison(task, ra["queries"], rb["queries"], metric, a=a,
                                              b=b, seed=results.get("seed", 0))
-            shown = f"{c.difference:+.4f}"
-            if c.low is not None:
-                shown += f" [{c.low:+.3f}, {c.high:+.3f}]"
+            shown = statistics.format_interval(c.difference, c.low, c.high, "{:+.4f}",
+                                               "{:+.3f}")
             rows.append([f"{a} vs {b}", metric, shown, f"{c.wins}/{c.ties}/{c.losses}",
                          f"{c.identical}/{c.queries}", c.verdict])
     return format_table(["comparison", "metric", "difference (95% CI)", "users W/T/L",

@@ -105,9 +105,6 @@ class Comparison:
             return "worse"
         return "within noise"
 
-    def to_dict(self) -> dict:
-        return {**self.__dict__, "verdict": self.verdict}
-
 
 def _paired_metrics(task, queries_a: Sequence[dict], queries_b: Sequence[dict], metric: str,
                     a: str, b: str):
@@ -165,9 +162,10 @@ def paired_comparison(task, queries_a: Sequence[dict], queries_b: Sequence[dict]
         queries=len(queries_a))
 
 
-def format_interval(entry: dict, digits: int = 3) -> str:
-    """"0.512 [0.431, 0.598]" (the value alone where no interval could be computed)."""
-    value = f"{entry['value']:.{digits}f}"
-    if entry.get("low") is None:
-        return value
-    return f"{value} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
+def format_interval(value: float, low: float | None, high: float | None,
+                    value_format: str = "{:.4f}", bound_format: str = "{:.3f}") -> str:
+    """"0.5120 [0.431, 0.598]": a value and its interval (the value alone without one)."""
+    text = value_format.format(value)
+    if low is None or high is None:
+        return text
+    return f"{text} [{bound_format.format(low)}, {bound_format.format(high)}]"

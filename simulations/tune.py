@@ -33,9 +33,10 @@ from shared.generation import GenerationConfig
 from shared.methods.base import Runtime, parse_method
 from shared.metrics import HIGHER_IS_BETTER
 from shared.models import canonical_name, load_model
-from shared.recipes import FORMAT, SECTIONS, check_options, merge_options
+from shared.recipes import FORMAT, check_options, merge_options
 from shared.tasks import canonical_task_name
 from simulations.evaluate import assign_roles, evaluate_method, queries_per_user
+from simulations.statistics import format_interval
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,8 @@ def tune_report(recipe: dict) -> str:
     for trial in recipe["trials"]:
         metric = next(iter(trial["metrics"]))
         interval = trial["intervals"][metric]
-        shown = f"{trial['metrics'][metric]:.4f}"
-        if interval.get("low") is not None:
-            shown += f" [{interval['low']:.3f}, {interval['high']:.3f}]"
+        shown = format_interval(trial["metrics"][metric], interval.get("low"),
+                                interval.get("high"))
         extra = [f"{trial['metrics'][m]:.3f}" if m in trial["metrics"] else "-"
                  for m in ("valid",)]
         chosen = recipe["options"].get(trial["stage"]) == trial["setting"]
@@ -205,5 +205,3 @@ def tune_report(recipe: dict) -> str:
     lines.append("options: " + json.dumps(recipe["options"], sort_keys=True))
     return "\n".join(lines)
 
-
-__all__ = ["DEFAULT_GRID", "STAGE_METHOD", "SECTIONS", "TuneConfig", "tune", "tune_report"]
