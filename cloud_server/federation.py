@@ -52,7 +52,7 @@ from flwr.serverapp import Grid, ServerApp
 from shared.errors import PflError
 from shared.metrics import TASK_KINDS
 from shared.models import canonical_name
-from shared.recipes import merge_options, resolve_recipe
+from shared.recipes import over_recipe, resolve_recipe
 from shared.tasks import canonical_task_name
 
 log = logging.getLogger("flwr.pfl.federation")
@@ -134,7 +134,7 @@ def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
     config["recipe-name"], recipe = resolve_recipe(str(config["recipe"]),
                                               canonical_name(str(config["model"])),
                                               canonical_task_name(str(config["task"])))
-    config["method-options"] = json.dumps(merge_options(recipe, method_options))
+    config["method-options"] = json.dumps(over_recipe(recipe, method_options))
     return config
 
 
@@ -340,8 +340,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                         "num-clients": len(collective)}
         recipe = method_options.get("stage1" if kind == "lora" else "perfit") or {}
         for key, value in (("max-history", method_options.get("max_history")),
-                           ("local-epochs", method_options.get("stage1_epochs")
-                            or (recipe.get("epochs") if kind == "lora" else None)),
+                           ("local-epochs", (recipe.get("epochs") if kind == "lora" else None)
+                            or method_options.get("stage1_epochs")),
                            ("lr", recipe.get("lr"))):
             if key not in config and value is not None:
                 stage_config[key] = value

@@ -25,7 +25,7 @@ from shared.generation import GenerationConfig
 from shared.methods.base import Core, MethodSpec, PersonalState, Runtime, parse_method
 from shared.metrics import evaluate, metric_stats
 from shared.models import canonical_name, load_model
-from shared.recipes import merge_options, resolve_recipe
+from shared.recipes import merge_options, over_recipe, resolve_recipe
 from shared.tasks import canonical_task_name
 from shared.profiles import generate_profiles
 from shared.types import User
@@ -70,7 +70,7 @@ def run_options(config: EvalConfig) -> tuple[str, dict]:
     for key in ("stage1_epochs", "personal_epochs"):
         if getattr(config, key) is not None:
             flags[key] = getattr(config, key)
-    return name, merge_options(merge_options(recipe, flags), config.options)
+    return name, over_recipe(recipe, merge_options(flags, config.options))
 
 
 def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int,

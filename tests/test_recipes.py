@@ -67,7 +67,8 @@ def test_pfl_eval_trains_with_the_recipe_and_set_overrides_it(capsys, tmp_path):
                  "--set", "perfit.epochs=4")
     assert paper["recipe"]["name"] == "paper"
     assert tuned["recipe"] == {"name": str(recipe), "options": {
-        "perfit": {"lr": 0.05, "epochs": 2}, "max_history": 6, "stage1_epochs": 1.0}}
+        "perfit": {"lr": 0.05, "epochs": 2}, "max_history": 6, "stage1_epochs": 1.0,
+        "stage1": {"epochs": 1.0}}}
 
     def predictions(results):
         return [q["prediction"] for q in results["methods"]["perfit"]["queries"]]
@@ -110,3 +111,16 @@ def test_pfl_tune_scores_validation_users_only_and_resumes(capsys, tmp_path):
     assert again["trials"][0]["wall_seconds"] == -1.0 and len(again["trials"]) == 2
     code = main([*argv[:-2], "--out", str(out), "--resume", "--seed", "3"])
     assert code == 2 and "cannot resume" in capsys.readouterr().err
+
+
+def test_epoch_flags_win_over_the_recipes_epochs_and_set_wins_over_both():
+    from shared.recipes import over_recipe
+
+    recipe = {"oppu": {"lr": 1e-3, "epochs": 2}, "stage1": {"lr": 1e-4, "epochs": 3}}
+    assert over_recipe(recipe, {"personal_epochs": 4, "stage1_epochs": 1}) == {
+        "oppu": {"lr": 1e-3, "epochs": 4}, "stage1": {"lr": 1e-4, "epochs": 1},
+        "personal_epochs": 4, "stage1_epochs": 1}
+    # an explicit --set oppu.epochs is more specific than --personal-epochs
+    assert over_recipe(recipe, {"personal_epochs": 4, "oppu": {"epochs": 6}})["oppu"] == {
+        "lr": 1e-3, "epochs": 6}
+    assert over_recipe(recipe, {}) == recipe

@@ -15,7 +15,8 @@ model and task on validation users (never on reported targets), shipped in this 
 ``recipes/<model>/<task>.json``, with the tuning report beside it; where none ships, ``tuned``
 falls back to ``paper`` and says so. Any other value is the path of a recipe file.
 
-Settings given on the command line (``--set``, ``--stage1-epochs`` ...) override the recipe's.
+Settings given on the command line (``--set``, ``--stage1-epochs`` ...) override the recipe's
+(:func:`over_recipe`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ def resolve_recipe(spec: str | None, model: str, task: str) -> tuple[str, dict]:
         raise PflError(f"{path} was tuned for model {made_for[0]} on {made_for[1]}, not "
                        f"{model} on {task}: recipes are per base model and task")
     return str(path), recipe["options"]
+
+
+#: top-level options (the command line's epoch flags) that set a field of a section
+FLAG_FIELDS = {"stage1_epochs": ("stage1", "epochs"), "personal_epochs": ("oppu", "epochs")}
+
+
+def over_recipe(recipe: Mapping[str, Any], options: Mapping[str, Any]) -> dict:
+    """A run's ``options`` laid over its ``recipe``: the options win field by field, and
+    their epoch flags (``stage1_epochs``, ``personal_epochs``) also win over the recipe's
+    ``stage1.epochs`` / ``oppu.epochs``."""
+    flagged = merge_options({}, options)  # a copy, sections included
+    for flag, (section, key) in FLAG_FIELDS.items():
+        if flag in options and key not in (options.get(section) or {}):
+            flagged.setdefault(section, {})[key] = options[flag]
+    return merge_options(recipe, flagged)
 
 
 def merge_options(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
