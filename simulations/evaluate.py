@@ -19,7 +19,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from edge_client.cores import augmented_prompts  # importing it registers every core
-from shared.data import load_dataset
+from shared.data import HUFFPOST_TASKS, load_dataset
 from shared.errors import PflError
 from shared.generation import GenerationConfig
 from shared.methods.base import Core, MethodSpec, PersonalState, Runtime, parse_method
@@ -163,7 +163,7 @@ def queries_per_user(task: str, asked: int | None) -> int | None:
     (HuffPost, synthetic; 40 targets x 3 = 120 queries by default), else LaMP's one (None)."""
     if asked is not None:
         return asked
-    multi = canonical_task_name(task) in ("news-headline", "news-category", "synthetic")
+    multi = canonical_task_name(task) in HUFFPOST_TASKS + ("synthetic",)
     return DEFAULT_QUERIES_PER_USER if multi else None
 
 
