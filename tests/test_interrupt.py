@@ -22,6 +22,14 @@ def _group(pgid: int) -> list[psutil.Process]:
     return members
 
 
+def _command(proc: psutil.Process) -> str:
+    """The command line of a process that may exit (or turn zombie) while we look at it."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_ctrl_c_stops_the_simulation_and_leaves_no_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", "200",
@@ -34,8 +42,7 @@ def test_ctrl_c_stops_the_simulation_and_leaves_no_process(tmp_path):
     try:
         deadline = time.monotonic() + 120  # wait (bounded) until Ray's workers are training
         while time.monotonic() < deadline and child.poll() is None:
-            if any("ClientAppActor" in " ".join(p.cmdline()) for p in _group(child.pid)
-                   if p.is_running()):
+            if any("ClientAppActor" in _command(p) for p in _group(child.pid)):
                 break
             time.sleep(0.5)
         assert child.poll() is None, (tmp_path / "log.txt").read_text()[-2000:]
@@ -46,7 +53,7 @@ def test_ctrl_c_stops_the_simulation_and_leaves_no_process(tmp_path):
         time.sleep(1)
         left = _group(child.pid)
         assert code == 130, (tmp_path / "log.txt").read_text()[-2000:]
-        assert not left, [" ".join(p.cmdline())[:80] for p in left]
+        assert not left, [_command(p)[:80] for p in left]
         assert "pfl: interrupted" in (tmp_path / "log.txt").read_text()
     finally:
         try:
