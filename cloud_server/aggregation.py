@@ -8,7 +8,12 @@ from these dicts.
   names, shapes and dtypes must match the global arrays the round started from, values must be
   finite and within a norm bound, and the example count (the FedAvg weight) must be positive.
 - :func:`fedavg`: drops the bad replies (logging each, never raising) and averages the rest,
-  weighted by their number of training examples.
+  weighted by their number of training examples. A client chooses its own count, so no
+  count is taken as it is: each is capped (``max_examples``, from what the server asked a
+  client to train on), an update (reply minus the global arrays) larger than
+  ``max_update_ratio`` times the global arrays' norm is dropped, and with three or more
+  replies each update is clipped to ``clip_factor`` times the round's median update norm.
+  One client can then move the average by at most its capped share of a bounded update.
 - :func:`reorthonormalize_perfit`: PerFit's R matrices have orthonormal rows, an average of
   such matrices does not, so every R is projected back after averaging.
 """
@@ -31,6 +36,11 @@ WIRE_DTYPES = ("float32", "float16")
 #: Default bound on the L2 norm of any single reply array (LoRA factors and LoReFT R/W/b are
 #: O(1)-O(10); a reply far beyond this is broken or hostile and would swamp the average).
 MAX_NORM = 1e4
+#: Default bound on a client's update (reply - global), relative to the global arrays' norm
+#: (at least 1): honest local training moves the collective parameters by a few percent.
+MAX_UPDATE_RATIO = 1.0
+#: With 3+ replies, each update is clipped to this many times the round's median update norm.
+CLIP_FACTOR = 3.0
 
 Arrays = dict[str, np.ndarray]
 
@@ -119,42 +129,103 @@ def weighted_average(arrays_list: Sequence[Mapping[str, Any]],
     return out
 
 
+def _update_norm(arrays: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
+    return delta_norm(reference, arrays)
+
+
+def global_norm(arrays: Mapping[str, Any]) -> float:
+    """The L2 norm of all ``arrays`` together."""
+    return math.sqrt(math.fsum(float(np.square(np.asarray(v, np.float64)).sum())
+                               for v in arrays.values()))
+
+
 def fedavg(replies: Sequence[Reply], reference: Mapping[str, Any] | None = None, *,
-           max_norm: float | None = MAX_NORM) -> Aggregate:
+           max_norm: float | None = MAX_NORM, max_examples: float | None = None,
+           max_update_ratio: float | None = MAX_UPDATE_RATIO,
+           clip_factor: float | None = CLIP_FACTOR) -> Aggregate:
     """Weighted FedAvg (weights = number of examples) of the replies that pass
     :func:`check_reply`; every dropped reply is logged with its reason, none is fatal.
 
-    With ``reference`` None, the first reply fixes the names and shapes the others must match.
+    Defences against a client that lies (see the module docstring): weights above
+    ``max_examples`` are capped to it; with ``reference`` (the global arrays), an update whose
+    norm exceeds ``max_update_ratio * max(1, |reference|)`` is dropped, and with 3+ replies
+    every update is scaled down to at most ``clip_factor`` times the median update norm.
+    With ``reference`` None, the first reply fixes the names and shapes the others must match
+    (and updates are not bounded).
     """
     accepted: list[Reply] = []
     dropped: list[tuple[str | int, str]] = []
+    bound = None
+    if reference is not None and max_update_ratio is not None:
+        bound = max_update_ratio * max(1.0, global_norm(reference))
     for reply in replies:
         ref = reference if reference is not None else (accepted[0].arrays if accepted else None)
         reason = check_reply(reply.arrays, reply.num_examples, ref, max_norm=max_norm)
+        if reason is None and bound is not None:
+            norm = _update_norm(reply.arrays, reference)
+            if norm > bound:
+                reason = f"update norm {norm:.4g} exceeds the bound {bound:.4g}"
         if reason is not None:
             log.warning("dropping the reply of node %s: %s", reply.node, reason)
             dropped.append((reply.node, reason))
-        else:
-            accepted.append(reply)
+            continue
+        if max_examples is not None and float(reply.num_examples) > max_examples:
+            log.warning("node %s claims %s examples: counted as %g (the cap)", reply.node,
+                        reply.num_examples, max_examples)
+            reply = Reply(reply.arrays, float(max_examples), reply.node, reply.metrics)
+        accepted.append(reply)
     if not accepted:
         return Aggregate(None, accepted, dropped)
-    averaged = weighted_average([r.arrays for r in accepted],
-                                [float(r.num_examples) for r in accepted])
+    if reference is not None and clip_factor is not None and len(accepted) >= 3:
+        accepted = _clip_updates(accepted, reference, clip_factor)
+    weights = [float(r.num_examples) for r in accepted]
+    if not math.isfinite(math.fsum(weights)):  # cannot happen with a cap; never average it
+        log.warning("the example counts of this round sum to a non-finite total: no update")
+        return Aggregate(None, [], dropped + [(r.node, "non-finite total weight")
+                                              for r in accepted])
+    averaged = weighted_average([r.arrays for r in accepted], weights)
     return Aggregate(averaged, accepted, dropped)
 
 
+def _clip_updates(replies: Sequence[Reply], reference: Mapping[str, Any],
+                  factor: float) -> list[Reply]:
+    """Each reply's update scaled to norm <= ``factor`` x the median update norm."""
+    norms = [_update_norm(r.arrays, reference) for r in replies]
+    limit = factor * float(np.median(norms))
+    out = []
+    for reply, norm in zip(replies, norms):
+        if norm > limit > 0:
+            scale = limit / norm
+            log.warning("node %s: update norm %.4g clipped to %.4g (%g x the median)",
+                        reply.node, norm, limit, factor)
+            arrays = {k: (np.asarray(reference[k], np.float64) + scale * (
+                np.asarray(v, np.float64) - np.asarray(reference[k], np.float64))
+            ).astype(np.float32) for k, v in reply.arrays.items()}
+            reply = Reply(arrays, reply.num_examples, reply.node, reply.metrics)
+        out.append(reply)
+    return out
+
+
 def average_metrics(replies: Sequence[Reply]) -> dict[str, float]:
-    """Example-weighted mean of every numeric metric the replies share."""
+    """Example-weighted mean of every finite numeric metric the replies share (a reply's
+    NaN, inf or non-number is left out of that metric's mean, with a warning)."""
     if not replies:
         return {}
     names = set.intersection(*(set(r.metrics) for r in replies))
-    total = float(sum(r.num_examples for r in replies))
     out = {}
     for name in sorted(names):
-        values = [r.metrics[name] for r in replies]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            out[name] = float(sum(float(v) * float(r.num_examples)
-                                  for v, r in zip(values, replies)) / total)
+        pairs = []
+        for reply in replies:
+            value = reply.metrics[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(float(value)):
+                log.warning("node %s: metric %s = %r left out", reply.node, name, value)
+                continue
+            pairs.append((float(value), float(reply.num_examples)))
+        total = math.fsum(w for _, w in pairs)
+        if pairs and total > 0:
+            out[name] = math.fsum(v * w for v, w in pairs) / total
     return out
 
 

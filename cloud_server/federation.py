@@ -38,8 +38,10 @@ stage-1 folders and, in simulation, the devices' folders and ledgers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -66,8 +68,10 @@ DEFAULTS: dict[str, Any] = {
     "sample-per-round": 0, "target-nodes": "", "sharer-nodes": "", "recipe": "tuned",
 }
 #: Run-config keys sent to devices with every phase message.
-DEVICE_KEYS = ("model", "task", "data-path", "seed", "run-dir", "method-options", "device",
-               "pool-address", "pool-ca", "consent-policy", "batch-size-eval")
+#: Run settings the server sends to devices. A device's own settings (its consent policy, the
+#: pool CA it trusts, its ledger and folders) are not among them: they come from the device.
+DEVICE_KEYS = ("model", "task", "data-path", "seed", "method-options", "device",
+               "pool-address", "batch-size-eval")
 NEEDS_LORA = {"lora-c", "oppu", "perpcs"}
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
 
@@ -158,16 +162,25 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 
 def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Mapping,
-             arrays: Mapping[str, np.ndarray] | None, timeout: float, phase: str
-             ) -> dict[int, Message]:
+             arrays: Mapping[str, np.ndarray] | None, timeout: float, phase: str, *,
+             per_node: Mapping[int, Mapping] | None = None) -> dict[int, Message]:
     """Send one message per node, wait for the replies; return the good ones by node.
+    ``per_node[node]`` adds settings for that node only (e.g. its sharer grant).
     Error replies and missing nodes are logged and left out."""
-    content = RecordDict({"config": ConfigRecord({k: v for k, v in config.items()
-                                                  if v not in (None, "")})})
+    record = None
     if arrays:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
-                                         for k, v in arrays.items()})
-    messages = [grid.create_message(content, message_type, node, group_id=phase)
+        record = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
+                              for k, v in arrays.items()})
+
+    def content(node: int) -> RecordDict:
+        settings = {**config, **((per_node or {}).get(node) or {})}
+        out = RecordDict({"config": ConfigRecord({k: v for k, v in settings.items()
+                                                  if v not in (None, "")})})
+        if record is not None:
+            out["arrays"] = record
+        return out
+
+    messages = [grid.create_message(content(node), message_type, node, group_id=phase)
                 for node in node_ids]
     log.info("%s: sending %s to %d device(s) ...", phase, message_type, len(messages))
     started = time.perf_counter()
@@ -185,6 +198,45 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
     log.info("%s: %d of %d device(s) answered in %.1f s", phase, len(good), len(node_ids),
              time.perf_counter() - started)
     return good
+
+
+def mint_grants(config: Mapping[str, Any], sharers: Sequence[int]) -> dict[int, str]:
+    """{sharer node: its grant} signed with the federation key (run config ``grant-key``):
+    what lets a selected sharer, and no one else, submit to the pool. Each grant allows one
+    piece per layer and module of the model. {} without a grant key (an open pool)."""
+    from shared import crypto
+    from shared.serialization import Grant, ModelShapes
+
+    if not config.get("grant-key") or not sharers:
+        if sharers:
+            log.warning("no grant-key in the run config: sharers submit without grants "
+                        "(only an open-enrolment pool takes that)")
+        return {}
+    key = crypto.load_device_key(str(config["grant-key"]))
+    shapes = ModelShapes.of(str(config["model"]))
+    allowed = shapes.num_layers * len(shapes.modules)
+    run = "run-" + hashlib.sha256(str(config["run-dir"]).encode()).hexdigest()[:16]
+    return {int(n): Grant.mint(key, run, allowed,
+                               ttl_seconds=float(config["phase-timeout"]) * 2).to_text()
+            for n in sharers}
+
+
+def sharer_keys(replies: Mapping[int, Message]) -> dict[str, str]:
+    """{pseudonym: hex public key} of the sharers that reported their key after sharing."""
+    from edge_client.phases import key_from_array, sharer_pseudonym
+
+    out = {}
+    for node, reply in replies.items():
+        arrays = reply.content.array_records.get("arrays")
+        if arrays is None or "sharer-key" not in arrays:
+            continue
+        key = key_from_array(arrays["sharer-key"].numpy())
+        if key is None:
+            log.warning("share: node %s sent a malformed sharer key; its pieces are not used",
+                        node)
+            continue
+        out[sharer_pseudonym(key)] = key.hex()
+    return out
 
 
 def _metrics(reply: Message) -> dict[str, float]:
@@ -283,7 +335,7 @@ def _task_of(replies: Mapping[int, Message], name: str):
 def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Run every phase; write and return ``federation.json``'s content."""
     from cloud_server.server_app import run_stage1
-    from shared.metrics import add_stats, metrics_from_stats
+    from shared.metrics import add_stats, check_stats, metrics_from_stats
 
     config = resolve(run_config)
     started = time.perf_counter()
@@ -353,18 +405,23 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         phase_seconds[f"stage1-{kind}"] = time.perf_counter() - t0
 
     lora_only = {k: v for k, v in arrays.items() if k.startswith("lora.")}
-    shared = {}
+    shared: dict[str, Any] = {}
+    pool_sharers: dict[str, str] = {}
     if "perpcs" in cores:
         t0 = time.perf_counter()
+        grants = mint_grants(config, sharers)
         replies = exchange(grid, sharers, "train.share", device_config, lora_only, timeout,
-                           "share")
+                           "share", per_node={n: {"pool-grant": g} for n, g in grants.items()})
         shared = {str(n): _metrics(r) for n, r in replies.items()}
+        pool_sharers = sharer_keys(replies)
         phase_seconds["share"] = time.perf_counter() - t0
         if not any(m.get("pieces-submitted", 0) for m in shared.values()):
             log.warning("no sharer submitted pieces: PER-PCS has an empty pool")
 
     t0 = time.perf_counter()
     personal_config = {**device_config, "methods": config["methods"]}
+    if "perpcs" in cores and pool_sharers:  # targets take pieces from these sharers only
+        personal_config["pool-sharers"] = json.dumps(pool_sharers, sort_keys=True)
     personalized = exchange(grid, targets, "train.personalize", personal_config, arrays,
                             timeout, "personalize")
     phase_seconds["personalize"] = time.perf_counter() - t0
@@ -378,18 +435,28 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     for name in methods:
         stats: dict[str, float] = {}
         costs = {"params": [], "bytes": [], "seconds": []}
+        users = 0
         for node, reply in evaluated.items():
             metrics = _metrics(reply)
-            add_stats(stats, {k.split("/", 1)[1]: v for k, v in metrics.items()
-                              if k.startswith(name + "/")})
+            user_stats = {k.split("/", 1)[1]: v for k, v in metrics.items()
+                          if k.startswith(name + "/")}
+            problem = check_stats(task, user_stats)
+            if problem is not None:  # a broken or hostile device: its answer is left out
+                log.warning("evaluate: node %s's %s statistics are left out: %s", node, name,
+                            problem)
+                continue
+            add_stats(stats, user_stats)
+            users += 1
             personal = _metrics(personalized[node])
             for cost in costs:
-                costs[cost].append(personal.get(f"{name}/{cost}", 0.0))
+                value = personal.get(f"{name}/{cost}", 0.0)
+                finite = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+                costs[cost].append(float(value) if finite else 0.0)
         if not stats:
             results[name] = {"error": "no target evaluated this method"}
             continue
         n = max(1, len(costs["params"]))
-        results[name] = {"metrics": metrics_from_stats(task, stats), "users": len(evaluated),
+        results[name] = {"metrics": metrics_from_stats(task, stats), "users": users,
                          "queries": int(stats.get("n", 0)),
                          "params_per_user": sum(costs["params"]) / n,
                          "bytes_per_user": sum(costs["bytes"]) / n,

@@ -22,12 +22,17 @@ def _hosts(text: str) -> list[str]:
 
 def cmd_certs(args) -> int:
     """Create the dev CA (or reuse it) and a server certificate for the hosts."""
-    from shared.crypto import write_dev_certs
+    from shared.crypto import write_dev_certs, write_federation_key
 
     certs = write_dev_certs(args.directory, args.hosts, new_ca=args.new_ca)
+    private, public = write_federation_key(args.directory)
     print(f"CA certificate:     {certs.ca_cert}  (give this to clients)")
     print(f"server certificate: {certs.server_cert}  for {', '.join(args.hosts)}")
-    print(f"private keys:       {certs.ca_key}, {certs.server_key}  (mode 0600; keep secret)")
+    print(f"federation key:     {private}  (the cloud server signs sharer grants with it: "
+          "run config grant-key)")
+    print(f"                    {public}  (the pool trusts it)")
+    print(f"private keys:       {certs.ca_key}, {certs.server_key}, {private}  (mode 0600; "
+          "keep secret)")
     return 0
 
 
@@ -35,7 +40,8 @@ def cmd_pool_serve(args) -> int:
     """Serve the piece pool until interrupted."""
     from cloud_server.pool_service import serve
 
-    return serve(args.db, args.port, args.certs, args.host)
+    return serve(args.db, args.port, args.certs, args.host, model=args.model,
+                 open_enrolment=args.open)
 
 
 def cmd_pool_check(args) -> int:
@@ -79,6 +85,13 @@ def add_pool_commands(subparsers) -> None:
                        "(default %(default)s)")
     serve.add_argument("--certs", required=True, help="certificate directory from `pfl certs`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--model", default=None,
+                       help="check every piece against this model's layers and shapes "
+                            "(smollm2-135m, tiny or a checkpoint path)")
+    serve.add_argument("--open", action="store_true",
+                       help="open enrolment: take pieces from any device key, without a "
+                            "federation grant (development only; the default needs "
+                            "CERTS/federation.pub from `pfl certs`)")
     serve.set_defaults(func=cmd_pool_serve)
     check = pool.add_parser("check", help="verify every stored piece",
                             description=cmd_pool_check.__doc__)

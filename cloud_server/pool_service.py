@@ -5,10 +5,15 @@ bounds, content id) and its Ed25519 signature verified before anything is stored
 all-or-nothing. Errors carry a gRPC status whose details name the piece and the problem:
 
     INVALID_ARGUMENT   malformed or out-of-bounds payload (e.g. "piece 0 (3, 'q_proj'): A has
-                       non-finite values (NaN or inf)")
+                       non-finite values (NaN or inf)"), a piece the model has no place for,
+                       a request over its size caps (filters, repeated or too many ids)
     UNAUTHENTICATED    missing or bad signature, or a pseudonym bound to another key
+    PERMISSION_DENIED  no valid federation grant (or one bound to another key, or used up),
+                       or pieces without consent ``pool = true``
     NOT_FOUND          fetch of unknown piece ids
+    RESOURCE_EXHAUSTED a fetch whose pieces add up to more than MAX_FETCH_BYTES
     DATA_LOSS          a stored blob changed on disk
+    INTERNAL           anything unexpected (a fixed message; the details are in the log)
 
 Run it with ``python -m cloud_server.pool_service --db DIR --port P --certs DIR`` (or
 ``pfl pool serve``); it prints ``pfl pool: serving ... on HOST:PORT`` once listening.
@@ -27,10 +32,10 @@ from typing import Sequence
 
 import grpc
 
-from cloud_server.pool_store import PieceNotFound, PoolCorruption, PoolStore
+from cloud_server.pool_store import NotPermitted, PieceNotFound, PoolCorruption, PoolStore
 from shared import crypto
 from shared.errors import PflError
-from shared.serialization import InvalidPiece, SignedPiece, check_names, is_piece_id
+from shared.serialization import (Grant, InvalidPiece, SignedPiece, check_names, is_piece_id)
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,38 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 128 << 20
 MAX_BATCH = 4096
 MAX_FETCH = 1024
+MAX_FETCH_BYTES = 64 << 20      # tensor bytes one FetchPieces call may stream
+MAX_FILTER = {"layers": 4096, "modules": 64, "sharers": 1024}  # ListGates filter entries
+
+
+def _guard(method):
+    """Turn what a handler did not expect into INTERNAL with a fixed message (logged here),
+    never gRPC's UNKNOWN with a Python message."""
+    import functools
+    import inspect
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:
+                if isinstance(exc, grpc.RpcError) or context.code() is not None:
+                    raise
+                log.exception("%s failed", method.__name__)
+                context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) or context.code() is not None:
+                raise
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    return unary
 
 
 class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
@@ -49,6 +86,7 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
         self.max_batch = max_batch
         self.max_fetch = max_fetch
 
+    @_guard
     def SubmitPieces(self, request, context):
         """Validate and verify every piece, then store the batch (all or nothing)."""
         n = len(request.pieces)
@@ -70,8 +108,16 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
             except crypto.SignatureError as exc:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, f"piece {i}: {exc}")
             batch.append(signed)
+        grant = None
+        if request.HasField("grant"):
+            try:
+                grant = Grant.from_proto(request.grant)
+            except InvalidPiece as exc:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         try:
-            results = self.store.submit(batch)
+            results = self.store.submit(batch, grant)
+        except NotPermitted as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except crypto.SignatureError as exc:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         except InvalidPiece as exc:
@@ -81,8 +127,16 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
         return pfl_pb2.SubmitPiecesReply(
             results=[pfl_pb2.SubmitResult(piece_id=pid, created=c) for pid, c in results])
 
+    @_guard
     def ListGates(self, request, context):
         """Stream the gates of gated pieces matching the layer/module/sharer filters."""
+        filters = {"layers": list(dict.fromkeys(request.layers)),
+                   "modules": list(dict.fromkeys(request.modules)),
+                   "sharers": list(dict.fromkeys(request.sharers))}
+        for name, values in filters.items():
+            if len(values) > MAX_FILTER[name]:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"filter: at most {MAX_FILTER[name]} {name}, got {len(values)}")
         try:
             for module in request.modules:
                 check_names("filter", 0, module)
@@ -91,18 +145,22 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
         except InvalidPiece as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"filter: {exc}")
         try:
-            gates = self.store.list_gates(request.layers, request.modules, request.sharers)
+            gates = self.store.list_gates(filters["layers"], filters["modules"],
+                                          filters["sharers"])
         except PoolCorruption as exc:
             context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         for gate in gates:
             yield gate.to_proto()
 
+    @_guard
     def FetchPieces(self, request, context):
         """Stream the requested pieces in order (NOT_FOUND before any if one is unknown)."""
         ids = list(request.piece_ids)
         if not 1 <= len(ids) <= self.max_fetch:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"fetch 1..{self.max_fetch} pieces at a time, got {len(ids)}")
+        if len(set(ids)) != len(ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fetch: a piece id is repeated")
         bad = [pid for pid in ids if not is_piece_id(pid)]
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -110,6 +168,10 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
         missing = self.store.missing(ids)
         if missing:
             context.abort(grpc.StatusCode.NOT_FOUND, str(PieceNotFound(missing)))
+        size = self.store.sizes(ids)
+        if size > MAX_FETCH_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"fetch: {size} bytes asked, at most {MAX_FETCH_BYTES} per call")
         for pid in ids:
             try:
                 signed = self.store.fetch([pid])[0]
@@ -174,9 +236,27 @@ class PoolServer:
 
 
 def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
-                      host: str = "127.0.0.1", **kwargs) -> PoolServer:
-    """Open the pool in ``db`` and serve it with TLS (the server closes the store on stop)."""
-    store = PoolStore(db)
+                      host: str = "127.0.0.1", model: str | None = None,
+                      open_enrolment: bool | None = None, **kwargs) -> PoolServer:
+    """Open the pool in ``db`` and serve it with TLS (the server closes the store on stop).
+
+    ``model``: check every piece against that model's layers and module shapes.
+    Enrolment: ``certs_dir/federation.pub`` (from ``pfl certs``) makes the pool take pieces
+    only with a grant signed by the federation key; ``open_enrolment=True`` takes any signed
+    piece (development); None: grants when that file exists, else open (with a warning)."""
+    from shared.serialization import ModelShapes
+
+    pub = Path(certs_dir) / crypto.FEDERATION_PUB
+    if open_enrolment is None:
+        open_enrolment = not pub.is_file()
+    if not open_enrolment and not pub.is_file():
+        raise PflError(f"no federation key {pub}: create it with `pfl certs {certs_dir}`, or "
+                       "serve with open enrolment (development only)")
+    federation_key = None if open_enrolment else crypto.load_federation_public_key(pub)
+    if open_enrolment:
+        log.warning("pool %s: OPEN ENROLMENT: anyone with a device key may submit pieces", db)
+    shapes = ModelShapes.of(model) if model else None
+    store = PoolStore(db, shapes=shapes, federation_key=federation_key)
     try:
         return PoolServer(store, certs_dir, port=port, host=host, own_store=True, **kwargs)
     except BaseException:
@@ -184,9 +264,11 @@ def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
         raise
 
 
-def serve(db: str | Path, port: int, certs_dir: str | Path, host: str = "127.0.0.1") -> int:
+def serve(db: str | Path, port: int, certs_dir: str | Path, host: str = "127.0.0.1", *,
+          model: str | None = None, open_enrolment: bool = False) -> int:
     """Serve the pool until SIGINT/SIGTERM; returns an exit status."""
-    server = start_pool_server(db, certs_dir, port=port, host=host)
+    server = start_pool_server(db, certs_dir, port=port, host=host, model=model,
+                               open_enrolment=open_enrolment)
     stopping = threading.Event()
 
     def _stop(signum, frame):
@@ -194,8 +276,10 @@ def serve(db: str | Path, port: int, certs_dir: str | Path, host: str = "127.0.0
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
-    print(f"pfl pool: serving {db} ({len(server.store)} pieces) on {server.target} (TLS)",
-          flush=True)
+    mode = "open enrolment" if server.store.federation_key is None else "federation grants"
+    shapes = f", pieces checked against {model}" if model else ""
+    print(f"pfl pool: serving {db} ({len(server.store)} pieces) on {server.target} (TLS, "
+          f"{mode}{shapes})", flush=True)
     try:
         while not stopping.wait(0.5):
             pass
@@ -215,10 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=50061, help="0 picks a free port")
     parser.add_argument("--certs", required=True, help="directory from `pfl certs`")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--model", default=None, help="check pieces against this model")
+    parser.add_argument("--open", action="store_true", help="open enrolment (development)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        return serve(args.db, args.port, args.certs, args.host)
+        return serve(args.db, args.port, args.certs, args.host, model=args.model,
+                     open_enrolment=args.open)
     except PflError as exc:
         print(f"pfl: error: {exc}", file=sys.stderr)
         return 2

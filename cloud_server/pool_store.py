@@ -3,8 +3,10 @@
 Layout of a pool directory::
 
     pool.sqlite3            metadata: pieces (id, sharer, layer, module, rank, dtypes, shapes,
-                            sha256, signature, public key, consent flags, time, the gate) and
-                            sharers (pseudonym -> public key, bound on first submission)
+                            sha256, signature, public key, consent flags, time, the gate),
+                            sharers (pseudonym -> public key, bound on first submission) and
+                            grants (federation grant -> the device key bound to it, pieces
+                            used of the pieces allowed)
     blobs/ab/abcdef...      one file per piece: its content bytes, named by their sha256,
                             which is the piece id (shared.serialization.content_bytes)
 
@@ -12,7 +14,19 @@ Crash safety: blobs are written to a temporary file, fsynced and renamed (then t
 fsynced) *before* the metadata transaction commits, and SQLite runs in WAL mode with
 ``synchronous=FULL``; a killed process leaves at worst an unreferenced blob or temp file,
 never a row without its blob. A batch is all-or-nothing. Every fetch re-hashes the blob,
-so a file changed on disk is detected (:class:`PoolCorruption`).
+so a file changed on disk is detected (:class:`PoolCorruption`). Blobs left by a killed
+submission are swept when the pool is opened (:meth:`PoolStore.sweep_orphans`).
+
+Who may submit: with a ``federation_key`` (the raw public key of the cloud server's grant
+key), only a device presenting a :class:`~shared.serialization.Grant` signed with it, bound to
+the first device key that uses it and good for ``max_pieces`` pieces; without one, anyone
+with a device key (*open enrolment*, for development). With ``shapes``
+(:class:`~shared.serialization.ModelShapes`), a piece must fit a real layer and module of the
+model. Every piece must carry the consent flag ``pool = true``.
+
+Concurrency: writes are serialized by one lock around one connection and take it only for
+the metadata transaction (blobs are written before); reads use a connection of their own per
+thread and never wait for that lock (SQLite WAL: readers see the last committed state).
 """
 
 from __future__ import annotations
@@ -29,9 +43,10 @@ from typing import Iterable, Sequence
 from shared import crypto
 from shared.errors import PflError
 from shared.methods.lora_pieces import Piece, _tensor_bytes
-from shared.serialization import (DEFAULT_LIMITS, Gate, InvalidPiece, Limits, SignedPiece,
-                                  check_consent, content_bytes, is_piece_id,
-                                  piece_from_content_bytes, tensor_from_proto, validate_piece)
+from shared.serialization import (DEFAULT_LIMITS, Gate, Grant, InvalidPiece, Limits,
+                                  ModelShapes, SignedPiece, check_consent, content_bytes,
+                                  is_piece_id, piece_from_content_bytes, tensor_from_proto,
+                                  validate_piece)
 from shared.wire import pfl_pb2
 
 DB_NAME = "pool.sqlite3"
@@ -67,11 +82,24 @@ CREATE TABLE IF NOT EXISTS pieces (
     created_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pieces_by_key ON pieces(layer, module);
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id    TEXT PRIMARY KEY,
+    run         TEXT NOT NULL,
+    public_key  BLOB NOT NULL,
+    max_pieces  INTEGER NOT NULL,
+    used        INTEGER NOT NULL,
+    first_used  REAL NOT NULL
+);
 """
 
 
 class PoolCorruption(PflError):
     """A stored blob is missing or does not hash to its piece id."""
+
+
+class NotPermitted(PflError):
+    """A submission the pool's enrolment rules refuse (no grant, a grant bound to another
+    key or used up, pieces without pool consent)."""
 
 
 class PieceNotFound(PflError):
@@ -101,15 +129,20 @@ class PoolStore:
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, directory: str | Path, *, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, directory: str | Path, *, limits: Limits = DEFAULT_LIMITS,
+                 shapes: ModelShapes | None = None, federation_key: bytes | None = None,
+                 sweep: bool = True):
         self.directory = Path(directory)
         self.limits = limits
+        self.shapes = shapes
+        self.federation_key = federation_key
         self.blob_dir = self.directory / BLOB_DIR
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.directory / DB_NAME, isolation_level=None,
-                                   check_same_thread=False, timeout=30)
-        self._db.row_factory = sqlite3.Row
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._db = self._connect()
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":  # pragma: no cover - e.g. a network file system
             raise PflError(f"the pool database {self.directory / DB_NAME} cannot use WAL mode")
@@ -122,12 +155,34 @@ class PoolStore:
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._remove_stale_temp_files()
+        if sweep:
+            self.sweep_orphans()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.directory / DB_NAME, isolation_level=None,
+                             check_same_thread=False, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (readers never take the write lock)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+            db.execute("PRAGMA query_only=ON")
+            with self._readers_lock:
+                self._readers.append(db)
+        return db
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connections."""
         with self._lock:
             self._db.close()
+        with self._readers_lock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
 
     def __enter__(self) -> "PoolStore":
         return self
@@ -143,6 +198,28 @@ class PoolStore:
                     tmp.unlink()
             except OSError:
                 pass
+
+    def sweep_orphans(self, min_age_seconds: float = _STALE_TMP_SECONDS) -> int:
+        """Delete blobs no piece refers to (a submission killed between writing its blobs
+        and committing), once older than ``min_age_seconds`` (a younger one may belong to a
+        submission in flight in another process). Returns how many were deleted."""
+        cutoff = time.time() - min_age_seconds
+        removed = 0
+        for path in self.blob_dir.glob("??/*"):
+            if path.name.startswith(".") or not is_piece_id(path.name):
+                continue
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    continue
+            except OSError:
+                continue
+            with self._lock:
+                row = self._db.execute("SELECT 1 FROM pieces WHERE piece_id=?",
+                                       (path.name,)).fetchone()
+                if row is None:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     # --------------------------------------------------------------------- blobs
     def blob_path(self, piece_id: str) -> Path:
@@ -174,36 +251,64 @@ class PoolStore:
         return True
 
     # -------------------------------------------------------------------- submit
-    def submit(self, pieces: Sequence[SignedPiece]) -> list[tuple[str, bool]]:
+    def submit(self, pieces: Sequence[SignedPiece], grant: Grant | None = None
+               ) -> list[tuple[str, bool]]:
         """Store signed pieces, all or nothing; returns (piece id, created) per input piece.
 
-        Each piece is validated (:class:`InvalidPiece`) and its signature verified
-        (``crypto.SignatureError``); a pseudonym stays bound to the first public key it was
-        submitted with. Resubmitting a stored piece changes nothing (created=False).
+        Each piece is validated (:class:`InvalidPiece`: wire rules, and the model's shapes
+        when the pool knows them), must carry consent ``pool = true`` (:class:`NotPermitted`)
+        and its signature must verify (``crypto.SignatureError``); a pseudonym stays bound to
+        the first public key it was submitted with. With a federation key, ``grant`` must be
+        signed by it, unexpired, bound to this batch's one device key and not used up
+        (:class:`NotPermitted`). Resubmitting a stored piece changes nothing (created=False).
         """
+        if not pieces:
+            raise InvalidPiece("an empty batch")
         for signed in pieces:
             validate_piece(signed.piece, self.limits)
+            if self.shapes is not None:
+                self.shapes.check(signed.piece)
             check_consent(signed.consent)
             signed.verify()
+            if signed.consent.get("pool") is not True:
+                raise NotPermitted(f"piece {signed.piece_id[:12]}: its consent flags do not "
+                                   "say pool = true")
         keys: dict[str, bytes] = {}
         for signed in pieces:
             if keys.setdefault(signed.piece.sharer, signed.public_key) != signed.public_key:
                 raise crypto.SignatureError(f"sharer {signed.piece.sharer!r} signs with two "
                                             "different keys in one batch")
-        with self._lock:
-            written = [signed.piece_id for signed in pieces
-                       if self._write_blob(signed.piece_id, content_bytes(signed.piece))]
+        if self.federation_key is not None:
+            if grant is None:
+                raise NotPermitted("this pool takes pieces only from sharers the federation "
+                                   "selected: the submission carries no grant")
             try:
-                return self._insert(pieces, keys)
+                grant.verify(self.federation_key, time.time())
+            except crypto.SignatureError as exc:
+                raise NotPermitted(f"grant refused: {exc}") from None
+            if len(set(keys.values())) != 1:
+                raise NotPermitted("a grant covers one device key; this batch has "
+                                   f"{len(set(keys.values()))}")
+        # blobs first, outside the lock: content-addressed, so concurrent writers agree
+        written = [signed.piece_id for signed in pieces
+                   if self._write_blob(signed.piece_id, content_bytes(signed.piece))]
+        with self._lock:
+            for signed in pieces:  # another batch that failed may have dropped a shared blob
+                if not self.blob_path(signed.piece_id).is_file():
+                    self._write_blob(signed.piece_id, content_bytes(signed.piece))
+            try:
+                return self._insert(pieces, keys, grant if self.federation_key else None)
             except BaseException:
                 self._drop_unreferenced(written)
                 raise
 
-    def _insert(self, pieces: Sequence[SignedPiece], keys: dict[str, bytes]
-                ) -> list[tuple[str, bool]]:
+    def _insert(self, pieces: Sequence[SignedPiece], keys: dict[str, bytes],
+                grant: Grant | None) -> list[tuple[str, bool]]:
         db, now = self._db, time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
+            if grant is not None:
+                self._use_grant(grant, next(iter(keys.values())), len(pieces), now)
             for sharer, key in keys.items():
                 row = db.execute("SELECT public_key FROM sharers WHERE sharer=?",
                                  (sharer,)).fetchone()
@@ -227,6 +332,31 @@ class PoolStore:
                 db.execute("ROLLBACK")
             raise
 
+    def _use_grant(self, grant: Grant, key: bytes, count: int, now: float) -> None:
+        """Bind ``grant`` to ``key`` (first use) and count ``count`` pieces against it."""
+        row = self._db.execute("SELECT public_key, used, max_pieces FROM grants WHERE "
+                               "grant_id=?", (grant.grant_id,)).fetchone()
+        used = 0
+        if row is not None:
+            if bytes(row["public_key"]) != key:
+                raise NotPermitted(f"grant {grant.grant_id[:8]} is bound to another device key")
+            used = int(row["used"])
+        if used + count > grant.max_pieces:
+            raise NotPermitted(f"grant {grant.grant_id[:8]} allows {grant.max_pieces} pieces; "
+                               f"{used} used, {count} more asked")
+        if row is None:
+            self._db.execute("INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?)",
+                             (grant.grant_id, grant.run, key, grant.max_pieces, count, now))
+        else:
+            self._db.execute("UPDATE grants SET used=? WHERE grant_id=?",
+                             (used + count, grant.grant_id))
+
+    def grant_keys(self, run: str) -> dict[str, bytes]:
+        """{grant id: the device key bound to it} of ``run``'s grants that were used."""
+        rows = self._reader().execute("SELECT grant_id, public_key FROM grants WHERE run=?",
+                                      (run,)).fetchall()
+        return {row[0]: bytes(row[1]) for row in rows}
+
     @staticmethod
     def _row(signed: SignedPiece, now: float) -> tuple:
         p = signed.piece
@@ -248,32 +378,34 @@ class PoolStore:
 
     # ------------------------------------------------------------------- queries
     def __len__(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM pieces").fetchone()[0]
+        return self._reader().execute("SELECT COUNT(*) FROM pieces").fetchone()[0]
 
     def __contains__(self, piece_id: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM pieces WHERE piece_id=?",
-                                    (piece_id,)).fetchone() is not None
+        return self._reader().execute("SELECT 1 FROM pieces WHERE piece_id=?",
+                                      (piece_id,)).fetchone() is not None
 
     def piece_ids(self) -> list[str]:
         """Every stored piece id, in submission order."""
-        with self._lock:
-            rows = self._db.execute("SELECT piece_id FROM pieces ORDER BY rowid").fetchall()
+        rows = self._reader().execute("SELECT piece_id FROM pieces ORDER BY rowid").fetchall()
         return [row[0] for row in rows]
 
     def missing(self, piece_ids: Iterable[str]) -> list[str]:
         """The ids (in order, without repeats) that the pool does not hold."""
-        with self._lock:
-            return [pid for pid in dict.fromkeys(piece_ids)
-                    if self._db.execute("SELECT 1 FROM pieces WHERE piece_id=?",
-                                        (pid,)).fetchone() is None]
+        db = self._reader()
+        return [pid for pid in dict.fromkeys(piece_ids)
+                if db.execute("SELECT 1 FROM pieces WHERE piece_id=?", (pid,)).fetchone()
+                is None]
+
+    def sizes(self, piece_ids: Iterable[str]) -> int:
+        """Total stored bytes of these pieces (unknown ids count 0)."""
+        db = self._reader()
+        return sum(int(row[0]) for pid in dict.fromkeys(piece_ids)
+                   for row in db.execute("SELECT size FROM pieces WHERE piece_id=?", (pid,)))
 
     def sharer_key(self, sharer: str) -> bytes | None:
         """The public key a pseudonym is bound to (None if unknown)."""
-        with self._lock:
-            row = self._db.execute("SELECT public_key FROM sharers WHERE sharer=?",
-                                   (sharer,)).fetchone()
+        row = self._reader().execute("SELECT public_key FROM sharers WHERE sharer=?",
+                                     (sharer,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def list_gates(self, layers: Iterable[int] = (), modules: Iterable[str] = (),
@@ -288,8 +420,7 @@ class PoolStore:
         sql = ("SELECT piece_id, sharer, layer, module, rank, d_in, gate, gate_dtype, "
                "gate_sha256, signature, public_key FROM pieces WHERE gate IS NOT NULL"
                + "".join(f" AND {w}" for w in where) + " ORDER BY layer, module, rowid")
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+        rows = self._reader().execute(sql, args).fetchall()
         gates = []
         for row in rows:
             tensor = pfl_pb2.Tensor(dtype=row["gate_dtype"], shape=[row["d_in"]],
@@ -313,12 +444,11 @@ class PoolStore:
         if bad:
             raise InvalidPiece(f"malformed piece id {bad[0][:70]!r}")
         rows = {}
-        with self._lock:
-            for pid in dict.fromkeys(piece_ids):
-                row = self._db.execute("SELECT * FROM pieces WHERE piece_id=?",
-                                       (pid,)).fetchone()
-                if row is not None:
-                    rows[pid] = row
+        db = self._reader()
+        for pid in dict.fromkeys(piece_ids):
+            row = db.execute("SELECT * FROM pieces WHERE piece_id=?", (pid,)).fetchone()
+            if row is not None:
+                rows[pid] = row
         missing = [pid for pid in dict.fromkeys(piece_ids) if pid not in rows]
         if missing:
             raise PieceNotFound(missing)

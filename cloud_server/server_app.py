@@ -57,9 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "round-timeout": 3600.0, "task": "synthetic", "sample-per-round": 0,
 }
 #: Run-config keys forwarded to the clients in every round's ConfigRecord.
-CLIENT_KEYS = ("method", "model", "task", "data-path", "num-users-per-client", "seed", "run-dir",
+CLIENT_KEYS = ("method", "model", "task", "data-path", "num-users-per-client", "seed",
                "local-epochs", "lr", "max-steps", "batch-size", "max-history", "positions",
-               "device", "keep-updates", "consent-policy")
+               "device", "keep-updates")
 
 
 # ------------------------------------------------------------------------ initial arrays
@@ -137,13 +137,15 @@ class Stage1FedAvg(FedAvg):
     global arrays of every round saved, and one history entry per round."""
 
     def __init__(self, method: str, *, fraction_train: float = 1.0, min_train_nodes: int = 1,
-                 min_available_nodes: int = 1, round_dir: Path | None = None) -> None:
+                 min_available_nodes: int = 1, round_dir: Path | None = None,
+                 max_examples: float | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
                          min_available_nodes=min_available_nodes)
         if method not in METHODS:
             raise PflError(f"unknown stage-1 method {method!r} (known: {', '.join(METHODS)})")
         self.method, self.round_dir = method, round_dir
+        self.max_examples = max_examples  # the most examples one client's weight may claim
         self.history: list[dict[str, Any]] = []
         self._current: dict[str, np.ndarray] | None = None
         self._sampled = 0
@@ -166,7 +168,7 @@ class Stage1FedAvg(FedAvg):
             else:
                 log.warning("round %d: no update from node %s: %s", server_round, *item)
                 failed.append({"node": str(item[0]), "reason": item[1]})
-        result = fedavg(usable, self._current)
+        result = fedavg(usable, self._current, max_examples=self.max_examples)
         entry: dict[str, Any] = {
             "round": server_round, "sampled": self._sampled, "replies": len(replies),
             "accepted": len(result.accepted), "errors": failed,
@@ -221,6 +223,20 @@ def resolve_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+#: Examples one user may count toward a client's FedAvg weight when ``max-history`` is unset.
+EXAMPLES_PER_USER_CAP = 1000
+
+
+def max_examples(config: Mapping[str, Any]) -> float:
+    """The cap on one client's FedAvg weight: run config ``max-examples``, else what the server
+    asked it to train on: ``num-users-per-client`` x ``max-history`` (or x
+    :data:`EXAMPLES_PER_USER_CAP`). A client's own count is never taken beyond it."""
+    if config.get("max-examples"):
+        return float(config["max-examples"])
+    per_user = int(config.get("max-history") or EXAMPLES_PER_USER_CAP)
+    return float(int(config["num-users-per-client"]) * per_user)
+
+
 def sample_size(fraction_train: float, num_clients: int) -> int:
     """How many clients a round trains: ceil(fraction * clients), at least 1."""
     return max(1, math.ceil(float(fraction_train) * int(num_clients) - 1e-9))
@@ -252,7 +268,8 @@ def run_stage1(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         wanted = min(int(config["sample-per-round"]), num_clients)
         fraction = wanted / num_clients
     strategy = Stage1FedAvg(method, fraction_train=fraction, min_train_nodes=wanted,
-                            min_available_nodes=max(1, num_clients), round_dir=round_dir)
+                            min_available_nodes=max(1, num_clients), round_dir=round_dir,
+                            max_examples=max_examples(config))
     client_config = ConfigRecord({key: config[key] for key in CLIENT_KEYS
                                   if config.get(key) not in (None, "")})
     log.info("stage 1 (%s): %d rounds, %s clients, %d sampled per round, run dir %s", method,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -45,6 +46,8 @@ import grpc
 import numpy as np
 
 from shared.errors import PflError
+
+log = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
 _REQUIRED = ("seq", "time", "channel", "destination", "message_type", "arrays",
@@ -300,6 +303,7 @@ class VerifyResult:
     error_line: int | None
     message: str
     head: str = GENESIS_HASH
+    warning: str | None = None
 
 
 def verify(path: str | os.PathLike, head: str | None = None) -> VerifyResult:
@@ -342,6 +346,9 @@ def verify(path: str | os.PathLike, head: str | None = None) -> VerifyResult:
             return bad(lineno, "entry cannot be encoded canonically")
         if entry["hash"] != recomputed:
             return bad(lineno, "hash does not match the entry's content (the entry was edited)")
+        if raw != canonical_json(entry) + b"\n":  # the bytes written, not just their meaning
+            return bad(lineno, "not in the canonical form the ledger writes (the line was "
+                               "re-serialized or edited)")
         prev, count = entry["hash"], count + 1
         seen_head = seen_head or prev.startswith(head)
     if not seen_head:
@@ -349,6 +356,10 @@ def verify(path: str | os.PathLike, head: str | None = None) -> VerifyResult:
                             f"line {count + 1}: the noted head {head[:16]} is not in the ledger "
                             "(entries were removed from the end, or this is another ledger)",
                             prev)
+    if count == 0:
+        return VerifyResult(True, 0, None, "empty: no entries", prev,
+                            warning="the ledger is empty: nothing was ever sent, or it was "
+                                    "emptied (compare with a head hash noted earlier)")
     return VerifyResult(True, count, None, f"intact: {count} entries, head {prev}", prev)
 
 
@@ -447,11 +458,26 @@ def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
     rule_of = consent_rule_fn or _take_consent_rule
 
     def mod(msg, context, call_next):
-        reply = call_next(msg, context)
+        from flwr.app import Error, Message
+
+        from shared.errors import FAILED, NOT_CONFIGURED, device_error_reason
+
+        def error(code):
+            return Message(Error(code=code, reason=device_error_reason(code)), reply_to=msg)
+
+        try:
+            reply = call_next(msg, context)
+        except Exception:  # never let Flower send a traceback: a code, and the ledger sees it
+            log.exception("the ClientApp raised on %s", msg.metadata.message_type)
+            reply = error(FAILED)
         path = ledger_path_fn(context, msg)
-        if path is None:
-            return reply
+        if path is None:  # nothing unaudited leaves: a bare code at most
+            log.warning("no audit ledger configured: replying with an error code only")
+            return error(NOT_CONFIGURED)
         ledger = AuditLedger(path)  # nothing kept per device: a population stays flat
+        if not reply.has_content() and reply.error.reason != device_error_reason(
+                reply.error.code):
+            reply = error(reply.error.code)  # only the fixed text of a code leaves
         meta = reply.metadata
         if reply.has_content():
             arrays, fields = describe_record_dict(reply.content)
@@ -460,13 +486,17 @@ def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
             fields = {"error": {"code": reply.error.code, "reason": reply.error.reason or ""}}
         # payload_bytes: the whole serialized reply (arrays, metrics, metadata);
         # inbound_bytes: the message it answers (what came down), for traffic accounting.
-        ledger.append(channel, f"superlink run {meta.run_id} node {meta.dst_node_id}",
-                      meta.message_type, arrays, rule_of(reply, context), fields,
-                      payload_bytes=message_bytes(reply),
-                      meta={"run_id": meta.run_id, "node_id": context.node_id,
-                            "group_id": meta.group_id,
-                            "reply_to": meta.reply_to_message_id,
-                            "inbound_bytes": message_bytes(msg)})
+        try:
+            ledger.append(channel, f"superlink run {meta.run_id} node {meta.dst_node_id}",
+                          meta.message_type, arrays, rule_of(reply, context), fields,
+                          payload_bytes=message_bytes(reply),
+                          meta={"run_id": meta.run_id, "node_id": context.node_id,
+                                "group_id": meta.group_id,
+                                "reply_to": meta.reply_to_message_id,
+                                "inbound_bytes": message_bytes(msg)})
+        except Exception:  # a ledger that cannot be written: send nothing it would not show
+            log.exception("the audit ledger %s cannot be written", path)
+            return error(FAILED)
         return reply
 
     return mod
@@ -593,6 +623,8 @@ def cmd_audit_verify(args) -> int:
     result = verify(args.ledger, head=getattr(args, "head", None))
     if result.ok:
         print(f"{args.ledger}: {result.message}")
+        if result.warning:
+            print(f"pfl: warning: {args.ledger}: {result.warning}", file=sys.stderr)
         return 0
     print(f"{args.ledger}: NOT intact: {result.message}")
     return 1

@@ -12,7 +12,7 @@ Stage-1 message in (from :mod:`cloud_server.server_app`):
   ``method = "perfit"``: PerFit stage 1 and the shared stage 2, keys ``stage1.layers.N.R|W|b``
   and ``stage2.layers.N.R|W|b`` (:func:`perfit_to_arrays`).
 - ConfigRecord ``"config"``: ``method``, ``model``, ``task``, ``num-users-per-client``,
-  ``seed``, ``run-dir``, ``server-round`` and optional training knobs (``local-epochs``,
+  ``seed``, ``server-round`` and optional training knobs (``local-epochs``,
   ``lr``, ``max-steps``, ``batch-size``, ``max-history``, ``positions``, ``data-path``,
   ``keep-updates``: also keep this client's last update on disk, ``arrays/last-update.npz``).
 
@@ -28,12 +28,16 @@ Where things come from:
   ``num-users-per-client``; their history never leaves the process;
 - the base model: :func:`shared.models.load_model`, once per worker process (memoized), never
   captured in this (pickled) ClientApp;
+- device settings (:data:`DEVICE_SETTINGS`) come from the node config only, never from the
+  server's messages or the run config (a simulation sets them with :func:`device_settings_mod`);
 - consent: the policy file in ``node_config["consent-policy"]`` (defaults when absent); an
   upload the policy does not allow is refused with an error reply, nothing is trained or sent;
 - audit: :func:`edge_client.audit.audit_mod` (outermost mod) writes every reply to the
   device's ledger: ``node_config["ledger"]`` when set, else
-  ``RUN_DIR/clients/partition-NNNNN/ledger.jsonl`` (:mod:`edge_client.state`); a device with
-  no ledger location answers nothing but an error;
+  ``DEVICE_ROOT/clients/partition-NNNNN/ledger.jsonl`` (:mod:`edge_client.state`); a device
+  with no ledger location answers nothing but an error;
+- errors: a refusal or failure leaves as a code and its fixed text
+  (:data:`shared.errors.DEVICE_ERRORS`), never the exception's message;
 - per-client state between rounds: on disk (:class:`edge_client.state.ClientState`), never in
   ``context.state`` (which Flower keeps in RAM for every virtual client); ``context.state``
   holds only the consent rule a handler notes for the audit mod, which takes it back out.
@@ -41,6 +45,7 @@ Where things come from:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import replace
@@ -56,7 +61,8 @@ from flwr.clientapp import ClientApp
 from edge_client.audit import audit_mod, note_consent_rule
 from edge_client.consent import ConsentPolicy
 from edge_client.state import ClientState, ledger_path
-from shared.errors import PflError
+from shared.errors import (BAD_REQUEST, CONSENT_DENIED, FAILED, NOT_CONFIGURED, PflError,
+                           device_error_reason)
 from shared.types import recent_history
 
 log = logging.getLogger(__name__)
@@ -65,7 +71,6 @@ METHODS = ("lora", "perfit")
 #: method -> the consent policy's upload kind (edge_client.consent.KINDS).
 CONSENT_KIND = {"lora": "stage1_lora", "perfit": "perfit_stage1"}
 #: Error codes of this app's refusals (Flower's own codes are 0..8).
-BAD_REQUEST, CONSENT_DENIED, FAILED = 400, 403, 500
 STAGE_PREFIXES = ("stage1", "stage2")
 
 
@@ -195,95 +200,132 @@ def local_stage1_update(method: str, global_arrays: Mapping[str, np.ndarray], ta
 
 
 # ================================================================= Flower plumbing
-def _message_run_dir(msg: Message | None) -> str | None:
-    if msg is None or not msg.has_content():
+#: Settings a device gives itself, in its node config (``flower-supernode --node-config``):
+#: its ledger file, its state folder, its consent policy, the CA it trusts for the pool, its
+#: signing key, and (simulations) ``device-root``, the folder that holds one state folder per
+#: partition. They are never read from the server's messages or the run config: the server
+#: must not choose what a device consents to, whom it trusts or where it writes.
+DEVICE_SETTINGS = ("ledger", "state-dir", "device-root", "consent-policy", "pool-ca",
+                   "device-key")
+
+
+def device_settings_mod(settings: Mapping[str, Any]):
+    """A ClientApp mod that gives every (virtual) device the node-config ``settings`` it
+    lacks: how a simulation, which builds its devices itself, configures them (a real
+    SuperNode gets the same keys from ``--node-config``). Keys must be :data:`DEVICE_SETTINGS`."""
+    unknown = sorted(set(settings) - set(DEVICE_SETTINGS))
+    if unknown:
+        raise PflError(f"unknown device settings {unknown} (known: {', '.join(DEVICE_SETTINGS)})")
+    fixed = {k: str(v) for k, v in settings.items() if v not in (None, "")}
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        for key, value in fixed.items():
+            if not context.node_config.get(key):
+                context.node_config[key] = value
+        return call_next(msg, context)
+
+    return mod
+
+
+def _partition(context: Context) -> int | None:
+    value = context.node_config.get("partition-id")
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
         return None
-    config = msg.content.config_records.get("config")
-    value = config.get("run-dir") if config is not None else None
-    return str(value) if value else None
 
 
-def device_ledger_path(context: Context, msg: Message | None = None, *,
-                       options: Mapping[str, Any] | None = None) -> Path | None:
-    """This node's audit ledger: ``node_config["ledger"]`` on a real device, else the
-    partition's ledger under the run folder (the run config's, or the one the server sent in
-    ``msg`` / ``options``; nothing is kept per client in ``context.state``)."""
+def device_ledger_path(context: Context, msg: Message | None = None) -> Path | None:
+    """This node's audit ledger: node config ``ledger``, else its partition's ledger under
+    node config ``device-root`` (simulations). ``msg`` is not read: the server does not
+    choose where a device writes."""
     explicit = context.node_config.get("ledger")
     if explicit:
         return Path(str(explicit))
-    run_dir = (context.run_config.get("run-dir") or (options or {}).get("run-dir")
-               or _message_run_dir(msg))
-    partition = context.node_config.get("partition-id")
-    if not run_dir or partition is None:
+    root, partition = context.node_config.get("device-root"), _partition(context)
+    if not root or partition is None or partition < 0:
         return None
-    return ledger_path(str(run_dir), int(partition))
+    return ledger_path(str(root), partition)
 
 
-def consent_policy(context: Context, options: Mapping[str, Any]) -> ConsentPolicy:
-    """The device's consent policy: node config ``consent-policy`` (a real device), else the
-    run's ``consent-policy`` (a simulation, where every virtual device shares one), else the
-    documented defaults."""
-    path = context.node_config.get("consent-policy") or options.get("consent-policy")
+def consent_policy(context: Context) -> ConsentPolicy:
+    """The device's consent policy: node config ``consent-policy``, else the documented
+    defaults (never a path from the server)."""
+    path = context.node_config.get("consent-policy")
     return ConsentPolicy.load(str(path) if path else None)
 
 
 def _message_options(msg: Message, context: Context) -> dict[str, Any]:
-    """The run config overlaid with the message's ConfigRecord (the server's message wins)."""
+    """The run config overlaid with the message's ConfigRecord (the server's message wins);
+    device settings (:data:`DEVICE_SETTINGS`) are dropped from both."""
     config = msg.content.config_records.get("config") or ConfigRecord()
-    return {**dict(context.run_config), **dict(config)}
+    merged = {**dict(context.run_config), **dict(config)}
+    return {k: v for k, v in merged.items() if k not in DEVICE_SETTINGS}
 
 
-def _device_refusal(context: Context, options: Mapping[str, Any],
-                    kind: str) -> tuple[int | None, str]:
-    """(error code, reason) when this device must not answer a message whose reply is an
-    upload of consent ``kind``, else (None, the consent rule that allows it)."""
-    if device_ledger_path(context, options=options) is None:
-        return BAD_REQUEST, ("no audit ledger is configured for this device (node config "
-                             "'ledger', or a run-dir): sending nothing")
-    if "partition-id" not in context.node_config or "num-partitions" not in context.node_config:
-        return BAD_REQUEST, "node config needs partition-id and num-partitions"
-    rule = consent_policy(context, options).allows(kind)
+class Refusal(Exception):
+    """A handler's refusal: an error reply with ``code`` (shared.errors.DEVICE_ERRORS); the
+    ``detail`` stays in the device's log."""
+
+    def __init__(self, code: int, detail: str):
+        super().__init__(detail)
+        self.code = code
+
+
+def _device_refusal(context: Context, kind: str) -> str:
+    """The consent rule that allows an upload of consent ``kind``; raises :class:`Refusal`
+    when this device must not answer (no ledger, no partition, consent denied)."""
+    if device_ledger_path(context) is None:
+        raise Refusal(NOT_CONFIGURED, "no audit ledger is configured for this device (node "
+                                      "config 'ledger' or 'device-root'): sending nothing")
+    if _partition(context) is None or "num-partitions" not in context.node_config:
+        raise Refusal(NOT_CONFIGURED, "node config needs partition-id and num-partitions")
+    rule = consent_policy(context).allows(kind)
     if rule is None:
-        return CONSENT_DENIED, f"the consent policy does not allow uploading {kind}"
-    return None, rule
+        raise Refusal(CONSENT_DENIED, f"the consent policy does not allow uploading {kind}")
+    return rule
 
 
-def _refusal(method: str, context: Context,
-             options: Mapping[str, Any] | None = None) -> tuple[int | None, str]:
-    """:func:`_device_refusal` for a stage-1 ``method`` (unknown methods refused first)."""
-    if method not in CONSENT_KIND:
-        return BAD_REQUEST, f"unknown stage-1 method {method!r} (known: {', '.join(METHODS)})"
-    return _device_refusal(context, options or {}, CONSENT_KIND[method])
+def _error(msg: Message, code: int, detail: str) -> Message:
+    """An error reply: the code and its fixed text only (the detail is logged here)."""
+    log.warning("refusing %s (code %d): %s", msg.metadata.message_type, code, detail)
+    return Message(Error(code=code, reason=device_error_reason(code)), reply_to=msg)
 
 
-def _error(msg: Message, code: int, reason: str) -> Message:
-    log.warning("refusing %s: %s", msg.metadata.message_type, reason)
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+def guarded(handler):
+    """Run a handler so that nothing but a code leaves on failure: a :class:`Refusal` gives
+    its code, any other exception ``FAILED``; the traceback goes to the device's log."""
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Refusal as exc:
+            return _error(msg, exc.code, str(exc))
+        except Exception as exc:  # reply (and audit) an error instead of crashing the node
+            log.exception("%s failed", msg.metadata.message_type)
+            return _error(msg, FAILED, f"{type(exc).__name__}")
+    return run
 
 
+@guarded
 def train(msg: Message, context: Context) -> Message:
     """Local stage-1 training on this partition's users; reply with the updated arrays."""
     options = _message_options(msg, context)
     method = str(options.get("method", "lora"))
-    code, rule = _refusal(method, context, options)
-    if code is not None:
-        return _error(msg, code, rule)
+    if method not in CONSENT_KIND:
+        raise Refusal(BAD_REQUEST, f"unknown stage-1 method {method!r}")
+    rule = _device_refusal(context, CONSENT_KIND[method])
     if "arrays" not in msg.content.array_records:
-        return _error(msg, BAD_REQUEST, "no 'arrays' record in the message")
+        raise Refusal(BAD_REQUEST, "no 'arrays' record in the message")
     global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     partition = int(context.node_config["partition-id"])
     server_round = int(options.get("server-round", 0))
-    try:
-        task, users = load_partition(options, partition,
-                                     int(context.node_config["num-partitions"]))
-        arrays, metrics = local_stage1_update(method, global_arrays, task, users, options,
-                                              partition_id=partition, server_round=server_round)
-    except Exception as exc:  # reply (and audit) an error instead of crashing the node
-        log.exception("local stage-1 training failed")
-        return _error(msg, FAILED, f"local training failed: {type(exc).__name__}: "
-                                   f"{str(exc)[:300]}")
-    if options.get("run-dir"):  # per-client facts go to disk, not to context.state
-        state = ClientState(str(options["run-dir"]), partition)
+    task, users = load_partition(options, partition, int(context.node_config["num-partitions"]))
+    arrays, metrics = local_stage1_update(method, global_arrays, task, users, options,
+                                          partition_id=partition, server_round=server_round)
+    directory = _device_dir(context, required=False)
+    if directory is not None:  # per-client facts go to disk, not to context.state
+        state = ClientState.at(directory, partition)
         state.record_round({"round": server_round, "method": method, **metrics})
         if options.get("keep-updates"):
             state.save_arrays("last-update", arrays)
@@ -292,13 +334,11 @@ def train(msg: Message, context: Context) -> Message:
 
 # ------------------------------------------------------------- phases 2-5 (one user each)
 def _phase_setup(msg: Message, context: Context, kind: str):
-    """(options, consent policy, rule, arrays) or an error reply for a phase message of
-    ``kind`` (the consent kind whose rule covers the reply)."""
+    """(options, consent policy, rule, arrays) for a phase message of ``kind`` (the consent
+    kind whose rule covers the reply); raises :class:`Refusal`."""
     options = _message_options(msg, context)
-    code, rule = _device_refusal(context, options, kind)
-    if code is not None:
-        return _error(msg, code, rule)
-    policy = consent_policy(context, options)
+    rule = _device_refusal(context, kind)
+    policy = consent_policy(context)
     arrays = ({k: v.numpy() for k, v in msg.content["arrays"].items()}
               if "arrays" in msg.content.array_records else {})
     return options, policy, rule, arrays
@@ -316,29 +356,35 @@ def _device_user(options: Mapping[str, Any], context: Context, *, model: bool = 
     return loaded, task, users[0]
 
 
-def _device_dir(options: Mapping[str, Any], context: Context) -> Path:
+def _device_dir(context: Context, *, required: bool = True) -> Path | None:
     """This device's own folder: node config ``state-dir``, else its partition's folder
-    under the run folder (simulation)."""
+    under node config ``device-root`` (simulations)."""
     explicit = context.node_config.get("state-dir")
     if explicit:
         return Path(str(explicit))
-    return ClientState(str(options["run-dir"]), int(context.node_config["partition-id"])).directory
+    root, partition = context.node_config.get("device-root"), _partition(context)
+    if root and partition is not None:
+        return ClientState(str(root), partition).directory
+    if required:
+        raise Refusal(NOT_CONFIGURED, "node config needs state-dir (or device-root)")
+    return None
 
 
 def _pool_access(options: Mapping[str, Any], context: Context):
     """(pool address, CA path, audit interceptors) for this device's pool calls. The CA comes
-    from the node config (``pool-ca``) when set: a device trusts its own root, not the
-    server's word; simulations pass it in the run config."""
+    from the device's node config (``pool-ca``) only: a device trusts its own root, not the
+    server's word. The address may come from the server (TLS against that CA protects it)."""
     from edge_client.audit import AuditClientInterceptor
     from edge_client.pool_client import describe_request
 
     target = str(options.get("pool-address") or "")
-    ca = context.node_config.get("pool-ca") or options.get("pool-ca")
-    if not target or not ca:
-        raise PflError("this phase needs the piece pool: set pool-address (run config) and "
-                       "pool-ca (node config)")
-    interceptor = AuditClientInterceptor(device_ledger_path(context, options=options),
-                                         "pool-grpc", target,
+    ca = context.node_config.get("pool-ca")
+    if not target:
+        raise Refusal(BAD_REQUEST, "this phase needs the piece pool: the run names no "
+                                   "pool-address")
+    if not ca:
+        raise Refusal(NOT_CONFIGURED, "this phase needs the piece pool: node config pool-ca")
+    interceptor = AuditClientInterceptor(device_ledger_path(context), "pool-grpc", target,
                                          describe_request)
     return target, str(ca), [interceptor]
 
@@ -367,19 +413,12 @@ def _reply(msg: Message, context: Context, rule: str, metrics: Mapping[str, floa
 
 
 def _run_phase(msg: Message, context: Context, kind: str, work) -> Message:
-    setup = _phase_setup(msg, context, kind)
-    if isinstance(setup, Message):
-        return setup
-    options, policy, rule, arrays = setup
-    try:
-        metrics, out_arrays, rule = work(options, policy, rule, arrays)
-    except Exception as exc:  # reply (and audit) an error instead of crashing the node
-        log.exception("%s failed", msg.metadata.message_type)
-        return _error(msg, FAILED, f"{msg.metadata.message_type} failed: "
-                                   f"{type(exc).__name__}: {str(exc)[:300]}")
+    options, policy, rule, arrays = _phase_setup(msg, context, kind)
+    metrics, out_arrays, rule = work(options, policy, rule, arrays)
     return _reply(msg, context, rule, metrics, out_arrays)
 
 
+@guarded
 def select(msg: Message, context: Context) -> Message:
     """Sharer selection: cluster index and history size (embedding only with consent)."""
     from edge_client.phases import cluster_report
@@ -387,11 +426,12 @@ def select(msg: Message, context: Context) -> Message:
     def work(options, policy, rule, arrays):
         _, task, user = _device_user(options, context, model=False)
         return cluster_report(task, user, arrays.get("centroids"), policy,
-                              _device_dir(options, context))
+                              _device_dir(context))
 
     return _run_phase(msg, context, "cluster_index", work)
 
 
+@guarded
 def share(msg: Message, context: Context) -> Message:
     """A selected sharer trains LoRA + gates and submits its consented pieces to the pool."""
     from edge_client.phases import share_pieces
@@ -400,14 +440,16 @@ def share(msg: Message, context: Context) -> Message:
         loaded, task, user = _device_user(options, context)
         target, ca, interceptors = _pool_access(options, context)
         key_path = Path(str(context.node_config.get("device-key")
-                            or _device_dir(options, context) / "device.key"))
-        metrics = share_pieces(loaded, task, user, options, arrays, policy, key_path=key_path,
-                               pool_target=target, pool_ca=ca, interceptors=interceptors)
-        return metrics, None, "upload.perpcs_pieces(pool)+metrics.may_report"
+                            or _device_dir(context) / "device.key"))
+        metrics, key = share_pieces(loaded, task, user, options, arrays, policy,
+                                    key_path=key_path, pool_target=target, pool_ca=ca,
+                                    interceptors=interceptors)
+        return metrics, key, "upload.perpcs_pieces(pool)+metrics.may_report"
 
     return _run_phase(msg, context, "metrics", work)
 
 
+@guarded
 def personalize(msg: Message, context: Context) -> Message:
     """Personalize this device's user with each method asked; reply with costs only."""
     from edge_client import phases
@@ -422,9 +464,13 @@ def personalize(msg: Message, context: Context) -> Message:
             target, ca, interceptors = _pool_access(options, context)
             modules = perpcs_config(phases.device_runtime(loaded, task, options, {})) \
                 .target_modules
-            pool = phases.fetch_pool(target, ca, modules, interceptors=interceptors)
+            from shared.serialization import ModelShapes
+
+            pool = phases.fetch_pool(target, ca, modules, interceptors=interceptors,
+                                     trusted_keys=phases.trusted_sharers(options),
+                                     shapes=ModelShapes.of(loaded.model))
         metrics = phases.personalize(loaded, task, user, methods, options, arrays,
-                                     _device_dir(options, context), pool=pool)
+                                     _device_dir(context), pool=pool)
         if pool is not None:  # what came down from the pool (tensor bytes of the pieces)
             metrics["pool-download-bytes"] = float(pool["download_bytes"])
         return metrics, None, rule
@@ -432,6 +478,7 @@ def personalize(msg: Message, context: Context) -> Message:
     return _run_phase(msg, context, "metrics", work)
 
 
+@guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Answer the user's held-out queries on the device; reply with metric sums only."""
     from edge_client import phases
@@ -445,12 +492,16 @@ def evaluate(msg: Message, context: Context) -> Message:
             from edge_client.pool_client import PoolClient
 
             target, ca, interceptors = _pool_access(options, context)
-            with PoolClient(target, ca, interceptors=interceptors) as client:
+            from shared.serialization import ModelShapes
+
+            with PoolClient(target, ca, interceptors=interceptors,
+                            trusted_keys=phases.trusted_sharers(options),
+                            shapes=ModelShapes.of(loaded.model)) as client:
                 pieces = client.fetch_pieces(ids)
             downloaded.append(client.received_bytes)
             return pieces
         metrics = phases.evaluate(loaded, task, user, methods, options, arrays,
-                                  _device_dir(options, context),
+                                  _device_dir(context),
                                   pool_pieces=fetch if _needs_pool(methods) else None)
         if downloaded:  # what came down from the pool (tensor bytes of the pieces)
             metrics["pool-download-bytes"] = float(sum(downloaded))
@@ -459,14 +510,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _run_phase(msg, context, "metrics", work)
 
 
-def make_client_app() -> ClientApp:
+def make_client_app(device: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp with every phase's handler, audited by :func:`audit_mod`.
 
-    audit_mod is the outermost (here: only) mod: it records the reply as it leaves the device.
+    ``device``: node-config settings (:data:`DEVICE_SETTINGS`) that every virtual device of a
+    simulation gets unless its own node config sets them (:func:`device_settings_mod`).
+    audit_mod is the outermost mod that sees the reply (the settings mod around it changes
+    no reply), so it records the reply as it leaves the device.
     The app holds no model and no ledger, so it pickles (Ray ships the ClientApp to its
     actors); each worker loads the frozen model once (:func:`shared.models.load_model`).
     """
-    client_app = ClientApp(mods=[audit_mod(device_ledger_path, channel="flower")])
+    mods = [audit_mod(device_ledger_path, channel="flower")]
+    if device:
+        mods.insert(0, device_settings_mod(device))  # changes no reply: outside the audit
+    client_app = ClientApp(mods=mods)
     client_app.train()(train)
     client_app.query("select")(select)
     client_app.train("share")(share)

@@ -99,7 +99,7 @@ def _parse(data: dict, source: str) -> dict[tuple[str, str], Any]:
     values: dict[tuple[str, str], Any] = {}
     for section, table in data.items():
         if section == "version":
-            if table != POLICY_VERSION:
+            if isinstance(table, bool) or table != POLICY_VERSION:
                 raise PflError(f"{source}: version must be {POLICY_VERSION}, got {table!r}")
             continue
         if section not in _SECTIONS:
@@ -126,6 +126,8 @@ def _read_toml(path: str | os.PathLike) -> dict:
         raise PflError(f"{path} is a directory, not a consent policy file")
     except tomllib.TOMLDecodeError as exc:
         raise PflError(f"{path}: malformed TOML: {exc}")
+    except UnicodeDecodeError:
+        raise PflError(f"{path}: not UTF-8 text (a consent policy is a TOML file)")
 
 
 def _defaults() -> dict[tuple[str, str], Any]:
@@ -173,6 +175,14 @@ class ConsentPolicy:
     def ratio(self) -> float:
         """Fraction of eligible pieces that is shared."""
         return self.setting("sharing", "ratio")
+
+    def check_model(self, num_layers: int) -> "ConsentPolicy":
+        """Raise PflError when ``[sharing] layers`` names a layer the model does not have (a
+        policy written for another model should not silently mean something else)."""
+        if self.layers != "all" and any(layer >= num_layers for layer in self.layers):
+            raise PflError(f"consent policy ({self.source}): [sharing] layers lists layer "
+                           f"{max(self.layers)}, but the model has layers 0..{num_layers - 1}")
+        return self
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """The effective policy as ``{section: {key: value}}`` (lists for tuples)."""

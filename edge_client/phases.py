@@ -145,19 +145,25 @@ def cluster_report(task, user, centroids: np.ndarray | None, consent: ConsentPol
 def share_pieces(loaded, task, user, options: Mapping[str, Any],
                  arrays: Mapping[str, np.ndarray], consent: ConsentPolicy, *,
                  key_path: Path, pool_target: str, pool_ca: str | Path,
-                 interceptors: Sequence = ()) -> dict[str, float]:
-    """Train this sharer's pieces and gates, submit the consented ones; return metrics."""
+                 interceptors: Sequence = ()) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Train this sharer's pieces and gates, submit the consented ones with the federation's
+    grant (``options["pool-grant"]``); return (metrics, {"sharer-key": the device's public
+    key as 32 float32 byte values}), the key so that targets can pin whose pieces to take."""
     from edge_client.pool_client import PoolClient
     from edge_client.trainers import train_sharer_pieces
     from shared import crypto
+    from shared.serialization import Grant
 
     rule = consent.require("perpcs_pieces")
+    consent.check_model(loaded.num_layers)
     started = time.perf_counter()
     runtime = device_runtime(loaded, task, options, arrays)
     if "stage1" not in runtime.cache:
         raise PflError("sharing needs the stage-1 LoRA arrays (lora.*) in the message")
+    grant = Grant.from_text(str(options["pool-grant"])) if options.get("pool-grant") else None
     key = crypto.device_key(key_path)
-    pseudonym = "sharer-" + crypto.key_fingerprint(crypto.public_key_bytes(key))[:16]
+    public = crypto.public_key_bytes(key)
+    pseudonym = sharer_pseudonym(public)
     from edge_client.cores import perpcs_config, personal_train_config  # as pfl eval reads them
 
     config = perpcs_config(runtime)
@@ -169,22 +175,59 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
     submitted = 0
     if shared:
         with PoolClient(pool_target, pool_ca, interceptors=interceptors) as pool:
-            submitted = sum(1 for _ in pool.submit(shared, key, consent={"pool": True}))
+            submitted = sum(1 for _ in pool.submit(shared, key, consent={"pool": True},
+                                                   grant=grant))
     log.info("sharer %s: %d of %d pieces submitted (%s)", pseudonym, submitted, len(gated), rule)
-    return {"pieces-trained": float(len(gated)), "pieces-submitted": float(submitted),
-            "bytes-submitted": float(sum(p.num_bytes for p in shared)),
-            "seconds": time.perf_counter() - started}
+    metrics = {"pieces-trained": float(len(gated)), "pieces-submitted": float(submitted),
+               "bytes-submitted": float(sum(p.num_bytes for p in shared)),
+               "seconds": time.perf_counter() - started}
+    return metrics, {"sharer-key": np.frombuffer(public, dtype=np.uint8).astype(np.float32)}
+
+
+def sharer_pseudonym(public_key: bytes) -> str:
+    """The pseudonym a sharer's pieces carry: derived from its device's public key."""
+    from shared import crypto
+
+    return "sharer-" + crypto.key_fingerprint(public_key)[:16]
+
+
+def key_from_array(values) -> bytes | None:
+    """Inverse of the ``sharer-key`` array (None when it is not 32 byte values)."""
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if array.size != 32 or not np.all((array >= 0) & (array <= 255) & (array == np.round(array))):
+        return None
+    return bytes(array.astype(np.uint8).tolist())
+
+
+def trusted_sharers(options: Mapping[str, Any]) -> dict[str, bytes] | None:
+    """The sharers whose pieces this target may take, from the run's ``pool-sharers``
+    ({pseudonym: hex public key}, sent by the server after sharing); None when not given."""
+    text = options.get("pool-sharers")
+    if not text:
+        return None
+    try:
+        data = json.loads(str(text))
+        keys = {str(name): bytes.fromhex(str(key)) for name, key in data.items()}
+    except (ValueError, AttributeError, TypeError):
+        raise PflError("pool-sharers is not a JSON object of hex keys") from None
+    if any(len(k) != 32 or sharer_pseudonym(k) != name for name, k in keys.items()):
+        raise PflError("pool-sharers names a key that does not match its pseudonym")
+    return keys
 
 
 # ------------------------------------------------------------ phase 4: personalization
 def fetch_pool(pool_target: str, pool_ca: str | Path, modules: Sequence[str], *,
-               interceptors: Sequence = ()) -> dict:
-    """The pool's gated pieces for ``modules`` (every signature and content id verified), in
+               interceptors: Sequence = (), trusted_keys: Mapping[str, bytes] | None = None,
+               shapes=None) -> dict:
+    """The pool's gated pieces for ``modules`` (every signature and content id verified; with
+    ``trusted_keys`` only those sharers', with ``shapes`` only pieces that fit this model), in
     the form the PER-PCS cores read: ``{"pool": [...], "lookup": {id: piece}}``."""
     from edge_client.pool_client import PoolClient
 
-    with PoolClient(pool_target, pool_ca, interceptors=interceptors) as client:
-        gates = client.list_gates(modules=list(modules))
+    with PoolClient(pool_target, pool_ca, interceptors=interceptors, trusted_keys=trusted_keys,
+                    shapes=shapes) as client:
+        gates = client.list_gates(modules=list(modules),
+                                  sharers=sorted(trusted_keys or ()))
         pieces = client.fetch_pieces([g.piece_id for g in gates])
     pool = list(pieces.values())
     if not pool:

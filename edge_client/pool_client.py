@@ -21,7 +21,8 @@ import grpc
 from shared import crypto
 from shared.errors import PflError
 from shared.methods.lora_pieces import Piece
-from shared.serialization import DEFAULT_LIMITS, Gate, InvalidPiece, Limits, SignedPiece
+from shared.serialization import (DEFAULT_LIMITS, Gate, Grant, InvalidPiece, Limits,
+                                  ModelShapes, SignedPiece)
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 MAX_MESSAGE_BYTES = 128 << 20
@@ -44,11 +45,14 @@ class PoolClient:
                  interceptors: Sequence[grpc.UnaryUnaryClientInterceptor
                                         | grpc.UnaryStreamClientInterceptor] = (),
                  trusted_keys: Mapping[str, bytes] | None = None, timeout: float = 60.0,
-                 server_name: str | None = None, limits: Limits = DEFAULT_LIMITS):
+                 server_name: str | None = None, limits: Limits = DEFAULT_LIMITS,
+                 shapes: ModelShapes | None = None):
         """``root_certificates``: CA PEM bytes, a PEM file or a `pfl certs` directory.
 
         ``trusted_keys`` pins sharers' public keys: when given, every piece and gate must come
-        from a listed sharer with that key. ``server_name`` overrides the TLS host name.
+        from a listed sharer with that key. ``shapes``: every gate and piece must fit this
+        model (a layer it has, a module it has, that module's shape). ``server_name``
+        overrides the TLS host name.
         """
         if not isinstance(root_certificates, bytes):
             root_certificates = crypto.load_root_certificate(root_certificates)
@@ -65,6 +69,7 @@ class PoolClient:
         self.timeout = timeout
         self.limits = limits
         self.trusted_keys = None if trusted_keys is None else dict(trusted_keys)
+        self.shapes = shapes
         #: tensor bytes (A, B, gate) of every piece fetched so far: the device's pool downlink
         self.received_bytes = 0
 
@@ -87,18 +92,29 @@ class PoolClient:
             raise crypto.SignatureError(f"sharer {sharer!r} is not trusted with key "
                                         f"{crypto.key_fingerprint(public_key)}")
 
+    def _check_gate_shape(self, gate: Gate) -> None:
+        module = self.shapes.modules.get(gate.module)
+        if not 0 <= gate.layer < self.shapes.num_layers or module is None or \
+                tuple(gate.gate.shape) != (module[0],):
+            raise InvalidPiece(f"gate of {gate.piece_id[:12]}: ({gate.layer}, {gate.module!r}) "
+                               "does not fit the model")
+
     # ----------------------------------------------------------------------- API
-    def submit(self, pieces: Iterable[Piece], key, consent: Mapping[str, bool] | None = None
-               ) -> list[tuple[str, bool]]:
-        """Sign pieces with the device ``key`` and submit them as one all-or-nothing batch.
+    def submit(self, pieces: Iterable[Piece], key, consent: Mapping[str, bool] | None = None,
+               grant: Grant | None = None) -> list[tuple[str, bool]]:
+        """Sign pieces with the device ``key`` and submit them as one all-or-nothing batch,
+        with the federation's ``grant`` (a pool that is not open needs one).
 
         Returns (piece id, created) per piece; created is False if the pool had it already.
         """
-        return self.submit_signed([SignedPiece.sign(p, key, consent) for p in pieces])
+        return self.submit_signed([SignedPiece.sign(p, key, consent) for p in pieces], grant)
 
-    def submit_signed(self, pieces: Sequence[SignedPiece]) -> list[tuple[str, bool]]:
+    def submit_signed(self, pieces: Sequence[SignedPiece], grant: Grant | None = None
+                      ) -> list[tuple[str, bool]]:
         """Submit already-signed pieces as one batch."""
         request = pfl_pb2.SubmitPiecesRequest(pieces=[p.to_proto(self.limits) for p in pieces])
+        if grant is not None:
+            request.grant.CopyFrom(grant.to_proto())
         try:
             reply = self._stub.SubmitPieces(request, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -115,6 +131,8 @@ class PoolClient:
             for msg in self._stub.ListGates(request, timeout=self.timeout):
                 gate = Gate.from_proto(msg, self.limits).verify()
                 self._check_key(gate.sharer, gate.public_key)
+                if self.shapes is not None:
+                    self._check_gate_shape(gate)
                 gates.append(gate)
         except grpc.RpcError as exc:
             raise PoolError(exc.code(), exc.details()) from None
@@ -140,6 +158,8 @@ class PoolClient:
                                        f"to {signed.piece_id[:12]}")
                 signed.verify()
                 self._check_key(signed.piece.sharer, signed.public_key)
+                if self.shapes is not None:
+                    self.shapes.check(signed.piece)
                 self.received_bytes += signed.piece.num_bytes
             out.extend(received)
         return out

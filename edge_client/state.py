@@ -69,6 +69,14 @@ class ClientState:
         self.partition_id = int(partition_id)
         self.directory = partition_dir(run_dir, self.partition_id)
 
+    @classmethod
+    def at(cls, directory: str | os.PathLike, partition_id: int) -> "ClientState":
+        """The state kept in ``directory`` itself (a device's own ``state-dir``)."""
+        state = cls.__new__(cls)
+        state.partition_id = int(partition_id)
+        state.directory = Path(directory)
+        return state
+
     @property
     def ledger_path(self) -> Path:
         return self.directory / LEDGER_FILE

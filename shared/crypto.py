@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,3 +334,35 @@ def verify_piece(public_key: bytes, piece_id: str, sharer: str, signature: bytes
         verify(public_key, piece_signing_message(piece_id, sharer), signature)
     except SignatureError as exc:
         raise SignatureError(f"piece {piece_id[:12]} from {sharer!r}: {exc}") from None
+
+
+# ---------------------------------------------------------------------- sharer grants
+GRANT_DOMAIN = b"pfl-grant/1"
+FEDERATION_KEY = "federation.key"   # the cloud server's grant-signing key (private)
+FEDERATION_PUB = "federation.pub"   # its raw public key, which the pool trusts
+
+
+def grant_signing_message(grant_id: str, run: str, max_pieces: int, expires_at: float) -> bytes:
+    """What the federation key signs: domain tag, NUL, canonical JSON of the grant's fields."""
+    body = json.dumps({"expires_at": float(expires_at).hex(), "grant_id": str(grant_id),
+                       "max_pieces": int(max_pieces), "run": str(run)},
+                      sort_keys=True, separators=(",", ":"))
+    return GRANT_DOMAIN + b"\0" + body.encode("utf-8")
+
+
+def write_federation_key(directory: str | Path) -> tuple[Path, Path]:
+    """Create (or reuse) the federation's grant-signing key in ``directory``: returns the
+    paths of the private key (the cloud server's) and of the raw public key (the pool's)."""
+    directory = Path(directory)
+    private, public = directory / FEDERATION_KEY, directory / FEDERATION_PUB
+    key = device_key(private)
+    write_atomic(public, public_key_bytes(key))
+    return private, public
+
+
+def load_federation_public_key(path: str | Path) -> bytes:
+    """The raw 32-byte public key in ``path`` (``federation.pub``)."""
+    raw = _read(Path(path), "federation public key")
+    if len(raw) != 32:
+        raise PflError(f"{path}: not a raw Ed25519 public key ({len(raw)} bytes, want 32)")
+    return raw

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score
@@ -108,8 +108,9 @@ def metric_stats(task: TaskSpec, predictions: Sequence[str],
     A device reports these; the server adds them over users and :func:`metrics_from_stats`
     turns the total into exactly the metrics :func:`evaluate` gives on all queries at once
     (macro F1 needs per-label counts, so a mean of per-user F1s would be wrong).
-    Classification: ``n``, ``correct``, ``valid`` and, for labels that occur, ``tp.I`` /
-    ``fp.I`` / ``fn.I``; rating: ``n``, ``abs_error``, ``squared_error``, ``valid``;
+    Classification: ``n``, ``correct``, ``valid`` and ``tp.I`` / ``fp.I`` / ``fn.I`` for
+    *every* label index I of the task, zeros included: the keys are the same for every user,
+    so they say nothing about which labels a user has (only the counts do); rating: ``n``, ``abs_error``, ``squared_error``, ``valid``;
     generation: ``n``, ``rouge-1``, ``rouge-L`` (sums of per-query F-measures).
     """
     if len(predictions) != len(golds):
@@ -118,6 +119,8 @@ def metric_stats(task: TaskSpec, predictions: Sequence[str],
     if task.kind == "classification":
         labels = list(task.labels)
         stats["correct"] = stats["valid"] = 0.0
+        for i in range(len(labels)):
+            stats[f"tp.{i}"] = stats[f"fp.{i}"] = stats[f"fn.{i}"] = 0.0
         for prediction, gold in zip(predictions, golds):
             p, g = label_index(prediction, labels), label_index(gold, labels)
             if g == -1:
@@ -125,11 +128,11 @@ def metric_stats(task: TaskSpec, predictions: Sequence[str],
             stats["valid"] += p != -1
             if p == g:
                 stats["correct"] += 1
-                stats[f"tp.{g}"] = stats.get(f"tp.{g}", 0.0) + 1
+                stats[f"tp.{g}"] += 1
             else:
-                stats[f"fn.{g}"] = stats.get(f"fn.{g}", 0.0) + 1
+                stats[f"fn.{g}"] += 1
                 if p != -1:
-                    stats[f"fp.{p}"] = stats.get(f"fp.{p}", 0.0) + 1
+                    stats[f"fp.{p}"] += 1
     elif task.kind == "rating":
         errors = [parse_rating(p, float(g)) - float(g) for p, g in zip(predictions, golds)]
         stats["abs_error"] = float(sum(abs(e) for e in errors))
@@ -140,6 +143,38 @@ def metric_stats(task: TaskSpec, predictions: Sequence[str],
         stats["rouge-1"] = float(sum(s["rouge1"].fmeasure for s in scores))
         stats["rouge-L"] = float(sum(s["rougeL"].fmeasure for s in scores))
     return stats
+
+
+#: Most queries one user's statistics may count (a bound on what one device can claim).
+MAX_QUERIES_PER_USER = 10_000
+
+
+def check_stats(task: TaskSpec, stats: dict[str, Any],
+                max_queries: int = MAX_QUERIES_PER_USER) -> str | None:
+    """Why one user's :func:`metric_stats` (as a device reported them) must not be added,
+    or None. The keys must be exactly the task's; every value a finite number >= 0; ``n`` a
+    whole number in 1..``max_queries``; counts and scores no larger than ``n`` allows (a
+    rating error at most 10 per query). A hostile device can still lie within these bounds,
+    but it cannot outweigh the others by claiming a billion queries or an infinite error."""
+    expected = set(metric_stats(task, [], []))
+    if task.kind == "classification":
+        expected |= {f"{k}.{i}" for k in ("tp", "fp", "fn") for i in range(len(task.labels))}
+    if set(stats) != expected:
+        return f"statistics keys differ from the task's ({len(stats)} keys)"
+    values = {}
+    for key, value in stats.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(float(value)) or float(value) < 0:
+            return f"statistic {key!r} is not a finite number >= 0"
+        values[key] = float(value)
+    n = values["n"]
+    if n != int(n) or not 1 <= n <= max_queries:
+        return f"n = {n:g} is not a whole number in 1..{max_queries}"
+    per_query = {"abs_error": 10.0, "squared_error": 100.0}
+    for key, value in values.items():
+        if key != "n" and value > n * per_query.get(key, 1.0):
+            return f"statistic {key!r} = {value:g} exceeds what {n:g} queries allow"
+    return None
 
 
 def add_stats(total: dict[str, float], stats: dict[str, float]) -> dict[str, float]:

@@ -210,6 +210,54 @@ def load_model(name: str | None = None, *, device: str | None = None,
         return _MEMO[key]
 
 
+def model_config(name: str | None = None, *, cache: str | os.PathLike | None = None):
+    """The transformers config of a registry model or local checkpoint (no weights loaded)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    name = canonical_name(name)
+    if name == "tiny":
+        return LlamaConfig(vocab_size=49152, **TINY_CONFIG)
+    if name == "smollm2-135m":
+        path = smollm2_checkpoint(cache_dir(cache))
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+    else:
+        raise PflError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} "
+                       "or the path of a local Hugging Face checkpoint")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def decoder_linear_shapes(model: torch.nn.Module) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(number of decoder layers, {module name: (d_in, d_out)}) of the model's linear modules
+    inside its decoder layers (``...layers.N....q_proj``): the shapes a LoRA piece can have.
+    A module name whose shape differs between layers is left out (no piece may claim it)."""
+    import re
+
+    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?([A-Za-z_][A-Za-z0-9_]*)$")
+    layers, shapes, clashes = set(), {}, set()
+    for name, module in model.named_modules():
+        match = pattern.search(name)
+        if match is None or not isinstance(module, torch.nn.Linear):
+            continue
+        layers.add(int(match.group(1)))
+        shape = (int(module.in_features), int(module.out_features))
+        if shapes.setdefault(match.group(2), shape) != shape:
+            clashes.add(match.group(2))
+    return len(layers), {k: v for k, v in shapes.items() if k not in clashes}
+
+
+def model_linear_shapes(name: str | None = None, *, cache: str | os.PathLike | None = None
+                        ) -> tuple[int, dict[str, tuple[int, int]]]:
+    """:func:`decoder_linear_shapes` of a model built on the meta device from its config
+    (no weights read or allocated): what the piece pool checks pieces against."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(name, cache=cache)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return decoder_linear_shapes(skeleton)
+
+
 def _load_uncached(name: str, device: torch.device, cache: Path, seed: int) -> LoadedModel:
     if name == "tiny":
         tokenizer = _load_tokenizer(tokenizer_checkpoint(cache))

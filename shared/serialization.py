@@ -33,9 +33,10 @@ from shared.wire import pfl_pb2
 WIRE_DTYPES = {"float32": (torch.float32, np.dtype("<f4")),
                "float16": (torch.float16, np.dtype("<f2"))}
 _WIRE_NAME = {torch_dtype: name for name, (torch_dtype, _) in WIRE_DTYPES.items()}
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_SHARER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
-_PIECE_ID = re.compile(r"^[0-9a-f]{64}$")
+# fullmatch everywhere: "$" would also match before a trailing newline ("q_proj\n")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_SHARER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+_PIECE_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class InvalidPiece(PflError):
@@ -52,6 +53,46 @@ class Limits:
     max_piece_bytes: int = 64 << 20
     max_norm: float = 1e4         # Frobenius norm of A, B and the gate, each
     max_abs_scaling: float = 1e3
+    #: Frobenius norm of the weight update a piece makes, |scaling * B A|. Honest pieces of a
+    #: 135M model are O(0.1-1); this still refuses the 1e10 updates that A, B and scaling at
+    #: their own bounds allow, which no assembly weight (<= 1) could tame.
+    max_update_norm: float = 32.0
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """The pieces a model can take: ``num_layers`` decoder layers and each module's
+    ``(d_in, d_out)`` (:func:`shared.models.model_linear_shapes`). A piece for another layer,
+    module or shape cannot be installed, so the pool and the targets refuse it."""
+
+    num_layers: int
+    modules: Mapping[str, tuple[int, int]]
+
+    @classmethod
+    def of(cls, model_or_name, **kwargs) -> "ModelShapes":
+        """The shapes of a loaded ``torch.nn.Module`` or of a model name / path."""
+        from shared import models
+
+        if isinstance(model_or_name, torch.nn.Module):
+            layers, modules = models.decoder_linear_shapes(model_or_name)
+        else:
+            layers, modules = models.model_linear_shapes(model_or_name, **kwargs)
+        return cls(layers, dict(modules))
+
+    def check(self, piece: Piece) -> Piece:
+        """The piece, or :class:`InvalidPiece` when the model has no such layer / module /
+        shape."""
+        where = f"piece ({piece.layer}, {piece.module})"
+        if not 0 <= piece.layer < self.num_layers:
+            raise InvalidPiece(f"{where}: the model has layers 0..{self.num_layers - 1}")
+        if piece.module not in self.modules:
+            raise InvalidPiece(f"{where}: the model's decoder layers have no module "
+                               f"{piece.module!r}")
+        if (piece.d_in, piece.d_out) != tuple(self.modules[piece.module]):
+            raise InvalidPiece(f"{where}: shape {piece.d_in}->{piece.d_out}, the model's "
+                               f"{piece.module} is {self.modules[piece.module][0]}->"
+                               f"{self.modules[piece.module][1]}")
+        return piece
 
 
 DEFAULT_LIMITS = Limits()
@@ -59,7 +100,7 @@ DEFAULT_LIMITS = Limits()
 
 def is_piece_id(text: str) -> bool:
     """Whether ``text`` looks like a piece id (64 lowercase hex digits)."""
-    return bool(_PIECE_ID.match(text))
+    return isinstance(text, str) and bool(_PIECE_ID.fullmatch(text))
 
 
 # ---------------------------------------------------------------------------- tensors
@@ -80,7 +121,11 @@ def tensor_from_proto(msg: pfl_pb2.Tensor, name: str = "tensor",
         raise InvalidPiece(f"{name}: dtype {msg.dtype!r} is not allowed "
                            f"(allowed: {', '.join(WIRE_DTYPES)})")
     torch_dtype, np_dtype = WIRE_DTYPES[msg.dtype]
+    if not 1 <= len(msg.shape) <= 2:
+        raise InvalidPiece(f"{name}: {len(msg.shape)} dimensions (a vector or a matrix only)")
     shape = tuple(int(s) for s in msg.shape)
+    if any(s < 1 for s in shape):
+        raise InvalidPiece(f"{name}: shape {shape} has an empty dimension")
     if any(s > limits.max_dim for s in shape):
         raise InvalidPiece(f"{name}: shape {shape} exceeds the dimension bound {limits.max_dim}")
     expected = math.prod(shape) * np_dtype.itemsize
@@ -107,12 +152,12 @@ def _check_values(tensor: torch.Tensor, name: str, limits: Limits) -> None:
 
 def check_names(sharer: str, layer: int, module: str, limits: Limits = DEFAULT_LIMITS) -> None:
     """Check a sharer pseudonym, layer index and module name."""
-    if not _SHARER.match(sharer or ""):
+    if not _SHARER.fullmatch(sharer or ""):
         raise InvalidPiece(f"sharer pseudonym {sharer!r} is not allowed (1-128 of "
                            "letters, digits and ._:@+- starting with a letter or digit)")
     if not 0 <= layer <= limits.max_layer:
         raise InvalidPiece(f"layer {layer} is out of range 0..{limits.max_layer}")
-    if not _MODULE.match(module or ""):
+    if not _MODULE.fullmatch(module or ""):
         raise InvalidPiece(f"module name {module!r} is not an identifier")
 
 
@@ -122,7 +167,7 @@ def validate_piece(piece: Piece, limits: Limits = DEFAULT_LIMITS) -> Piece:
     check_names(piece.sharer, piece.layer, piece.module, limits)
     if piece.rank < 1 or piece.rank > limits.max_rank:
         raise InvalidPiece(f"{where}: rank {piece.rank} is out of range 1..{limits.max_rank}")
-    if max(piece.d_in, piece.d_out) > limits.max_dim:
+    if min(piece.d_in, piece.d_out) < 1 or max(piece.d_in, piece.d_out) > limits.max_dim:
         raise InvalidPiece(f"{where}: {piece.d_in}->{piece.d_out} exceeds the dimension bound "
                            f"{limits.max_dim}")
     if piece.num_bytes > limits.max_piece_bytes:
@@ -138,7 +183,18 @@ def validate_piece(piece: Piece, limits: Limits = DEFAULT_LIMITS) -> Piece:
             raise InvalidPiece(f"{where}: {name} dtype {tensor.dtype} is not allowed "
                                "(float32 or float16; see piece_for_wire)")
         _check_values(tensor, f"{where}: {name}", limits)
+    update = update_norm(piece)
+    if update > limits.max_update_norm:
+        raise InvalidPiece(f"{where}: its update |scaling * B A| = {update:.4g} exceeds the "
+                           f"bound {limits.max_update_norm:g}")
     return piece
+
+
+def update_norm(piece: Piece) -> float:
+    """|scaling * B A|_F, computed from r x r products: sqrt(trace((B^T B)(A A^T)))."""
+    A, B = piece.A.double(), piece.B.double()
+    value = float(torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0.0)) ** 0.5
+    return abs(float(piece.scaling)) * value
 
 
 def piece_for_wire(piece: Piece, dtype: torch.dtype = torch.float32) -> Piece:
@@ -249,6 +305,86 @@ class SignedPiece:
         """Decode and validate (not verify) a wire Piece."""
         return cls(piece_from_proto(msg, limits), bytes(msg.signature), bytes(msg.public_key),
                    dict(msg.consent), float(msg.created_at))
+
+
+# --------------------------------------------------------------------------- grants
+_GRANT_ID = re.compile(r"[0-9a-f]{32}")
+_RUN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A selected sharer's permission to submit pieces, signed by the federation key."""
+
+    grant_id: str
+    run: str
+    max_pieces: int
+    expires_at: float
+    signature: bytes = b""
+
+    @classmethod
+    def mint(cls, key, run: str, max_pieces: int, ttl_seconds: float = 86400.0) -> "Grant":
+        """A fresh grant (random id) for ``run``, signed with the federation ``key``."""
+        import secrets
+        import time
+
+        grant = cls(secrets.token_hex(16), run, int(max_pieces), time.time() + ttl_seconds)
+        grant.check()
+        return replace_signature(grant, crypto.sign(key, grant.signing_message()))
+
+    def signing_message(self) -> bytes:
+        return crypto.grant_signing_message(self.grant_id, self.run, self.max_pieces,
+                                            self.expires_at)
+
+    def check(self) -> "Grant":
+        """Well-formed fields (:class:`InvalidPiece` otherwise)."""
+        if not _GRANT_ID.fullmatch(self.grant_id or ""):
+            raise InvalidPiece("grant: malformed grant id")
+        if not _RUN.fullmatch(self.run or ""):
+            raise InvalidPiece("grant: malformed run name")
+        if not 1 <= self.max_pieces <= 1 << 20 or not math.isfinite(self.expires_at):
+            raise InvalidPiece("grant: max_pieces or expiry out of range")
+        return self
+
+    def verify(self, federation_key: bytes, now: float) -> "Grant":
+        """Check the federation's signature and the expiry (``crypto.SignatureError``)."""
+        self.check()
+        crypto.verify(federation_key, self.signing_message(), self.signature)
+        if now > self.expires_at:
+            raise crypto.SignatureError(f"grant {self.grant_id[:8]} expired")
+        return self
+
+    def to_proto(self) -> pfl_pb2.SharerGrant:
+        return pfl_pb2.SharerGrant(grant_id=self.grant_id, run=self.run,
+                                   max_pieces=self.max_pieces, expires_at=self.expires_at,
+                                   signature=self.signature)
+
+    @classmethod
+    def from_proto(cls, msg: pfl_pb2.SharerGrant) -> "Grant":
+        return cls(msg.grant_id, msg.run, int(msg.max_pieces), float(msg.expires_at),
+                   bytes(msg.signature)).check()
+
+    def to_text(self) -> str:
+        """The grant as one JSON line (how the server hands it to a sharer in a message)."""
+        return json.dumps({"grant_id": self.grant_id, "run": self.run,
+                           "max_pieces": self.max_pieces, "expires_at": self.expires_at,
+                           "signature": self.signature.hex()}, sort_keys=True)
+
+    @classmethod
+    def from_text(cls, text: str) -> "Grant":
+        """Inverse of :meth:`to_text` (:class:`InvalidPiece` when malformed)."""
+        try:
+            data = json.loads(text)
+            return cls(str(data["grant_id"]), str(data["run"]), int(data["max_pieces"]),
+                       float(data["expires_at"]), bytes.fromhex(data["signature"])).check()
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidPiece(f"grant: malformed ({type(exc).__name__})") from None
+
+
+def replace_signature(grant: Grant, signature: bytes) -> Grant:
+    from dataclasses import replace
+
+    return replace(grant, signature=signature)
 
 
 # ---------------------------------------------------------------------------- gates

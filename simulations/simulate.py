@@ -190,17 +190,20 @@ def run_on_engine(server_app, client_app, num_clients: int, *,
 
 def _run_server(backend: str, main, make_app, config: dict[str, Any], num_clients: int,
                 summary_path: Path, *, num_cpus_per_client: float, verbose: bool,
-                grid_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                device: dict[str, Any], grid_options: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """Run a server phase function ``main(grid, config)`` over ``num_clients`` virtual devices:
     in this process on a :class:`LocalGrid` (``grid_options`` go to it), or as the ServerApp
     ``make_app(config)`` on Flower's simulation engine, whose summary is read back from
-    ``summary_path`` (``run_simulation`` returns nothing)."""
+    ``summary_path`` (``run_simulation`` returns nothing). ``device``: the virtual devices'
+    own settings (``device-root``, ``consent-policy``, ``pool-ca``; see
+    :func:`edge_client.client_app.device_settings_mod`), never sent by the server."""
     from edge_client.client_app import make_client_app
 
     if backend == "inprocess":
-        return main(LocalGrid(make_client_app(), int(num_clients), **(grid_options or {})),
-                    config)
-    run_on_engine(make_app(config), make_client_app(), num_clients,
+        return main(LocalGrid(make_client_app(device), int(num_clients),
+                              **(grid_options or {})), config)
+    run_on_engine(make_app(config), make_client_app(device), num_clients,
                   num_cpus_per_client=num_cpus_per_client, verbose=verbose)
     if not summary_path.is_file():
         raise PflError(f"the simulation ended without a summary in {summary_path.parent} "
@@ -245,7 +248,7 @@ def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: in
     started = time.perf_counter()
     summary = _run_server(backend, run_stage1, make_server_app, config, num_clients,
                           summary_path, num_cpus_per_client=num_cpus_per_client,
-                          verbose=verbose)
+                          verbose=verbose, device={"device-root": str(run_dir)})
     summary["backend"] = backend
     summary["wall_seconds"] = time.perf_counter() - started
     summary["ledgers"] = {str(pid): str(path) for pid, path in ledger_paths(run_dir).items()}
@@ -278,25 +281,28 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
     from cloud_server.federation import make_federation_app, resolve, run_federation
     from cloud_server.pool_service import start_pool_server
     from edge_client.state import ledger_paths
-    from shared.crypto import write_dev_certs
+    from shared.crypto import write_dev_certs, write_federation_key
 
     if backend not in BACKENDS:
         raise PflError(f"unknown simulation backend {backend!r} (known: {', '.join(BACKENDS)})")
     run_dir = Path(run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     certs = write_dev_certs(run_dir / "certs")
+    grant_key, _ = write_federation_key(certs.directory)  # pool: grants only
     config: dict[str, Any] = {
         "methods": methods, "targets": int(targets), "sharers": int(sharers), "model": model,
         "task": task, "seed": int(seed), "rounds": int(rounds), "run-dir": str(run_dir),
         "num-clients": int(num_clients), "num-users-per-client": 1,
-        "pool-ca": str(certs.ca_cert),
-        "consent-policy": str(consent_policy or SIMULATION_CONSENT)}
+        "grant-key": str(grant_key)}
+    device = {"device-root": str(run_dir), "pool-ca": str(certs.ca_cert),  # the devices' own
+              "consent-policy": str(consent_policy or SIMULATION_CONSENT)}
     if data_path:
         config["data-path"] = str(data_path)
     config.update(options or {})
     resolve(config)  # fail early
     started = time.perf_counter()
-    pool = start_pool_server(run_dir / "pool", certs.directory)
+    pool = start_pool_server(run_dir / "pool", certs.directory, model=model,
+                             open_enrolment=False)
     try:
         config["pool-address"] = pool.target
         summary_path = run_dir / "federation.json"
@@ -305,7 +311,7 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
                               lambda cfg: make_federation_app(cfg, print_results=False), config,
                               num_clients, summary_path,
                               num_cpus_per_client=num_cpus_per_client, verbose=verbose,
-                              grid_options={"node_configs": node_configs,
+                              device=device, grid_options={"node_configs": node_configs,
                                             "on_reply": on_reply,
                                             "unreachable": unreachable})
         summary["pool_pieces"] = len(pool.store)

@@ -279,14 +279,46 @@ def test_flower_mod_records_the_arrays_of_a_reply(tmp_path):
     assert verify(tmp_path / "l.jsonl").ok
 
 
-def test_flower_mod_skips_when_no_ledger_path(tmp_path):
-    from flwr.app import Context, Message, RecordDict
+def test_flower_mod_sends_only_a_code_when_no_ledger_path(tmp_path):
+    from flwr.app import Context, Message, MetricRecord, RecordDict
+
+    from shared.errors import NOT_CONFIGURED, device_error_reason
 
     incoming = instruction(RecordDict(), "query")
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    reply = audit_mod(lambda ctx, msg: None)(incoming, context,
-                                        lambda m, c: Message(RecordDict(), reply_to=m))
-    assert reply.has_content() and not list(tmp_path.iterdir())
+    reply = audit_mod(lambda ctx, msg: None)(
+        incoming, context,
+        lambda m, c: Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=m))
+    assert not reply.has_content() and reply.error.code == NOT_CONFIGURED
+    assert reply.error.reason == device_error_reason(NOT_CONFIGURED)
+    assert not list(tmp_path.iterdir())
+
+
+def test_flower_mod_turns_a_crash_or_a_wordy_error_into_a_fixed_code(tmp_path):
+    """What a handler raises, or an error text it writes, never leaves; the ledger shows the
+    code that did."""
+    from flwr.app import Context, Error, Message, RecordDict
+
+    from shared.errors import FAILED, device_error_reason
+
+    secret = "MY PRIVATE DIAGNOSIS: flu"
+    ledger = tmp_path / "ledger.jsonl"
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    mod = audit_mod(lambda ctx, msg: ledger)
+
+    def crash(m, c):
+        raise ValueError(f"gold label {secret!r} is not in the label list")
+
+    def wordy(m, c):
+        return Message(Error(code=403, reason=f"refused: {secret}"), reply_to=m)
+
+    replies = [mod(instruction(RecordDict(), "query"), context, handler)
+               for handler in (crash, wordy)]
+    assert [r.error.code for r in replies] == [FAILED, 403]
+    assert [r.error.reason for r in replies] == [device_error_reason(FAILED),
+                                                 device_error_reason(403)]
+    assert secret not in ledger.read_text()
+    assert [e["fields"]["error"]["code"] for e in read_entries(ledger)] == [FAILED, 403]
 
 
 # ------------------------------------------------------------------- gRPC interceptor

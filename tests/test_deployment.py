@@ -74,7 +74,8 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
 
     pool_port, link_port = _free_port(), _free_port()
     pool = processes([str(BIN / "pfl"), "pool", "serve", "--db", str(tmp_path / "pool"),
-                      "--port", str(pool_port), "--certs", str(certs)], tmp_path / "pool.log",
+                      "--port", str(pool_port), "--certs", str(certs),
+                      "--model", "tiny"], tmp_path / "pool.log",
                      env)
     _wait_port(pool_port, pool, tmp_path / "pool.log")
     link = processes([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
@@ -106,7 +107,8 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
     run_config.write_text(
         f'methods = "nonpersonalized,oppu,perpcs,perfit"\ntargets = 1\nsharers = 1\n'
         f'num-clients = {NODES}\nmax-steps = 2\nrun-dir = "{run_dir}"\n'
-        f'pool-address = "127.0.0.1:{pool_port}"\nmethod-options = \'{options}\'\n')
+        f'pool-address = "127.0.0.1:{pool_port}"\nmethod-options = \'{options}\'\n'
+        f'grant-key = "{certs / "federation.key"}"\n')  # the server signs sharer grants
     flwr = processes([str(BIN / "flwr"), "run", str(REPO), "deploy", "--stream",
                       "--run-config", str(run_config)], tmp_path / "flwr-run.log", env)
     deadline = time.monotonic() + 420

@@ -173,6 +173,9 @@ def test_recipe_round_trip():
 
 
 # ---------------------------------------------------------------------------- store
+POOL = {"pool": True}  # the consent flag every pooled piece carries
+
+
 def signed(piece, key, **consent):
     return SignedPiece.sign(piece, key, consent or {"pool": True})
 
@@ -260,8 +263,8 @@ def test_service_submit_list_fetch(server, client, certs, keys):
               make_piece("alice", layer=2, module="v_proj", seed=2)]
     bob = make_piece("bob", layer=2, module="q_proj", seed=3)
     assert [c for _, c in client.submit(pieces, keys["alice"], {"pool": True})] == [True, True]
-    assert client.submit([bob], keys["bob"]) == [(bob.piece_id, True)]
-    assert client.submit(pieces[:1], keys["alice"]) == [(pieces[0].piece_id, False)]
+    assert client.submit([bob], keys["bob"], POOL) == [(bob.piece_id, True)]
+    assert client.submit(pieces[:1], keys["alice"], POOL) == [(pieces[0].piece_id, False)]
     gates = client.list_gates(layers=[2], modules=["q_proj"])
     assert {g.piece_id for g in gates} == {pieces[0].piece_id, bob.piece_id}
     assert client.list_gates(sharers=["bob"])[0].sharer == "bob"
@@ -299,7 +302,7 @@ def test_service_rejects_unsigned_and_badly_signed(server, client, certs, keys):
 
 
 def test_service_rejects_nan_piece_and_leaves_pool_unchanged(server, client, certs, keys):
-    client.submit([make_piece(seed=5)], keys["alice"])
+    client.submit([make_piece(seed=5)], keys["alice"], POOL)
     nan = signed(make_piece(seed=6), keys["alice"]).to_proto()
     set_tensor(nan.a, np.full((2, 8), np.nan))
     with pytest.raises(grpc.RpcError) as err:
@@ -318,7 +321,7 @@ def test_service_restart_keeps_pieces(tmp_path, certs, keys):
         try:
             with PoolClient(srv.target, certs, timeout=20) as c:
                 if round_ == 0:
-                    c.submit([piece], keys["alice"])
+                    c.submit([piece], keys["alice"], POOL)
                 assert c.fetch([piece.piece_id])[0].piece_id == piece.piece_id
         finally:
             srv.stop(grace=0)
@@ -345,7 +348,7 @@ def test_client_interceptor_sees_outbound_calls(server, certs, keys):
             return continuation(details, request)
 
     with PoolClient(server.target, certs, interceptors=[Recorder()], timeout=20) as c:
-        c.submit([make_piece(seed=10)], keys["alice"])
+        c.submit([make_piece(seed=10)], keys["alice"], POOL)
         c.list_gates()
     assert [m for m, _ in seen] == ["/pfl.v1.PiecePool/SubmitPieces",
                                     "/pfl.v1.PiecePool/ListGates"]
@@ -387,7 +390,7 @@ def test_killed_server_process_restarts_with_data_intact(tmp_path, certs, keys):
         proc, target = _start_process(db, certs)
         procs.append(proc)
         with PoolClient(target, certs, timeout=30) as c:
-            assert all(created for _, created in c.submit(pieces, keys["alice"]))
+            assert all(created for _, created in c.submit(pieces, keys["alice"], POOL))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         proc, target = _start_process(db, certs)

@@ -103,11 +103,27 @@ class Recipe(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[RecipeEntry]
     def __init__(self, combination: _Optional[str] = ..., config_json: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[RecipeEntry, _Mapping]]] = ...) -> None: ...
 
+class SharerGrant(_message.Message):
+    __slots__ = ("grant_id", "run", "max_pieces", "expires_at", "signature")
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIECES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    grant_id: str
+    run: str
+    max_pieces: int
+    expires_at: float
+    signature: bytes
+    def __init__(self, grant_id: _Optional[str] = ..., run: _Optional[str] = ..., max_pieces: _Optional[int] = ..., expires_at: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class SubmitPiecesRequest(_message.Message):
-    __slots__ = ("pieces",)
+    __slots__ = ("pieces", "grant")
     PIECES_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     pieces: _containers.RepeatedCompositeFieldContainer[Piece]
-    def __init__(self, pieces: _Optional[_Iterable[_Union[Piece, _Mapping]]] = ...) -> None: ...
+    grant: SharerGrant
+    def __init__(self, pieces: _Optional[_Iterable[_Union[Piece, _Mapping]]] = ..., grant: _Optional[_Union[SharerGrant, _Mapping]] = ...) -> None: ...
 
 class SubmitResult(_message.Message):
     __slots__ = ("piece_id", "created")
