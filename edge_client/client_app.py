@@ -59,7 +59,7 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message,
 from flwr.clientapp import ClientApp
 
 from edge_client.audit import audit_mod, note_consent_rule
-from edge_client.consent import ConsentPolicy
+from edge_client.consent import ConsentDenied, ConsentPolicy
 from edge_client.state import ClientState, ledger_path
 from shared.errors import (BAD_REQUEST, CONSENT_DENIED, FAILED, NOT_CONFIGURED, PflError,
                            device_error_reason)
@@ -301,6 +301,8 @@ def guarded(handler):
             return handler(msg, context)
         except Refusal as exc:
             return _error(msg, exc.code, str(exc))
+        except ConsentDenied as exc:
+            return _error(msg, CONSENT_DENIED, str(exc))
         except Exception as exc:  # reply (and audit) an error instead of crashing the node
             log.exception("%s failed", msg.metadata.message_type)
             return _error(msg, FAILED, f"{type(exc).__name__}")

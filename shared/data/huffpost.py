@@ -48,12 +48,18 @@ def resolve_path(path: str | Path) -> Path:
 def read_articles(path: Path) -> list[tuple[int, dict]]:
     """(line number, article) for every non-blank line; PflError on bad JSON or missing keys."""
     articles = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PflError(f"{path}: line {line_no} is not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 article = json.loads(line)
+            except RecursionError:
+                raise PflError(f"{path}: line {line_no} is JSON nested too deeply") from None
             except json.JSONDecodeError as e:
                 raise PflError(f"{path}: invalid JSON at line {line_no} column {e.colno}: "
                                f"{e.msg}") from None
@@ -80,6 +86,8 @@ def load_huffpost(path: str | Path, task: str = "news-headline", *, min_history:
         raise PflError(f"queries_per_user must be at least 1, got {queries_per_user}")
     file = resolve_path(path)
     articles = read_articles(file)
+    if not articles:
+        raise PflError(f"{file}: no articles (the file is empty)")
     labels = tuple(sorted({str(a["category"]).strip().lower() for _, a in articles}))
     spec: TaskSpec = NEWS_HEADLINE if task == "news-headline" else news_category(labels)
 
@@ -102,6 +110,10 @@ def load_huffpost(path: str | Path, task: str = "news-headline", *, min_history:
         if len(history) < min_history:
             continue
         users.append(_user(spec, author, history, queries))
+    if not users:
+        raise PflError(f"{file}: no author has {min_history} or more articles before their "
+                       f"latest {queries_per_user} (lower --min-history or "
+                       "--queries-per-user)")
     users.sort(key=lambda u: (-len(u.history), u.id))
     return InMemoryDataset(spec, users, f"huffpost/{spec.name}")
 

@@ -88,6 +88,8 @@ def iter_json_array(path: Path) -> Iterator[dict]:
     while True:
         try:
             obj, pos = decoder.raw_decode(text, pos)
+        except RecursionError:
+            raise PflError(f"{path}: JSON nested too deeply to be a LaMP file") from None
         except json.JSONDecodeError as e:
             raise _json_error(path, e) from None
         yield obj
@@ -103,6 +105,8 @@ def read_golds(path: Path, task: TaskSpec) -> dict[str, str]:
     """id -> gold output from an outputs file; checks it is for ``task``."""
     try:
         data = json.loads(_read_text(path))
+    except RecursionError:
+        raise PflError(f"{path}: JSON nested too deeply to be a LaMP outputs file") from None
     except json.JSONDecodeError as e:
         raise _json_error(path, e) from None
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
