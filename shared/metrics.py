@@ -110,7 +110,8 @@ def metric_stats(task: TaskSpec, predictions: Sequence[str],
     (macro F1 needs per-label counts, so a mean of per-user F1s would be wrong).
     Classification: ``n``, ``correct``, ``valid`` and ``tp.I`` / ``fp.I`` / ``fn.I`` for
     *every* label index I of the task, zeros included: the keys are the same for every user,
-    so they say nothing about which labels a user has (only the counts do); rating: ``n``, ``abs_error``, ``squared_error``, ``valid``;
+    so they say nothing about which labels a user has (only the counts do); rating: ``n``,
+    ``abs_error``, ``squared_error``, ``valid``;
     generation: ``n``, ``rouge-1``, ``rouge-L`` (sums of per-query F-measures).
     """
     if len(predictions) != len(golds):

@@ -209,6 +209,9 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
     queries = queries_per_user(config.task, config.queries_per_user)
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
                            queries_per_user=queries, seed=config.seed)
+    if len(dataset) == 0:
+        raise PflError(f"{config.task}: no user in the data has enough history items before "
+                       f"their latest {queries} (lower --min-history or --queries-per-user)")
     roles = assign_roles(dataset, config.users, config.sharers, config.collective, config.seed)
     targets = roles["targets"]
     if kept and previous.get("targets", [u.id for u in targets]) != [u.id for u in targets]:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from edge_client.audit import (GENESIS_HASH, AuditClientInterceptor, AuditLedger,
-                               add_audit_commands, audit_mod, describe_array, entry_hash,
-                               note_consent_rule, read_entries, summary, verify)
+                               add_audit_commands, audit_mod, canonical_json, describe_array,
+                               entry_hash, note_consent_rule, read_entries, summary, verify)
 from shared.errors import PflError
 
 
@@ -95,7 +95,7 @@ def test_verify_detects_edited_and_rehashed_entry(tmp_path):
     entry = json.loads(rows[1])
     entry["consent_rule"] = "upload.perpcs_pieces"
     entry["hash"] = entry_hash(entry)
-    rows[1] = json.dumps(entry) + "\n"
+    rows[1] = canonical_json(entry).decode() + "\n"  # a careful forger writes canonical form
     path.write_text("".join(rows))
     result = verify(path)
     assert not result.ok and result.error_line == 3 and "prev_hash" in result.message
@@ -127,7 +127,7 @@ def test_verify_detects_inserted_forged_entry(tmp_path):
     previous = json.loads(rows[1])
     forged = dict(previous, seq=3, prev_hash=previous["hash"], message_type="nothing")
     forged["hash"] = entry_hash(forged)
-    path.write_text("".join(rows[:2] + [json.dumps(forged) + "\n"] + rows[2:]))
+    path.write_text("".join(rows[:2] + [canonical_json(forged).decode() + "\n"] + rows[2:]))
     result = verify(path)
     assert not result.ok and result.error_line == 4  # the real 3rd entry no longer fits
 

@@ -477,3 +477,38 @@ def test_a_consent_policy_for_layers_the_model_lacks_is_refused(tmp_path):
     path.write_text("version = 1\n[upload]\nperpcs_pieces = true\n[sharing]\nlayers = [2, 99]\n")
     with pytest.raises(PflError, match="layer 99"):
         ConsentPolicy.load(path).check_model(4)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\xff\xfe\x00 not text\n", "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "nested too deeply"),
+    (b"", "no articles"),
+], ids=["non-utf8", "deeply-nested", "empty"])
+def test_hostile_huffpost_files_give_a_clear_error(tmp_path, content, match):
+    from shared.data import load_dataset
+
+    path = tmp_path / "News_Category_Dataset_v3.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(PflError, match=match):
+        load_dataset("news-category", str(path))
+
+
+def test_a_deeply_nested_lamp_file_gives_a_clear_error(tmp_path):
+    from shared.data import load_dataset
+
+    path = tmp_path / "dev_questions.json"
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(PflError, match="nested too deeply"):
+        load_dataset("LaMP-3", str(path))
+
+
+def test_pfl_eval_on_data_with_no_eligible_user_is_a_clear_error(tmp_path, capsys):
+    from simulations.cli import main
+
+    rows = [{"headline": "h", "category": "x", "short_description": "d", "authors": "A",
+             "date": f"2020-01-0{day}", "link": ""} for day in (1, 2, 3)]
+    path = tmp_path / "few.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    code = main(["eval", "--task", "news-headline", "--data", str(path), "--model", "tiny",
+                 "--methods", "nonpersonalized"])
+    assert code == 2 and "no user in the data has enough history" in capsys.readouterr().err

@@ -359,7 +359,7 @@ def test_client_interceptor_sees_outbound_calls(server, certs, keys):
 def _start_process(db, certs) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "cloud_server.pool_service", "--db", str(db),
-                             "--port", "0", "--certs", str(certs)], cwd=REPO, env=env,
+                             "--port", "0", "--certs", str(certs), "--open"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, lines = time.monotonic() + 120, []
     with selectors.DefaultSelector() as sel:
@@ -368,7 +368,7 @@ def _start_process(db, certs) -> tuple[subprocess.Popen, str]:
             if sel.select(timeout=1.0):
                 line = proc.stdout.readline()
                 lines.append(line)
-                match = re.search(r"on (\S+:\d+) \(TLS\)", line)
+                match = re.search(r"on (\S+:\d+) \(TLS", line)
                 if match:
                     return proc, match.group(1)
     proc.kill()

@@ -110,10 +110,6 @@ def load_huffpost(path: str | Path, task: str = "news-headline", *, min_history:
         if len(history) < min_history:
             continue
         users.append(_user(spec, author, history, queries))
-    if not users:
-        raise PflError(f"{file}: no author has {min_history} or more articles before their "
-                       f"latest {queries_per_user} (lower --min-history or "
-                       "--queries-per-user)")
     users.sort(key=lambda u: (-len(u.history), u.id))
     return InMemoryDataset(spec, users, f"huffpost/{spec.name}")
 
