@@ -251,7 +251,7 @@ def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
         open_enrolment = not pub.is_file()
     if not open_enrolment and not pub.is_file():
         raise PflError(f"no federation key {pub}: create it with `pfl certs {certs_dir}`, or "
-                       "serve with open enrolment (development only)")
+                       "serve with --open (open enrolment: development only)")
     federation_key = None if open_enrolment else crypto.load_federation_public_key(pub)
     if open_enrolment:
         log.warning("pool %s: OPEN ENROLMENT: anyone with a device key may submit pieces", db)
