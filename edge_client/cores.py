@@ -12,9 +12,18 @@ are personalized and evaluated. No target's data is used by any collective step.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
 
 from shared.errors import PflError
 from edge_client.trainers import train_personal_lora, train_sharer_pieces, train_stage1_lora
@@ -176,12 +185,20 @@ def piece_pool(runtime: Runtime) -> dict:
     config = perpcs_config(runtime)
     train_config = personal_train_config(runtime)  # both checked before stage 1 trains
     model = stage1_model(runtime)
+    store = runtime.cache.get("sharer_store")  # a folder: trained pieces kept between runs
     pool, adapters, embeddings, seconds = [], {}, {}, {}
     for sharer in runtime.roles.get("sharers", []):
         t0 = time.perf_counter()
-        gated = train_sharer_pieces(model, runtime.tokenizer, runtime.task,
-                                    recent_history(sharer, runtime.option("max_history", None)),
-                                    config, train_config, sharer=sharer.id)
+        history = recent_history(sharer, runtime.option("max_history", None))
+        key = sharer_pieces_key(runtime, history, config, train_config) if store else None
+        gated = load_sharer_pieces(store, key) if store else None
+        if gated is None:
+            gated = train_sharer_pieces(model, runtime.tokenizer, runtime.task, history,
+                                        config, train_config, sharer=sharer.id)
+            if store:
+                save_sharer_pieces(store, key, gated)
+        else:
+            log.info("sharer %s: %d trained pieces reused from %s", sharer.id, len(gated), store)
         pool += select_shared_pieces(gated, config.sharing_ratio, config.sharing_seed)
         adapters[sharer.id] = gated
         embeddings[sharer.id] = user_embedding(runtime.task, sharer)
@@ -194,6 +211,72 @@ def piece_pool(runtime: Runtime) -> dict:
                                     "lookup": {p.piece_id: p for ps in adapters.values()
                                                for p in ps}}
     return runtime.cache["perpcs_pool"]
+
+
+#: PerPcsConfig fields that change what a sharer trains (the others only select or assemble).
+SHARER_TRAINING_FIELDS = ("target_modules", "gate_steps", "gate_lr", "gate_batch_size")
+
+
+def stage1_digest(runtime: Runtime) -> str:
+    """sha256 over the stage-1 model's parameters (memoized in the run's cache)."""
+    if "stage1_digest" not in runtime.cache:
+        h = hashlib.sha256()
+        for name, tensor in stage1_model(runtime).state_dict().items():
+            h.update(name.encode() + b"\0")
+            h.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
+        runtime.cache["stage1_digest"] = h.hexdigest()
+    return runtime.cache["stage1_digest"]
+
+
+def sharer_pieces_key(runtime: Runtime, sharer: User, config: PerPcsConfig,
+                      train_config) -> str:
+    """What a sharer's trained pieces depend on, hashed: the stage-1 model, the task, the
+    sharer and its history, the pieces' training settings. The sharing ratio, top-k and the
+    other assembly settings are not in it: runs that differ only there reuse the pieces."""
+    body = {"format": 1, "stage1": stage1_digest(runtime), "task": runtime.task.name,
+            "sharer": sharer.id,
+            "history": [[item.id, sorted(item.fields.items())] for item in sharer.history],
+            "pieces": {k: config.to_dict()[k] for k in SHARER_TRAINING_FIELDS},
+            "train": asdict(train_config)}
+    text = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def save_sharer_pieces(store: str | Path, key: str, pieces: list) -> Path:
+    """Keep a sharer's gated pieces under ``store/key/`` (content bytes per piece, named by
+    its id, and an index), written to a temporary folder and renamed into place."""
+    from shared.serialization import content_bytes
+
+    target = Path(store) / key
+    if target.is_dir():
+        return target
+    Path(store).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=store))
+    try:
+        for piece in pieces:
+            (tmp / f"{piece.piece_id}.bin").write_bytes(content_bytes(piece))
+        (tmp / "index.json").write_text(json.dumps(
+            {"sharer": pieces[0].sharer if pieces else "", "pieces": [p.piece_id for p in pieces]}))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+    return target
+
+
+def load_sharer_pieces(store: str | Path, key: str) -> list | None:
+    """The pieces :func:`save_sharer_pieces` kept under ``key`` (each re-hashed against its
+    id), or None when there are none or they do not check out."""
+    from shared.serialization import InvalidPiece, piece_from_content_bytes
+
+    folder = Path(store) / key
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        return [piece_from_content_bytes((folder / f"{pid}.bin").read_bytes(), index["sharer"],
+                                         expected_id=pid) for pid in index["pieces"]]
+    except (OSError, ValueError, KeyError, TypeError, InvalidPiece):
+        return None
 
 
 class PersonalPieces(Core):

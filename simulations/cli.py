@@ -83,7 +83,7 @@ def eval_config(args):
                       batch_size=args.batch_size, device=args.device,
                       cache_dir=args.cache_dir, min_history=args.min_history,
                       progress=not args.quiet, sample=args.sample, options=options,
-                      recipe=args.recipe,
+                      recipe=args.recipe, reuse_sharers=args.reuse_sharers,
                       **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
                                                         "stage1_epochs", "personal_epochs")
                          if getattr(args, k, None) is not None})
@@ -300,7 +300,8 @@ def cmd_tune(args) -> int:
                         targets=args.targets, sharers=args.sharers, collective=args.collective,
                         max_history=args.max_history, min_history=args.min_history,
                         stages=_csv(args.stages), grid=grid, batch_size=args.batch_size,
-                        device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+                        device=args.device, cache_dir=args.cache_dir, progress=not args.quiet,
+                        reuse_sharers=args.reuse_sharers)
     previous = None
     if args.resume and Path(args.out).exists():
         previous = json.loads(Path(args.out).read_text())
@@ -520,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the methods already in --out (same settings required) and run "
                          "only the others")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--no-sharer-cache", dest="reuse_sharers", action="store_false",
+                    help="train every PER-PCS sharer again, even when its pieces were trained "
+                         "before with the same stage 1, history and settings (they are kept "
+                         "under the cache dir, sharer-pieces/)")
     _model_options(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -599,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--batch-size", type=int, default=8, help="generation batch size")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.add_argument("--no-sharer-cache", dest="reuse_sharers", action="store_false",
+                      help="train every PER-PCS sharer again, even when its pieces were "
+                           "trained before with the same stage 1, history and settings")
     _model_options(tune)
     tune.set_defaults(func=cmd_tune)
 

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -59,6 +60,14 @@ class EvalConfig:
     sample: bool = False
     options: dict = field(default_factory=dict)
     recipe: str = "tuned"  # "tuned", "paper" or a recipe file (shared.recipes)
+    reuse_sharers: bool = True  # keep trained PER-PCS sharer pieces in the cache dir
+
+
+def sharer_store(cache: str | None) -> Path:
+    """Where trained PER-PCS sharer pieces are kept between runs (``edge_client.cores``)."""
+    from shared.models import cache_dir
+
+    return cache_dir(cache) / "sharer-pieces"
 
 
 def run_options(config: EvalConfig) -> tuple[str, dict]:
@@ -225,6 +234,8 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
     recipe, options = run_options(config)
     runtime = Runtime(loaded=loaded, task=dataset.task, seed=config.seed,
                       progress=config.progress, options=options, roles=roles)
+    if config.reuse_sharers:
+        runtime.cache["sharer_store"] = sharer_store(config.cache_dir)
     generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens,
                                   batch_size=config.batch_size, sample=config.sample,
                                   seed=config.seed)

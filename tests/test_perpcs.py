@@ -482,3 +482,39 @@ def test_recipe_weights_are_float16_values():
     [(_, weight)] = recipe.entries[(0, "q_proj")]
     assert weight != 0.1 and abs(weight - 0.1) < 1e-4
     assert np.float16(weight) == weight
+
+
+def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_unchanged(
+        tmp_path, tiny, monkeypatch):
+    """pfl eval keeps each sharer's trained pieces (keyed by stage 1, history and the pieces'
+    training settings): a second run with only another sharing ratio trains no sharer and
+    gets the same pieces; another gate lr trains again."""
+    from edge_client import cores
+    from shared.data import load_dataset
+    from shared.methods.base import Runtime
+
+    dataset = load_dataset("synthetic", None, num_users=6, seed=0)
+    roles = {"sharers": [dataset.user(0), dataset.user(1)],
+             "collective": [dataset.user(2), dataset.user(3)]}
+
+    def runtime(**perpcs):
+        options = {"max_history": 6, "stage1": {"max_steps": 2},
+                   "perpcs": {"gate_steps": 2, "gate_lr": 1e-2, **perpcs}}
+        rt = Runtime(loaded=tiny, task=dataset.task, seed=0, progress=False, options=options,
+                     roles=roles)
+        rt.cache["sharer_store"] = tmp_path / "store"
+        return rt
+
+    first = cores.piece_pool(runtime())
+    assert len(list((tmp_path / "store").iterdir())) == 2  # one folder per sharer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a sharer was trained again")
+
+    monkeypatch.setattr(cores, "train_sharer_pieces", no_training)
+    again = cores.piece_pool(runtime(sharing_ratio=0.5))
+    assert {k: [p.piece_id for p in v] for k, v in again["adapters"].items()} == \
+        {k: [p.piece_id for p in v] for k, v in first["adapters"].items()}
+    assert len(again["pool"]) < len(first["pool"])  # the ratio still applies
+    with pytest.raises(AssertionError, match="trained again"):
+        cores.piece_pool(runtime(gate_lr=2e-2))
