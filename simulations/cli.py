@@ -77,7 +77,8 @@ def eval_config(args):
     from simulations.evaluate import EvalConfig
 
     options = _method_settings(args)
-    return EvalConfig(task=args.task, data=args.data, methods=_csv(args.methods),
+    return EvalConfig(task=args.task, data=args.data,
+                      methods=_csv(getattr(args, "methods", "perpcs")),
                       model=args.model, users=args.users,
                       queries_per_user=args.queries_per_user, seed=args.seed,
                       batch_size=args.batch_size, device=args.device,
@@ -87,6 +88,23 @@ def eval_config(args):
                       **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
                                                         "stage1_epochs", "personal_epochs")
                          if getattr(args, k, None) is not None})
+
+
+def cmd_study(args) -> int:
+    """Run a PER-PCS robustness study: one pfl eval per point (PER-PCS on the same targets and
+    stage 1; the first point adds the stage-1-only reference), then a table, a plot and a
+    report with 95% intervals. Resumable: points already in --out are kept."""
+    import shlex
+    import sys
+
+    from simulations.study import run_study, study_table
+
+    summary = run_study(eval_config(args), args.axis, _csv(args.values), args.out,
+                        metric=args.metric,
+                        command="pfl " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(study_table(summary))
+    print(f"results, table and plot in {args.out}/{args.axis}.json, .md, .png")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -455,6 +473,47 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                              "or ~/.cache/pfl)")
 
 
+def _eval_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a ``pfl eval`` run (also each point of ``pfl study``)."""
+    parser.add_argument("--task", required=True,
+                        help="news-headline, news-category, synthetic, LaMP-1..LaMP-7, LaMP-2N")
+    parser.add_argument("--data", default=None,
+                        help="data path (HuffPost folder or .jsonl, LaMP questions file or folder)")
+    parser.add_argument("--users", type=int, default=40, help="number of target users (default 40)")
+    parser.add_argument("--queries-per-user", type=int, default=None,
+                        help="each target's latest N items are its queries, the history strictly "
+                             "older (default 3 on HuffPost and synthetic; LaMP has 1)")
+    parser.add_argument("--min-history", type=int, default=None,
+                        help="minimum history items per user (default: the task's; HuffPost 10)")
+    parser.add_argument("--sharers", type=int, default=None,
+                        help="PER-PCS sharers, chosen among non-targets (default 10)")
+    parser.add_argument("--collective", type=int, default=None,
+                        help="collective users for stage 1, disjoint from targets (default 30)")
+    parser.add_argument("--max-history", type=int, default=None,
+                        help="trained methods use each user's N most recent items (default 50)")
+    parser.add_argument("--stage1-epochs", type=float, default=None,
+                        help="default: the recipe's (paper: 3)")
+    parser.add_argument("--personal-epochs", type=float, default=None,
+                        help="default: the recipe's (paper: 2)")
+    parser.add_argument("--set", type=_setting, action="append", metavar="METHOD.KEY=VALUE",
+                        help="a method setting, e.g. perpcs.gate_steps=50, perpcs.top_k=1, "
+                             "perfit.epochs=2, perfit.positions=l7 (repeatable)")
+    parser.add_argument("--recipe", default="tuned",
+                        help="training recipe: tuned (default: the one shipped for this model and "
+                             "task, else paper), paper (the papers' settings) or a file written "
+                             "by pfl tune; --set and the epoch flags override it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    parser.add_argument("--sample", action="store_true",
+                        help="sample (T=0.1, top-k 10, top-p 0.9) instead of greedy decoding")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-sharer-cache", dest="reuse_sharers", action="store_false",
+                        help="train every PER-PCS sharer again, even when its pieces were trained "
+                             "before with the same stage 1, history and settings (they are kept "
+                             "under the cache dir, sharer-pieces/)")
+    _model_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pfl", description="Federated edge-cloud personalization of LLMs (OPPU, PER-PCS, "
@@ -481,52 +540,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="evaluate methods on target users",
                              description="Personalize each target user with each method, "
                                          "answer their queries, print a table, write JSON.")
-    ev.add_argument("--task", required=True,
-                    help="news-headline, news-category, synthetic, LaMP-1..LaMP-7, LaMP-2N")
-    ev.add_argument("--data", default=None,
-                    help="data path (HuffPost folder or .jsonl, LaMP questions file or folder)")
     ev.add_argument("--methods", default="nonpersonalized,rag1,pag",
                     help="comma-separated method names, e.g. nonpersonalized,random1,rag1,rag2,"
                          "rag4,pag,pag+rag1 (default: %(default)s)")
-    ev.add_argument("--users", type=int, default=40, help="number of target users (default 40)")
-    ev.add_argument("--queries-per-user", type=int, default=None,
-                    help="each target's latest N items are its queries, the history strictly "
-                         "older (default 3 on HuffPost and synthetic; LaMP has 1)")
-    ev.add_argument("--min-history", type=int, default=None,
-                    help="minimum history items per user (default: the task's; HuffPost 10)")
-    ev.add_argument("--sharers", type=int, default=None,
-                    help="PER-PCS sharers, chosen among non-targets (default 10)")
-    ev.add_argument("--collective", type=int, default=None,
-                    help="collective users for stage 1, disjoint from targets (default 30)")
-    ev.add_argument("--max-history", type=int, default=None,
-                    help="trained methods use each user's N most recent items (default 50)")
-    ev.add_argument("--stage1-epochs", type=float, default=None,
-                    help="default: the recipe's (paper: 3)")
-    ev.add_argument("--personal-epochs", type=float, default=None,
-                    help="default: the recipe's (paper: 2)")
-    ev.add_argument("--set", type=_setting, action="append", metavar="METHOD.KEY=VALUE",
-                    help="a method setting, e.g. perpcs.gate_steps=50, perpcs.top_k=1, "
-                         "perfit.epochs=2, perfit.positions=l7 (repeatable)")
-    ev.add_argument("--recipe", default="tuned",
-                    help="training recipe: tuned (default: the one shipped for this model and "
-                         "task, else paper), paper (the papers' settings) or a file written "
-                         "by pfl tune; --set and the epoch flags override it")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=int, default=8, help="generation batch size")
-    ev.add_argument("--sample", action="store_true",
-                    help="sample (T=0.1, top-k 10, top-p 0.9) instead of greedy decoding")
+    _eval_options(ev)
     ev.add_argument("--out", default=None, help="write the results JSON here (after each "
                     "method, so a run that is cut off keeps what it finished)")
     ev.add_argument("--resume", action="store_true",
                     help="keep the methods already in --out (same settings required) and run "
                          "only the others")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    ev.add_argument("--no-sharer-cache", dest="reuse_sharers", action="store_false",
-                    help="train every PER-PCS sharer again, even when its pieces were trained "
-                         "before with the same stage 1, history and settings (they are kept "
-                         "under the cache dir, sharer-pieces/)")
-    _model_options(ev)
     ev.set_defaults(func=cmd_eval)
+
+    study = commands.add_parser(
+        "study", help="PER-PCS robustness: score against the number of sharers or the "
+                      "sharing ratio, with 95%% intervals and a plot",
+        description=cmd_study.__doc__)
+    study.add_argument("axis", choices=["sharers", "sharing-ratio"])
+    study.add_argument("--values", required=True,
+                       help="comma-separated points, e.g. 5,10,20,max (sharers; max: as many "
+                            "as the data allows) or 0.2,0.5,1.0 (sharing ratio)")
+    study.add_argument("--out", required=True,
+                       help="folder for each point's results and AXIS.json/.md/.png; points "
+                            "already there with the same settings are kept")
+    study.add_argument("--metric", default=None, help="default: the task's first metric")
+    _eval_options(study)
+    study.set_defaults(func=cmd_study)
 
     sim = commands.add_parser("simulate", help="a federation of virtual devices on one machine",
                               description=cmd_simulate.__doc__)

@@ -61,6 +61,7 @@ class EvalConfig:
     options: dict = field(default_factory=dict)
     recipe: str = "tuned"  # "tuned", "paper" or a recipe file (shared.recipes)
     reuse_sharers: bool = True  # keep trained PER-PCS sharer pieces in the cache dir
+    sharer_slots: int | None = None  # room kept for sharers (collective users stay put)
 
 
 def sharer_store(cache: str | None) -> Path:
@@ -83,7 +84,7 @@ def run_options(config: EvalConfig) -> tuple[str, dict]:
 
 
 def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int,
-                 validation: int = 0) -> dict:
+                 validation: int = 0, sharer_slots: int | None = None) -> dict:
     """Split users into targets, sharers, collective and validation users, disjoint and
     reproducible.
 
@@ -92,9 +93,14 @@ def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int
     users are the rest after them, and validation users (``pfl tune``) the rest after those.
     Asking for validation users changes none of the other roles, so a recipe tuned on them
     never saw a target of the ``pfl eval`` run with the same seed and sizes. A lazily
-    generated population is only read as far as needed.
+    generated population is only read as far as needed. ``sharer_slots`` (>= sharers) keeps
+    that much room for sharers, so that runs with fewer sharers have the same collective users
+    (``pfl study sharers``).
     """
-    wanted = targets + sharers + collective + validation
+    slots = sharers if sharer_slots is None else int(sharer_slots)
+    if slots < sharers:
+        raise PflError(f"sharer_slots {slots} is smaller than sharers {sharers}")
+    wanted = targets + slots + collective + validation
     pool = list(dataset.users(limit=wanted if len(dataset) > 10_000 else None))
     rng = random.Random(seed)
     order = list(range(len(pool)))
@@ -103,8 +109,8 @@ def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int
     rest = [pool[i] for i in sorted(order[targets:])]
     rest.sort(key=lambda u: -len(u.history))  # stable: ties keep the dataset's order
     return {"targets": [pool[i] for i in chosen], "sharers": rest[:sharers],
-            "collective": rest[sharers: sharers + collective],
-            "validation": rest[sharers + collective: sharers + collective + validation]}
+            "collective": rest[slots: slots + collective],
+            "validation": rest[slots + collective: slots + collective + validation]}
 
 
 def _profile_bytes(profile: str | None) -> int:
@@ -184,7 +190,8 @@ def run_settings(config: EvalConfig) -> dict:
             "queries_per_user": queries_per_user(config.task, config.queries_per_user),
             "seed": config.seed, "min_history": config.min_history,
             "sharers": config.sharers, "collective": config.collective,
-            "sample": config.sample, "options": run_options(config)[1]}
+            "sample": config.sample, "options": run_options(config)[1],
+            **({"sharer_slots": config.sharer_slots} if config.sharer_slots else {})}
 
 
 def resumable_methods(config: EvalConfig, previous: dict, names: Sequence[str]) -> dict:
@@ -221,7 +228,8 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
     if len(dataset) == 0:
         raise PflError(f"{config.task}: no user in the data has enough history items before "
                        f"their latest {queries} (lower --min-history or --queries-per-user)")
-    roles = assign_roles(dataset, config.users, config.sharers, config.collective, config.seed)
+    roles = assign_roles(dataset, config.users, config.sharers, config.collective, config.seed,
+                         sharer_slots=config.sharer_slots)
     targets = roles["targets"]
     if kept and previous.get("targets", [u.id for u in targets]) != [u.id for u in targets]:
         raise PflError("cannot resume: the earlier run evaluated other target users")
