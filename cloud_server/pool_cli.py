@@ -41,7 +41,7 @@ def cmd_pool_serve(args) -> int:
     from cloud_server.pool_service import serve
 
     return serve(args.db, args.port, args.certs, args.host, model=args.model,
-                 open_enrolment=args.open)
+                 open_enrolment=args.open, max_update_norm=args.max_update_norm)
 
 
 def cmd_pool_check(args) -> int:
@@ -88,6 +88,9 @@ def add_pool_commands(subparsers) -> None:
     serve.add_argument("--model", default=None,
                        help="check every piece against this model's layers and shapes "
                             "(smollm2-135m, tiny or a checkpoint path)")
+    serve.add_argument("--max-update-norm", type=float, default=None,
+                       help="refuse pieces whose update |scaling * B A| exceeds this "
+                            "(default 8; honest SmolLM2 pieces are about 0.1)")
     serve.add_argument("--open", action="store_true",
                        help="open enrolment: take pieces from any device key, without a "
                             "federation grant (development only; the default needs "

@@ -22,6 +22,7 @@ Run it with ``python -m cloud_server.pool_service --db DIR --port P --certs DIR`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -35,7 +36,8 @@ import grpc
 from cloud_server.pool_store import NotPermitted, PieceNotFound, PoolCorruption, PoolStore
 from shared import crypto
 from shared.errors import PflError
-from shared.serialization import (Grant, InvalidPiece, SignedPiece, check_names, is_piece_id)
+from shared.serialization import (DEFAULT_LIMITS, Grant, InvalidPiece, SignedPiece,
+                                  check_names, is_piece_id)
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -237,10 +239,12 @@ class PoolServer:
 
 def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
                       host: str = "127.0.0.1", model: str | None = None,
-                      open_enrolment: bool | None = None, **kwargs) -> PoolServer:
+                      open_enrolment: bool | None = None, max_update_norm: float | None = None,
+                      **kwargs) -> PoolServer:
     """Open the pool in ``db`` and serve it with TLS (the server closes the store on stop).
 
     ``model``: check every piece against that model's layers and module shapes.
+    ``max_update_norm``: the bound on a piece's |scaling * B A| (default: Limits').
     Enrolment: ``certs_dir/federation.pub`` (from ``pfl certs``) makes the pool take pieces
     only with a grant signed by the federation key; ``open_enrolment=True`` takes any signed
     piece (development); None: grants when that file exists, else open (with a warning)."""
@@ -256,7 +260,9 @@ def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
     if open_enrolment:
         log.warning("pool %s: OPEN ENROLMENT: anyone with a device key may submit pieces", db)
     shapes = ModelShapes.of(model) if model else None
-    store = PoolStore(db, shapes=shapes, federation_key=federation_key)
+    limits = DEFAULT_LIMITS if max_update_norm is None else \
+        dataclasses.replace(DEFAULT_LIMITS, max_update_norm=float(max_update_norm))
+    store = PoolStore(db, shapes=shapes, federation_key=federation_key, limits=limits)
     try:
         return PoolServer(store, certs_dir, port=port, host=host, own_store=True, **kwargs)
     except BaseException:
@@ -265,10 +271,11 @@ def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
 
 
 def serve(db: str | Path, port: int, certs_dir: str | Path, host: str = "127.0.0.1", *,
-          model: str | None = None, open_enrolment: bool = False) -> int:
+          model: str | None = None, open_enrolment: bool = False,
+          max_update_norm: float | None = None) -> int:
     """Serve the pool until SIGINT/SIGTERM; returns an exit status."""
     server = start_pool_server(db, certs_dir, port=port, host=host, model=model,
-                               open_enrolment=open_enrolment)
+                               open_enrolment=open_enrolment, max_update_norm=max_update_norm)
     stopping = threading.Event()
 
     def _stop(signum, frame):
