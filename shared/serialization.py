@@ -55,8 +55,9 @@ class Limits:
     max_abs_scaling: float = 1e3
     #: Frobenius norm of the weight update a piece makes, |scaling * B A|. SmolLM2 sharers
     #: trained with the tuned recipe (lr 1e-3) give 0.08 median and 0.16 at most (1,200
-    #: pieces of 10 sharers); 8 leaves 50x room for other recipes and models and still refuses the 1e10 updates that
-    #: A, B and scaling at their own bounds allow, which no assembly weight (<= 1) could tame.
+    #: pieces of 10 sharers); 8 leaves 50x room for other recipes and models and still
+    #: refuses the 1e10 updates that A, B and scaling at their own bounds allow, which no
+    #: assembly weight (<= 1) could tame.
     max_update_norm: float = 8.0
 
 
