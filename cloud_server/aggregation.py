@@ -129,10 +129,6 @@ def weighted_average(arrays_list: Sequence[Mapping[str, Any]],
     return out
 
 
-def _update_norm(arrays: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
-    return delta_norm(reference, arrays)
-
-
 def global_norm(arrays: Mapping[str, Any]) -> float:
     """The L2 norm of all ``arrays`` together."""
     return math.sqrt(math.fsum(float(np.square(np.asarray(v, np.float64)).sum())
@@ -162,7 +158,7 @@ def fedavg(replies: Sequence[Reply], reference: Mapping[str, Any] | None = None,
         ref = reference if reference is not None else (accepted[0].arrays if accepted else None)
         reason = check_reply(reply.arrays, reply.num_examples, ref, max_norm=max_norm)
         if reason is None and bound is not None:
-            norm = _update_norm(reply.arrays, reference)
+            norm = delta_norm(reference, reply.arrays)
             if norm > bound:
                 reason = f"update norm {norm:.4g} exceeds the bound {bound:.4g}"
         if reason is not None:
@@ -190,7 +186,7 @@ def fedavg(replies: Sequence[Reply], reference: Mapping[str, Any] | None = None,
 def _clip_updates(replies: Sequence[Reply], reference: Mapping[str, Any],
                   factor: float) -> list[Reply]:
     """Each reply's update scaled to norm <= ``factor`` x the median update norm."""
-    norms = [_update_norm(r.arrays, reference) for r in replies]
+    norms = [delta_norm(reference, r.arrays) for r in replies]
     limit = factor * float(np.median(norms))
     out = []
     for reply, norm in zip(replies, norms):

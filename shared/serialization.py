@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import numpy as np
@@ -332,7 +332,7 @@ class Grant:
 
         grant = cls(secrets.token_hex(16), run, int(max_pieces), time.time() + ttl_seconds)
         grant.check()
-        return replace_signature(grant, crypto.sign(key, grant.signing_message()))
+        return replace(grant, signature=crypto.sign(key, grant.signing_message()))
 
     def signing_message(self) -> bytes:
         return crypto.grant_signing_message(self.grant_id, self.run, self.max_pieces,
@@ -381,12 +381,6 @@ class Grant:
                        float(data["expires_at"]), bytes.fromhex(data["signature"])).check()
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidPiece(f"grant: malformed ({type(exc).__name__})") from None
-
-
-def replace_signature(grant: Grant, signature: bytes) -> Grant:
-    from dataclasses import replace
-
-    return replace(grant, signature=signature)
 
 
 # ---------------------------------------------------------------------------- gates
