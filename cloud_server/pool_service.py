@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import logging
 import signal
 import sys
@@ -49,22 +51,24 @@ MAX_FETCH_BYTES = 64 << 20      # tensor bytes one FetchPieces call may stream
 MAX_FILTER = {"layers": 4096, "modules": 64, "sharers": 1024}  # ListGates filter entries
 
 
+def _internal(method, exc: Exception, context) -> None:
+    """Re-raise an abort the handler chose; anything else becomes INTERNAL (logged here)."""
+    if isinstance(exc, grpc.RpcError) or context.code() is not None:
+        raise exc
+    log.exception("%s failed", method.__name__)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
 def _guard(method):
     """Turn what a handler did not expect into INTERNAL with a fixed message (logged here),
     never gRPC's UNKNOWN with a Python message."""
-    import functools
-    import inspect
-
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream(self, request, context):
             try:
                 yield from method(self, request, context)
             except Exception as exc:
-                if isinstance(exc, grpc.RpcError) or context.code() is not None:
-                    raise
-                log.exception("%s failed", method.__name__)
-                context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                _internal(method, exc, context)
         return stream
 
     @functools.wraps(method)
@@ -72,10 +76,7 @@ def _guard(method):
         try:
             return method(self, request, context)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) or context.code() is not None:
-                raise
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            _internal(method, exc, context)
     return unary
 
 
