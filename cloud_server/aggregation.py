@@ -14,8 +14,9 @@ from these dicts.
   ``max_update_ratio`` times the global arrays' norm is dropped, and with three or more
   replies each update is clipped to ``clip_factor`` times the round's median update norm.
   One client can then move the average by at most its capped share of a bounded update.
-- :func:`reorthonormalize_perfit`: PerFit's R matrices have orthonormal rows, an average of
-  such matrices does not, so every R is projected back after averaging.
+
+What makes an average valid again for one kind of collective parameters (PerFit's R
+matrices) is that kind's :meth:`~shared.methods.base.Collective.after_aggregation`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from shared.methods.perfit import orthonormality_error, reorthonormalize
 
 log = logging.getLogger(__name__)
 
@@ -223,38 +223,6 @@ def average_metrics(replies: Sequence[Reply]) -> dict[str, float]:
         if pairs and total > 0:
             out[name] = math.fsum(v * w for v, w in pairs) / total
     return out
-
-
-def is_rotation_key(name: str) -> bool:
-    """True for a PerFit R matrix ("stage1/layers.3.R", "layers.3.R", ...)."""
-    return name.rsplit(".", 1)[-1] == "R"
-
-
-def reorthonormalize_perfit(arrays: Mapping[str, Any]) -> Arrays:
-    """A copy of PerFit ``arrays`` with every R replaced by the nearest matrix with
-    orthonormal rows (polar factor, :func:`shared.methods.perfit.reorthonormalize`).
-
-    Needed after every FedAvg of PerFit stages: the average of matrices with orthonormal rows
-    is NOT a matrix with orthonormal rows (averaging two different rotations shrinks it toward
-    0), so the averaged R would no longer be a projection onto an r-dimensional subspace.
-    W and b are plain linear parameters and stay as averaged.
-    """
-    out: Arrays = {}
-    for name, value in arrays.items():
-        array = np.asarray(value, dtype=np.float32)
-        if is_rotation_key(name):
-            if array.ndim != 2 or array.shape[0] > array.shape[1]:
-                raise ValueError(f"{name}: shape {array.shape} is not an (r, d) rotation, r <= d")
-            array = reorthonormalize(array).numpy().astype(np.float32)
-        out[name] = array
-    return out
-
-
-def max_orthonormality_error(arrays: Mapping[str, Any]) -> float:
-    """max over every R in ``arrays`` of max|R R^T - I| (0.0 when there is no R)."""
-    errors = [orthonormality_error(np.asarray(v)) for k, v in arrays.items()
-              if is_rotation_key(k)]
-    return max(errors, default=0.0)
 
 
 def delta_norm(before: Mapping[str, Any], after: Mapping[str, Any]) -> float:

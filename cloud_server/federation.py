@@ -26,10 +26,12 @@
 6. **Evaluation** (``evaluate``) on the device; replies are additive metric statistics, which
    the server sums into the results table (:func:`shared.metrics.metrics_from_stats`).
 
-The training recipe (``recipe``: ``tuned``, ``paper`` or a file; :mod:`shared.recipes`) is
-resolved once for the run's model and task and laid under ``method-options``, which the
-devices receive with every phase message; stage 1's ``lr`` (and epochs) come from it unless
-the run config sets them.
+The run config is parsed once (:class:`shared.config.RunConfig`: typed, one set of defaults,
+an unknown key is an error). The training recipe (``recipe``: ``tuned``, ``paper`` or a file;
+:mod:`shared.recipes`) is resolved once for the run's model and task, the run's dotted method
+settings (``oppu.lr`` ...) laid over it, and the devices receive the result with every phase
+message (``options.*`` entries); stage 1's ``lr`` (and epochs) come from it unless the run
+config sets them.
 
 A node that fails or does not answer in a phase is logged and left out; the phase goes on
 with the others. Everything lands in ``run-dir``: ``federation.json`` (the results), the
@@ -38,41 +40,42 @@ stage-1 folders and, in simulation, the devices' folders and ledgers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from cloud_server.server_app import run_stage1
+from shared import crypto
+from shared.config import RunConfig, options_to_message
 from shared.errors import PflError
-from shared.metrics import TASK_KINDS
+from shared.methods import core_class, core_names, parse_method
+from shared.methods.perpcs import select_sharers_from_clusters
+from shared.metrics import TASK_KINDS, add_stats, check_stats, metrics_from_stats
 from shared.models import canonical_name
 from shared.recipes import over_recipe, resolve_recipe
+from shared.records import to_array_record
+from shared.report import methods_table
+from shared.serialization import Grant, ModelShapes
 from shared.tasks import canonical_task_name
 
 log = logging.getLogger("flwr.pfl.federation")
 
-DEFAULTS: dict[str, Any] = {
-    "methods": "nonpersonalized,oppu,perpcs,perfit", "targets": 2, "sharers": 2,
-    "collective": 0, "rounds": 1, "fraction-train": 1.0, "selection": "kmeans",
-    "kmeans-iterations": 3, "small-cluster-items": 0, "model": "tiny", "task": "synthetic",
-    "seed": 0, "run-dir": "runs/federation", "num-clients": 0, "phase-timeout": 3600.0,
-    "wait-for-nodes": 120.0, "method-options": "{}", "selection-sample": 0,
-    "sample-per-round": 0, "target-nodes": "", "sharer-nodes": "", "recipe": "tuned",
-}
-#: Run-config keys sent to devices with every phase message.
 #: Run settings the server sends to devices. A device's own settings (its consent policy, the
 #: pool CA it trusts, its ledger and folders) are not among them: they come from the device.
-DEVICE_KEYS = ("model", "task", "data-path", "seed", "method-options", "device",
-               "pool-address", "batch-size-eval")
-NEEDS_LORA = {"lora-c", "oppu", "perpcs"}
+DEVICE_KEYS = ("model", "task", "data-path", "seed", "device", "pool-address",
+               "batch-size-eval")
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
 
 
@@ -110,42 +113,56 @@ class NodeSubset(Grid):
 
 
 # ------------------------------------------------------------------------- helpers
-def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """DEFAULTS overlaid with ``run_config``, checked."""
-    from shared.methods.base import parse_method
+@dataclass(frozen=True)
+class Plan:
+    """A run, parsed and checked: the typed run config, the training recipe's name and the
+    method options every device gets (the recipe with the run's settings on top)."""
 
-    config = {**DEFAULTS, **dict(run_config)}
-    methods = [m for m in str(config["methods"]).split(",") if m]
+    config: RunConfig
+    recipe: str
+    options: dict
+
+    @property
+    def methods(self) -> list[str]:
+        return self.config.methods.split(",")
+
+    @property
+    def cores(self) -> set[str]:
+        return {parse_method(m).core for m in self.methods}
+
+    def device_config(self) -> dict[str, Any]:
+        """What every phase message tells a device: the run settings in
+        :data:`DEVICE_KEYS` and the method options (``options.*``)."""
+        return {**{k: self.config[k] for k in DEVICE_KEYS},
+                **options_to_message(self.options)}
+
+
+def resolve(run_config: Mapping[str, Any]) -> Plan:
+    """The run config parsed (:meth:`RunConfig.parse`), its methods checked, its recipe
+    resolved."""
+    config = RunConfig.parse(run_config)
+    methods = [m for m in config.methods.split(",") if m]
     if not methods:
         raise PflError("no methods to run")
-    from edge_client.phases import FEDERATED_CORES
-
+    federated = [c for c in core_names() if core_class(c).federated]
     for name in methods:
-        core = parse_method(name).core
-        if core not in FEDERATED_CORES:
+        if not core_class(parse_method(name).core).federated:
             raise PflError(f"method {name!r} cannot run in the federation (known cores: "
-                           f"{', '.join(FEDERATED_CORES)})")
-    config["methods"] = ",".join(methods)
-    if int(config["targets"]) < 1:
-        raise PflError("need at least one target")
-    if config["selection"] not in ("kmeans", "most-active"):
-        raise PflError(f"selection must be kmeans or most-active, got {config['selection']!r}")
-    # the training recipe (shared.recipes) under the run's own method options
-    try:
-        method_options = json.loads(str(config["method-options"] or "{}"))
-    except json.JSONDecodeError as exc:
-        raise PflError(f"method-options is not JSON: {exc}") from None
-    config["recipe-name"], recipe = resolve_recipe(str(config["recipe"]),
-                                              canonical_name(str(config["model"])),
-                                              canonical_task_name(str(config["task"])))
-    config["method-options"] = json.dumps(over_recipe(recipe, method_options))
-    return config
+                           f"{', '.join(federated)})")
+    name, recipe = resolve_recipe(config.recipe, canonical_name(config.model),
+                                  canonical_task_name(config.task))
+    return Plan(config.replace(methods=",".join(methods)), name,
+                over_recipe(recipe, config.method_settings()))
 
 
-def _cores(config) -> set[str]:
-    from shared.methods.base import parse_method
+def collective_kinds_needed(cores) -> list[str]:
+    """The kinds of collective parameters (stage 1) the cores build on, in a fixed order."""
+    return sorted({kind for core in cores for kind in core_class(core).collective})
 
-    return {parse_method(m).core for m in config["methods"].split(",")}
+
+def pool_needed(cores) -> bool:
+    """Whether one of the cores reads the PER-PCS piece pool (sharers must share first)."""
+    return any(core_class(core).uses_pool for core in cores)
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -167,10 +184,7 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
     """Send one message per node, wait for the replies; return the good ones by node.
     ``per_node[node]`` adds settings for that node only (e.g. its sharer grant).
     Error replies and missing nodes are logged and left out."""
-    record = None
-    if arrays:
-        record = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
-                              for k, v in arrays.items()})
+    record = to_array_record(arrays) if arrays else None
 
     def content(node: int) -> RecordDict:
         settings = {**config, **((per_node or {}).get(node) or {})}
@@ -184,7 +198,16 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
                 for node in node_ids]
     log.info("%s: sending %s to %d device(s) ...", phase, message_type, len(messages))
     started = time.perf_counter()
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    good = good_replies(grid.send_and_receive(messages, timeout=timeout), node_ids, phase)
+    log.info("%s: %d of %d device(s) answered in %.1f s", phase, len(good), len(node_ids),
+             time.perf_counter() - started)
+    return good
+
+
+def good_replies(replies: Iterable[Message], node_ids: Sequence[int], phase: str
+                 ) -> dict[int, Message]:
+    """{node: reply} of the replies that are not errors; errors and silent nodes logged."""
+    replies = list(replies)
     good: dict[int, Message] = {}
     for reply in replies:
         node = int(reply.metadata.src_node_id)
@@ -195,8 +218,6 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
     missing = set(node_ids) - {int(r.metadata.src_node_id) for r in replies}
     if missing:
         log.warning("%s: %d node(s) did not answer: %s", phase, len(missing), sorted(missing))
-    log.info("%s: %d of %d device(s) answered in %.1f s", phase, len(good), len(node_ids),
-             time.perf_counter() - started)
     return good
 
 
@@ -204,9 +225,6 @@ def mint_grants(config: Mapping[str, Any], sharers: Sequence[int]) -> dict[int, 
     """{sharer node: its grant} signed with the federation key (run config ``grant-key``):
     what lets a selected sharer, and no one else, submit to the pool. Each grant allows one
     piece per layer and module of the model. {} without a grant key (an open pool)."""
-    from shared import crypto
-    from shared.serialization import Grant, ModelShapes
-
     if not config.get("grant-key") or not sharers:
         if sharers:
             log.warning("no grant-key in the run config: sharers submit without grants "
@@ -223,19 +241,17 @@ def mint_grants(config: Mapping[str, Any], sharers: Sequence[int]) -> dict[int, 
 
 def sharer_keys(replies: Mapping[int, Message]) -> dict[str, str]:
     """{pseudonym: hex public key} of the sharers that reported their key after sharing."""
-    from edge_client.phases import key_from_array, sharer_pseudonym
-
     out = {}
     for node, reply in replies.items():
         arrays = reply.content.array_records.get("arrays")
         if arrays is None or "sharer-key" not in arrays:
             continue
-        key = key_from_array(arrays["sharer-key"].numpy())
+        key = crypto.key_from_array(arrays["sharer-key"].numpy())
         if key is None:
             log.warning("share: node %s sent a malformed sharer key; its pieces are not used",
                         node)
             continue
-        out[sharer_pseudonym(key)] = key.hex()
+        out[crypto.sharer_pseudonym(key)] = key.hex()
     return out
 
 
@@ -244,61 +260,75 @@ def _metrics(reply: Message) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ phase 2: selection
-def select_sharers(grid: Grid, candidates: Sequence[int], config: Mapping, device_config: Mapping
-                   ) -> dict[str, Any]:
-    """Federated k-means (or most-active) over the candidates; returns the chosen node ids
-    and what was learnt (cluster sizes, consenting embeddings)."""
-    from shared.methods.perpcs import select_sharers_from_clusters
-
-    wanted = int(config["sharers"])
-    timeout = float(config["phase-timeout"])
-    if wanted <= 0 or not candidates:
-        return {"sharers": [], "strategy": config["selection"]}
-    rng = np.random.default_rng(int(config["seed"]))
-    k = min(wanted, len(candidates))
-    centroids = rng.standard_normal((k, EMBEDDING_DIM)).astype(np.float32)
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    iterations = int(config["kmeans-iterations"]) if config["selection"] == "kmeans" else 1
-    sizes: dict[int, int] = {}
-    clusters: dict[int, int] = {}
-    consenting = 0
-    for it in range(max(1, iterations)):
-        arrays = {"centroids": centroids} if config["selection"] == "kmeans" else None
-        replies = exchange(grid, candidates, "query.select", device_config, arrays, timeout,
-                           f"select-{it}")
-        embeddings: dict[int, list[np.ndarray]] = {}
-        for node, reply in replies.items():
-            metrics = _metrics(reply)
-            sizes[node] = int(metrics.get("history-size", 0))
-            if "cluster-index" in metrics:
-                clusters[node] = int(metrics["cluster-index"])
-                if "arrays" in reply.content.array_records and \
-                        "user-embedding" in reply.content["arrays"]:
-                    embeddings.setdefault(clusters[node], []).append(
-                        reply.content["arrays"]["user-embedding"].numpy())
-        consenting = sum(len(v) for v in embeddings.values())
-        for cluster, members in embeddings.items():
+def kmeans_round(grid: Grid, candidates: Sequence[int], centroids: np.ndarray | None,
+                 device_config: Mapping, timeout: float, phase: str,
+                 sizes: dict[int, int], clusters: dict[int, int]) -> int:
+    """One round of federated k-means: every candidate reports its nearest centroid and its
+    history size (``sizes``, ``clusters`` are updated); each centroid moves to the mean of
+    its consenting members' embeddings (in place). Returns how many embeddings came."""
+    arrays = {"centroids": centroids} if centroids is not None else None
+    replies = exchange(grid, candidates, "query.select", device_config, arrays, timeout, phase)
+    embeddings: dict[int, list[np.ndarray]] = {}
+    for node, reply in replies.items():
+        metrics = _metrics(reply)
+        sizes[node] = int(metrics.get("history-size", 0))
+        if "cluster-index" not in metrics:
+            continue
+        clusters[node] = int(metrics["cluster-index"])
+        if "arrays" in reply.content.array_records and \
+                "user-embedding" in reply.content["arrays"]:
+            embeddings.setdefault(clusters[node], []).append(
+                reply.content["arrays"]["user-embedding"].numpy())
+    for cluster, members in embeddings.items():
+        if centroids is not None:
             mean = np.mean(members, axis=0)
             centroids[cluster] = mean / (np.linalg.norm(mean) + 1e-12)
-    small = int(config["small-cluster-items"])
-    if config["selection"] == "kmeans" and clusters:
+    return sum(len(v) for v in embeddings.values())
+
+
+def pick_sharers(wanted: int, sizes: Mapping[int, int], clusters: Mapping[int, int],
+                 small: int) -> list[int]:
+    """The most active member of each cluster with more than ``small`` items, then (empty
+    clusters, or no clusters: most-active) the most active remaining candidates."""
+    sharers: list[int] = []
+    if clusters:
         nodes = sorted(clusters)
         chosen = select_sharers_from_clusters([str(n) for n in nodes],
                                               [clusters[n] for n in nodes],
                                               [sizes[n] for n in nodes],
                                               small_cluster_items=small)
         sharers = [int(n) for n in chosen]
-    else:
-        sharers = []
-    # Fill up (empty clusters, or most-active) with the most active remaining candidates.
     for node in sorted(sizes, key=lambda n: (-sizes[n], n)):
         if len(sharers) >= wanted:
             break
         if node not in sharers and sizes[node] > small:
             sharers.append(node)
+    return sharers[:wanted]
+
+
+def select_sharers(grid: Grid, candidates: Sequence[int], config: RunConfig,
+                   device_config: Mapping) -> dict[str, Any]:
+    """Federated k-means (or most-active) over the candidates; returns the chosen node ids
+    and what was learnt (cluster sizes, consenting embeddings)."""
+    if config.sharers <= 0 or not candidates:
+        return {"sharers": [], "strategy": config.selection}
+    kmeans = config.selection == "kmeans"
+    k = min(config.sharers, len(candidates))
+    centroids = np.random.default_rng(config.seed).standard_normal(
+        (k, EMBEDDING_DIM)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    sizes: dict[int, int] = {}
+    clusters: dict[int, int] = {}
+    consenting = 0
+    for it in range(max(1, config.kmeans_iterations if kmeans else 1)):
+        consenting = kmeans_round(grid, candidates, centroids if kmeans else None,
+                                  device_config, config.phase_timeout, f"select-{it}", sizes,
+                                  clusters)
+    sharers = pick_sharers(config.sharers, sizes, clusters if kmeans else {},
+                           config.small_cluster_items)
     log.info("sharer selection (%s): %d sharers from %d candidates (%d consented to share "
-             "their embedding)", config["selection"], len(sharers), len(candidates), consenting)
-    return {"sharers": sharers[:wanted], "strategy": config["selection"],
+             "their embedding)", config.selection, len(sharers), len(candidates), consenting)
+    return {"sharers": sharers, "strategy": config.selection,
             "cluster_sizes": np.bincount(list(clusters.values()), minlength=k).tolist()
             if clusters else [], "embeddings_received": consenting}
 
@@ -321,8 +351,6 @@ def _given_nodes(config: Mapping, key: str, nodes: Sequence[int]) -> list[int]:
 def _task_of(replies: Mapping[int, Message], name: str):
     """What the server needs of the task to finish the metrics: its kind and label count,
     as the devices reported them (the server holds no data)."""
-    from types import SimpleNamespace
-
     kinds = {int(_metrics(r).get("task/kind", -1)) for r in replies.values()}
     labels = {int(_metrics(r).get("task/labels", 0)) for r in replies.values()}
     if len(kinds) > 1 or len(labels) > 1:
@@ -332,22 +360,21 @@ def _task_of(replies: Mapping[int, Message], name: str):
 
 
 # ----------------------------------------------------------------------- the run
-def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Run every phase; write and return ``federation.json``'s content."""
-    from cloud_server.server_app import run_stage1
-    from shared.metrics import add_stats, check_stats, metrics_from_stats
+@dataclass
+class Roles:
+    """Who plays which part in a run (node ids)."""
 
-    config = resolve(run_config)
-    started = time.perf_counter()
-    run_dir = Path(str(config["run-dir"])).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config["run-dir"] = str(run_dir)
-    timeout = float(config["phase-timeout"])
-    cores = _cores(config)
-    methods = config["methods"].split(",")
-    device_config = {k: config[k] for k in DEVICE_KEYS if k in config}
-    phase_seconds: dict[str, float] = {}
+    nodes: list[int]
+    targets: list[int]
+    candidates: list[int]  # non-targets: sharer candidates, then the collective
+    given_sharers: list[int] = field(default_factory=list)
+    sharers: list[int] = field(default_factory=list)
+    collective: list[int] = field(default_factory=list)
 
+
+def choose_targets(grid: Grid, config: Mapping[str, Any]) -> Roles:
+    """Phase 1: wait for the nodes; the targets are given (``target-nodes``) or a seeded
+    draw among the nodes that are not given sharers."""
     nodes = wait_for_nodes(grid, int(config["num-clients"]), float(config["wait-for-nodes"]))
     given_targets = _given_nodes(config, "target-nodes", nodes)
     given_sharers = _given_nodes(config, "sharer-nodes", nodes)
@@ -358,124 +385,178 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         random.Random(int(config["seed"])).shuffle(order)
         targets = sorted(order[: int(config["targets"])])
     candidates = [n for n in nodes if n not in targets]
-    log.info("federation: %d nodes, %d targets, methods %s", len(nodes), len(targets), methods)
+    return Roles(nodes, targets, candidates, given_sharers)
 
-    t0 = time.perf_counter()
-    asked = candidates
-    if 0 < int(config["selection-sample"]) < len(candidates):  # a large population: a sample
+
+def choose_sharers(grid: Grid, config: Mapping[str, Any], roles: Roles, cores: set[str],
+                   device_config: Mapping) -> dict[str, Any]:
+    """Phase 2: the sharers (when a method reads the pool): given, or selected among (a
+    sample of) the candidates; the collective is the candidates who are not sharers."""
+    asked = roles.candidates
+    if 0 < int(config["selection-sample"]) < len(asked):  # a large population: a sample
         asked = sorted(random.Random(int(config["seed"]) + 1).sample(
-            candidates, int(config["selection-sample"])))
-    if "perpcs" not in cores:
-        selection = {"sharers": []}
-    elif given_sharers:
-        selection = {"sharers": [n for n in given_sharers if n not in targets],
+            asked, int(config["selection-sample"])))
+    if not pool_needed(cores):
+        selection: dict[str, Any] = {"sharers": []}
+    elif roles.given_sharers:
+        selection = {"sharers": [n for n in roles.given_sharers if n not in roles.targets],
                      "strategy": "given"}
     else:
         selection = select_sharers(grid, asked, config, device_config)
-    phase_seconds["selection"] = time.perf_counter() - t0
-    sharers = selection["sharers"]
-    collective = [n for n in candidates if n not in sharers]
+    roles.sharers = selection["sharers"]
+    roles.collective = [n for n in roles.candidates if n not in roles.sharers]
     if int(config["collective"]) > 0:
-        collective = collective[: int(config["collective"])]
+        roles.collective = roles.collective[: int(config["collective"])]
+    return selection
 
+
+def stage1_settings(plan: Plan, kind: str, output_dir: Path, clients: int) -> RunConfig:
+    """The run config of one stage-1 phase: the run's, with the recipe's max history,
+    epochs and learning rate unless the run config sets them."""
+    config, options = plan.config, plan.options
+    recipe = options.get("stage1" if kind == "lora" else "perfit") or {}
+    return config.replace(
+        method=kind, output_dir=str(output_dir), num_clients=clients,
+        max_history=config.max_history or options.get("max_history") or 0,
+        local_epochs=config.local_epochs
+        or (recipe.get("epochs") if kind == "lora" else None)
+        or options.get("stage1_epochs") or 0.0,
+        lr=config.lr or recipe.get("lr") or 0.0)
+
+
+def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
+                     seconds: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """Phase 3: FedAvg of each kind of collective parameters the methods build on, over the
+    collective nodes; returns ({"KIND.name": array}, {kind: summary})."""
     arrays: dict[str, np.ndarray] = {}
     stage1: dict[str, Any] = {}
-    for kind, needed in (("lora", cores & NEEDS_LORA), ("perfit", cores & {"perfit"})):
-        if not needed:
-            continue
-        if not collective:
+    for kind in collective_kinds_needed(plan.cores):
+        if not roles.collective:
             raise PflError(f"stage 1 ({kind}) needs collective nodes: none are left")
         t0 = time.perf_counter()
-        method_options = json.loads(str(config["method-options"] or "{}"))
-        stage_config = {**{k: v for k, v in config.items() if k not in ("methods",)},
-                        "method": kind, "output-dir": str(run_dir / f"stage1-{kind}"),
-                        "num-clients": len(collective)}
-        recipe = method_options.get("stage1" if kind == "lora" else "perfit") or {}
-        for key, value in (("max-history", method_options.get("max_history")),
-                           ("local-epochs", (recipe.get("epochs") if kind == "lora" else None)
-                            or method_options.get("stage1_epochs")),
-                           ("lr", recipe.get("lr"))):
-            if key not in config and value is not None:
-                stage_config[key] = value
-        summary = run_stage1(NodeSubset(grid, collective), stage_config)
+        summary = run_stage1(NodeSubset(grid, roles.collective),
+                             stage1_settings(plan, kind, run_dir / f"stage1-{kind}",
+                                             len(roles.collective)))
         with np.load(summary["final_arrays"]) as data:
             arrays.update({f"{kind}.{k}": data[k] for k in data.files})
         stage1[kind] = {k: summary[k] for k in ("rounds", "train_loss", "replies", "params",
                                                 "bytes_per_update")}
-        phase_seconds[f"stage1-{kind}"] = time.perf_counter() - t0
+        seconds[f"stage1-{kind}"] = time.perf_counter() - t0
+    return arrays, stage1
 
+
+def share(grid: Grid, config: Mapping[str, Any], sharers: Sequence[int],
+          arrays: Mapping[str, np.ndarray], device_config: Mapping) -> tuple[dict, dict]:
+    """Phase 4: the sharers train and submit their pieces with their grants; returns
+    ({node: counts}, {pseudonym: hex key} of the sharers whose pieces targets may take)."""
     lora_only = {k: v for k, v in arrays.items() if k.startswith("lora.")}
-    shared: dict[str, Any] = {}
-    pool_sharers: dict[str, str] = {}
-    if "perpcs" in cores:
-        t0 = time.perf_counter()
-        grants = mint_grants(config, sharers)
-        replies = exchange(grid, sharers, "train.share", device_config, lora_only, timeout,
-                           "share", per_node={n: {"pool-grant": g} for n, g in grants.items()})
-        shared = {str(n): _metrics(r) for n, r in replies.items()}
-        pool_sharers = sharer_keys(replies)
-        phase_seconds["share"] = time.perf_counter() - t0
-        if not any(m.get("pieces-submitted", 0) for m in shared.values()):
-            log.warning("no sharer submitted pieces: PER-PCS has an empty pool")
+    grants = mint_grants(config, sharers)
+    replies = exchange(grid, sharers, "train.share", device_config, lora_only,
+                       float(config["phase-timeout"]), "share",
+                       per_node={n: {"pool-grant": g} for n, g in grants.items()})
+    shared = {str(n): _metrics(r) for n, r in replies.items()}
+    if not any(m.get("pieces-submitted", 0) for m in shared.values()):
+        log.warning("no sharer submitted pieces: PER-PCS has an empty pool")
+    return shared, sharer_keys(replies)
 
-    t0 = time.perf_counter()
-    personal_config = {**device_config, "methods": config["methods"]}
-    if "perpcs" in cores and pool_sharers:  # targets take pieces from these sharers only
-        personal_config["pool-sharers"] = json.dumps(pool_sharers, sort_keys=True)
-    personalized = exchange(grid, targets, "train.personalize", personal_config, arrays,
-                            timeout, "personalize")
-    phase_seconds["personalize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    evaluated = exchange(grid, sorted(personalized), "evaluate", personal_config, arrays,
-                         timeout, "evaluate")
-    phase_seconds["evaluate"] = time.perf_counter() - t0
 
-    task = _task_of(evaluated, str(config["task"]))
-    results: dict[str, Any] = {}
-    for name in methods:
-        stats: dict[str, float] = {}
-        costs = {"params": [], "bytes": [], "seconds": []}
-        users = 0
-        for node, reply in evaluated.items():
-            metrics = _metrics(reply)
-            user_stats = {k.split("/", 1)[1]: v for k, v in metrics.items()
-                          if k.startswith(name + "/")}
-            problem = check_stats(task, user_stats)
-            if problem is not None:  # a broken or hostile device: its answer is left out
-                log.warning("evaluate: node %s's %s statistics are left out: %s", node, name,
-                            problem)
-                continue
-            add_stats(stats, user_stats)
-            users += 1
-            personal = _metrics(personalized[node])
-            for cost in costs:
-                value = personal.get(f"{name}/{cost}", 0.0)
-                finite = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-                costs[cost].append(float(value) if finite else 0.0)
-        if not stats:
-            results[name] = {"error": "no target evaluated this method"}
+def _finite_cost(value) -> float:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+    return float(value) if ok else 0.0
+
+
+def method_results(name: str, task, evaluated: Mapping[int, Message],
+                   personalized: Mapping[int, Message]) -> dict[str, Any]:
+    """One method's row: the targets' metric statistics summed (a device whose statistics
+    do not check out is left out) and their mean costs."""
+    stats: dict[str, float] = {}
+    costs: dict[str, list[float]] = {"params": [], "bytes": [], "seconds": []}
+    for node, reply in evaluated.items():
+        user_stats = {k.split("/", 1)[1]: v for k, v in _metrics(reply).items()
+                      if k.startswith(name + "/")}
+        problem = check_stats(task, user_stats)
+        if problem is not None:  # a broken or hostile device: its answer is left out
+            log.warning("evaluate: node %s's %s statistics are left out: %s", node, name,
+                        problem)
             continue
-        n = max(1, len(costs["params"]))
-        results[name] = {"metrics": metrics_from_stats(task, stats), "users": users,
-                         "queries": int(stats.get("n", 0)),
-                         "params_per_user": sum(costs["params"]) / n,
-                         "bytes_per_user": sum(costs["bytes"]) / n,
-                         "seconds_per_user": sum(costs["seconds"]) / n}
-    summary = {"task": str(config["task"]), "model": str(config["model"]), "seed": int(config["seed"]),
-               "recipe": {"name": config["recipe-name"],
-                          "options": json.loads(config["method-options"])},
-               "nodes": len(nodes), "targets": targets, "sharers": sharers,
-               "collective": collective, "selection": selection, "stage1": stage1,
-               "shared": shared, "methods": results, "phase_seconds": phase_seconds,
-               "evaluated_targets": sorted(evaluated), "seconds": time.perf_counter() - started}
-    (run_dir / "federation.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        add_stats(stats, user_stats)
+        personal = _metrics(personalized[node])
+        for cost in costs:
+            costs[cost].append(_finite_cost(personal.get(f"{name}/{cost}", 0.0)))
+    if not stats:
+        return {"error": "no target evaluated this method"}
+    n = max(1, len(costs["params"]))
+    return {"metrics": metrics_from_stats(task, stats), "users": len(costs["params"]),
+            "queries": int(stats.get("n", 0)),
+            **{f"{cost}_per_user": sum(values) / n for cost, values in costs.items()}}
+
+
+def run_federation(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[str, Any]:
+    """Run every phase; write and return ``federation.json``'s content."""
+    plan = resolve(run_config)
+    started, seconds = time.perf_counter(), {}
+    run_dir = Path(plan.config.run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = dataclasses.replace(plan, config=plan.config.replace(run_dir=str(run_dir)))
+    config, device_config = plan.config, plan.device_config()
+
+    roles = choose_targets(grid, config)
+    log.info("federation: %d nodes, %d targets, methods %s", len(roles.nodes),
+             len(roles.targets), plan.methods)
+    t0 = time.perf_counter()
+    selection = choose_sharers(grid, config, roles, plan.cores, device_config)
+    seconds["selection"] = time.perf_counter() - t0
+    arrays, stage1 = train_collective(grid, plan, roles, run_dir, seconds)
+    shared, pool_sharers = {}, {}
+    if pool_needed(plan.cores):
+        t0 = time.perf_counter()
+        shared, pool_sharers = share(grid, config, roles.sharers, arrays, device_config)
+        seconds["share"] = time.perf_counter() - t0
+    personalized, evaluated = personalize_and_evaluate(grid, plan, roles.targets, arrays,
+                                                       pool_sharers, seconds)
+    task = _task_of(evaluated, config.task)
+    results = {name: method_results(name, task, evaluated, personalized)
+               for name in plan.methods}
+    return write_summary(plan, roles, selection, stage1, shared, results, seconds,
+                         evaluated, time.perf_counter() - started)
+
+
+def personalize_and_evaluate(grid: Grid, plan: Plan, targets: Sequence[int],
+                             arrays: Mapping[str, np.ndarray], pool_sharers: Mapping[str, str],
+                             seconds: dict) -> tuple[dict[int, Message], dict[int, Message]]:
+    """Phases 5 and 6: every target personalizes with every method (costs come back), then
+    answers its held-out queries (metric statistics come back)."""
+    config = {**plan.device_config(), "methods": plan.config.methods}
+    if pool_sharers:  # targets take pieces from these sharers only
+        config["pool-sharers"] = json.dumps(pool_sharers, sort_keys=True)
+    timeout = plan.config.phase_timeout
+    t0 = time.perf_counter()
+    personalized = exchange(grid, targets, "train.personalize", config, arrays, timeout,
+                            "personalize")
+    seconds["personalize"], t0 = time.perf_counter() - t0, time.perf_counter()
+    evaluated = exchange(grid, sorted(personalized), "evaluate", config, arrays, timeout,
+                         "evaluate")
+    seconds["evaluate"] = time.perf_counter() - t0
+    return personalized, evaluated
+
+
+def write_summary(plan: Plan, roles: Roles, selection, stage1, shared, results, seconds,
+                  evaluated, elapsed: float) -> dict[str, Any]:
+    """``federation.json`` in the run folder; returns its content."""
+    config = plan.config
+    summary = {"task": config.task, "model": config.model, "seed": config.seed,
+               "recipe": {"name": plan.recipe, "options": plan.options},
+               "nodes": len(roles.nodes), "targets": roles.targets, "sharers": roles.sharers,
+               "collective": roles.collective, "selection": selection, "stage1": stage1,
+               "shared": shared, "methods": results, "phase_seconds": seconds,
+               "evaluated_targets": sorted(evaluated), "seconds": elapsed}
+    path = Path(config.run_dir) / "federation.json"
+    path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
 
 
 def format_results(summary: Mapping[str, Any]) -> str:
     """The federation's results: a title line, then the same table as ``pfl eval``'s."""
-    from simulations.report import methods_table
-
     head = (f"federation: task {summary['task']} | model {summary['model']} | "
             f"{summary['nodes']} nodes, {len(summary['evaluated_targets'])} targets evaluated, "
             f"{len(summary['sharers'])} sharers, {len(summary['collective'])} collective")

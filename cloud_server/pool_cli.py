@@ -11,6 +11,10 @@ subparsers; each handler takes the parsed args and returns an exit status.
 from __future__ import annotations
 
 import argparse
+from cloud_server.pool_service import serve
+from cloud_server.pool_store import DB_NAME, PoolStore
+from shared.crypto import write_dev_certs, write_federation_key
+from shared.errors import PflError
 
 
 def _hosts(text: str) -> list[str]:
@@ -22,8 +26,6 @@ def _hosts(text: str) -> list[str]:
 
 def cmd_certs(args) -> int:
     """Create the dev CA (or reuse it) and a server certificate for the hosts."""
-    from shared.crypto import write_dev_certs, write_federation_key
-
     certs = write_dev_certs(args.directory, args.hosts, new_ca=args.new_ca)
     private, public = write_federation_key(args.directory)
     print(f"CA certificate:     {certs.ca_cert}  (give this to clients)")
@@ -38,8 +40,6 @@ def cmd_certs(args) -> int:
 
 def cmd_pool_serve(args) -> int:
     """Serve the piece pool until interrupted."""
-    from cloud_server.pool_service import serve
-
     return serve(args.db, args.port, args.certs, args.host, model=args.model,
                  open_enrolment=args.open, max_update_norm=args.max_update_norm)
 
@@ -48,8 +48,6 @@ def cmd_pool_check(args) -> int:
     """Re-hash every blob and verify every signature; exit 1 if anything is wrong."""
     from pathlib import Path
 
-    from cloud_server.pool_store import DB_NAME, PoolStore
-    from shared.errors import PflError
 
     if not (Path(args.db) / DB_NAME).is_file():
         raise PflError(f"no pool in {args.db} (missing {DB_NAME})")

@@ -40,6 +40,7 @@ from shared import crypto
 from shared.errors import PflError
 from shared.serialization import (DEFAULT_LIMITS, Grant, InvalidPiece, SignedPiece,
                                   check_names, is_piece_id)
+from shared.serialization import ModelShapes
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,6 @@ def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
     Enrolment: ``certs_dir/federation.pub`` (from ``pfl certs``) makes the pool take pieces
     only with a grant signed by the federation key; ``open_enrolment=True`` takes any signed
     piece (development); None: grants when that file exists, else open (with a warning)."""
-    from shared.serialization import ModelShapes
-
     pub = Path(certs_dir) / crypto.FEDERATION_PUB
     if open_enrolment is None:
         open_enrolment = not pub.is_file()

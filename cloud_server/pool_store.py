@@ -42,7 +42,8 @@ from typing import Iterable, Sequence
 
 from shared import crypto
 from shared.errors import PflError
-from shared.methods.lora_pieces import Piece, _tensor_bytes
+from shared.files import write_atomic
+from shared.methods.perpcs.pieces import Piece, tensor_bytes
 from shared.serialization import (DEFAULT_LIMITS, Gate, Grant, InvalidPiece, Limits,
                                   ModelShapes, SignedPiece, check_consent, content_bytes,
                                   is_piece_id, piece_from_content_bytes, tensor_from_proto,
@@ -236,17 +237,7 @@ class PoolStore:
         """Write a blob atomically unless a good one is there; True if a file was written."""
         if self._blob_ok(piece_id):
             return False
-        path = self.blob_path(piece_id)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{piece_id}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        path = write_atomic(self.blob_path(piece_id), data)
         _fsync_dir(path.parent)
         return True
 
@@ -360,7 +351,7 @@ class PoolStore:
     @staticmethod
     def _row(signed: SignedPiece, now: float) -> tuple:
         p = signed.piece
-        gate = None if p.gate is None else _tensor_bytes(p.gate)
+        gate = None if p.gate is None else tensor_bytes(p.gate)
         dtypes = {name: None if t is None else str(t.dtype).removeprefix("torch.")
                   for name, t in (("A", p.A), ("B", p.B), ("gate", p.gate))}
         shapes = {name: None if t is None else list(t.shape)

@@ -16,7 +16,8 @@ Sampling: ``min_train_nodes`` is set to the sample asked for (``ceil(fraction-tr
 num-clients)``), because FedAvg sizes the round-1 sample from the nodes connected at that
 moment (DESIGN.md pitfall).
 
-Run config (``context.run_config``, or :func:`make_server_app` overrides; :data:`DEFAULTS`):
+Run config (``context.run_config``, or :func:`make_server_app` overrides; parsed once into
+:class:`shared.config.RunConfig`, whose defaults are pyproject's):
 ``method``, ``rounds``, ``fraction-train``, ``model``, ``num-users-per-client``, ``seed``,
 ``run-dir``, ``num-clients`` (0: as many as are connected), ``round-timeout``, ``task``,
 ``data-path``, ``sample-per-round`` (clients per round, exact; 0: ``fraction-train`` decides),
@@ -32,30 +33,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from cloud_server.aggregation import (Reply, average_metrics, delta_norm, fedavg,
-                                      max_orthonormality_error, reorthonormalize_perfit)
-from shared.errors import PflError
+from cloud_server.aggregation import Reply, average_metrics, delta_norm, fedavg
+from shared.config import RunConfig
+from shared.files import save_npz
+from shared.methods import collective
+from shared.models import load_model
+from shared.records import from_array_record, to_array_record
 
 log = logging.getLogger("flwr.pfl.server")  # propagates to Flower's console handler
 
-METHODS = ("lora", "perfit")
-DEFAULTS: dict[str, Any] = {
-    "method": "lora", "rounds": 2, "fraction-train": 1.0, "model": "tiny",
-    "num-users-per-client": 2, "seed": 0, "run-dir": "runs/stage1", "num-clients": 0,
-    "round-timeout": 3600.0, "task": "synthetic", "sample-per-round": 0,
-}
 #: Run-config keys forwarded to the clients in every round's ConfigRecord.
 CLIENT_KEYS = ("method", "model", "task", "data-path", "num-users-per-client", "seed",
                "local-epochs", "lr", "max-steps", "batch-size", "max-history", "positions",
@@ -65,58 +60,16 @@ CLIENT_KEYS = ("method", "model", "task", "data-path", "num-users-per-client", "
 # ------------------------------------------------------------------------ initial arrays
 def initial_arrays(method: str, model: str = "tiny", seed: int = 0, *,
                    device: str | None = None,
-                   perfit_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Fresh global collective parameters (float32 numpy), reproducible from ``seed``.
-
-    ``lora``: peft's init of the stage-1 LoRA on ``model`` (the base is left unchanged).
-    ``perfit``: new seeded PerFit stage 1 + shared stage 2, keys ``stage1.layers.N.R|W|b`` /
-    ``stage2.*`` (what :func:`edge_client.client_app.perfit_from_arrays` reads).
-    """
-    from shared.models import load_model
-
-    loaded = load_model(model, device=device)
-    if method == "lora":
-        from shared.methods.oppu import attach_lora, lora_state, stage1_lora
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with attach_lora(loaded.model, stage1_lora()) as peft_model:
-                state = lora_state(peft_model)
-        return {k: v.numpy().astype(np.float32) for k, v in state.items()}
-    if method == "perfit":
-        from shared.methods.perfit import PerFitConfig, new_stages
-
-        config = PerFitConfig(**dict(perfit_options or {}))
-        stage1, stage2 = new_stages(config, loaded.num_layers, loaded.hidden_size, seed=seed)
-        return {f"{prefix}.{key}": np.asarray(value, np.float32)
-                for prefix, stage in (("stage1", stage1), ("stage2", stage2))
-                for key, value in stage.export_arrays().items()}
-    raise PflError(f"unknown stage-1 method {method!r} (known: {', '.join(METHODS)})")
+                   options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Fresh global collective parameters of kind ``method`` (float32 numpy), reproducible
+    from ``seed``: :meth:`shared.methods.base.Collective.initial_arrays` on ``model`` (the
+    base is left unchanged). ``options``: the run config (PerFit reads its ranks and
+    positions there)."""
+    part = collective(method)
+    return part.initial_arrays(load_model(model, device=device), seed, dict(options or {}))
 
 
 # ------------------------------------------------------------------------------ strategy
-def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
-
-
-def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(value, np.float32))
-                        for key, value in arrays.items()})
-
-
-def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def reply_of(msg: Message) -> Reply | tuple[int, str]:
     """A plain :class:`Reply` from a Flower reply, or ``(node, reason)`` when it is unusable
     (an error reply, or no 'arrays'/'metrics' record)."""
@@ -127,8 +80,22 @@ def reply_of(msg: Message) -> Reply | tuple[int, str]:
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         return node, "reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord"
     metrics = dict(content["metrics"])
-    return Reply(_to_numpy(content["arrays"]), metrics.get("num-examples", 0), node,
+    return Reply(from_array_record(content["arrays"]), metrics.get("num-examples", 0), node,
                  {k: v for k, v in metrics.items() if k != "num-examples"})
+
+
+def split_replies(replies: Iterable[Message], server_round: int
+                  ) -> tuple[list[Reply], list[dict[str, str]]]:
+    """(usable replies, {"node", "reason"} of each unusable one, logged)."""
+    usable, failed = [], []
+    for msg in replies:
+        item = reply_of(msg)
+        if isinstance(item, Reply):
+            usable.append(item)
+        else:
+            log.warning("round %d: no update from node %s: %s", server_round, *item)
+            failed.append({"node": str(item[0]), "reason": item[1]})
+    return usable, failed
 
 
 class Stage1FedAvg(FedAvg):
@@ -142,9 +109,8 @@ class Stage1FedAvg(FedAvg):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
                          min_available_nodes=min_available_nodes)
-        if method not in METHODS:
-            raise PflError(f"unknown stage-1 method {method!r} (known: {', '.join(METHODS)})")
-        self.method, self.round_dir = method, round_dir
+        self.method, self.collective = method, collective(method)
+        self.round_dir = round_dir
         self.max_examples = max_examples  # the most examples one client's weight may claim
         self.history: list[dict[str, Any]] = []
         self._current: dict[str, np.ndarray] | None = None
@@ -152,7 +118,7 @@ class Stage1FedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._current = _to_numpy(arrays)  # the reference every reply must match
+        self._current = from_array_record(arrays)  # the reference every reply must match
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sampled = len(messages)
         return messages
@@ -160,14 +126,7 @@ class Stage1FedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        usable, failed = [], []
-        for msg in replies:
-            item = reply_of(msg)
-            if isinstance(item, Reply):
-                usable.append(item)
-            else:
-                log.warning("round %d: no update from node %s: %s", server_round, *item)
-                failed.append({"node": str(item[0]), "reason": item[1]})
+        usable, failed = split_replies(replies, server_round)
         result = fedavg(usable, self._current, max_examples=self.max_examples)
         entry: dict[str, Any] = {
             "round": server_round, "sampled": self._sampled, "replies": len(replies),
@@ -182,44 +141,33 @@ class Stage1FedAvg(FedAvg):
             log.warning("round %d: no usable reply; the global arrays stay as they were",
                         server_round)
             arrays = self._current
-        elif self.method == "perfit":
-            # The average of matrices with orthonormal rows is not orthonormal: project each
-            # averaged R back to the nearest matrix with orthonormal rows before it is used.
-            arrays = reorthonormalize_perfit(arrays)
-            entry["orthonormality_error"] = max_orthonormality_error(arrays)
+        else:  # e.g. PerFit: every averaged R projected back to orthonormal rows
+            arrays, facts = self.collective.after_aggregation(arrays)
+            entry.update(facts)
         metrics = average_metrics(result.accepted)
         entry.update(train_loss=metrics.get("train-loss"),
                      train_loss_first=metrics.get("train-loss-first"),
                      delta_norm=delta_norm(self._current or {}, arrays))
         if self.round_dir is not None:
-            entry["arrays_path"] = str(_save_npz(self.round_dir / f"round-{server_round:03d}.npz",
-                                                 arrays))
+            entry["arrays_path"] = str(save_npz(self.round_dir / f"round-{server_round:03d}.npz",
+                                                arrays))
         self.history.append(entry)
         log.info("round %d: %d/%d replies used, %.0f examples, train loss %s, |delta| %.4g",
-                 server_round, len(result.accepted), self._sampled, result.total_examples,
+                 server_round, entry["accepted"], self._sampled, result.total_examples,
                  "n/a" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}",
                  entry["delta_norm"])
         if result.arrays is None:
             return None, None
-        return _to_record(arrays), MetricRecord({**metrics,
+        return to_array_record(arrays), MetricRecord({**metrics,
                                                  "num-examples": result.total_examples})
 
 
 # ---------------------------------------------------------------------------- the phase
-def resolve_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """DEFAULTS overlaid with ``run_config``, checked."""
-    config = {**DEFAULTS, **dict(run_config)}
-    if config["method"] not in METHODS:
-        raise PflError(f"unknown stage-1 method {config['method']!r} "
-                       f"(known: {', '.join(METHODS)})")
-    if int(config["rounds"]) < 1:
-        raise PflError(f"rounds must be >= 1, got {config['rounds']}")
-    if not 0.0 < float(config["fraction-train"]) <= 1.0:
-        raise PflError(f"fraction-train must be in (0, 1], got {config['fraction-train']}")
-    if int(config["num-users-per-client"]) < 1:
-        raise PflError("num-users-per-client must be >= 1")
-    if int(config["sample-per-round"]) < 0:
-        raise PflError(f"sample-per-round must be >= 0, got {config['sample-per-round']}")
+def resolve_config(run_config: Mapping[str, Any] | RunConfig) -> RunConfig:
+    """The run config parsed and checked (a :class:`RunConfig` is taken as it is)."""
+    config = run_config if isinstance(run_config, RunConfig) else RunConfig.parse(run_config)
+    config.check()
+    collective(config.method)  # an unknown kind is a clear error now
     return config
 
 
@@ -227,14 +175,13 @@ def resolve_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
 EXAMPLES_PER_USER_CAP = 1000
 
 
-def max_examples(config: Mapping[str, Any]) -> float:
+def max_examples(config: RunConfig) -> float:
     """The cap on one client's FedAvg weight: run config ``max-examples``, else what the server
     asked it to train on: ``num-users-per-client`` x ``max-history`` (or x
     :data:`EXAMPLES_PER_USER_CAP`). A client's own count is never taken beyond it."""
-    if config.get("max-examples"):
-        return float(config["max-examples"])
-    per_user = int(config.get("max-history") or EXAMPLES_PER_USER_CAP)
-    return float(int(config["num-users-per-client"]) * per_user)
+    if config.max_examples:
+        return float(config.max_examples)
+    return float(config.num_users_per_client * (config.max_history or EXAMPLES_PER_USER_CAP))
 
 
 def sample_size(fraction_train: float, num_clients: int) -> int:
@@ -242,67 +189,72 @@ def sample_size(fraction_train: float, num_clients: int) -> int:
     return max(1, math.ceil(float(fraction_train) * int(num_clients) - 1e-9))
 
 
-def run_stage1(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+def sampling(config: RunConfig) -> tuple[int, float]:
+    """(clients trained per round, the fraction FedAvg samples): ``sample-per-round`` exactly
+    when set, else ``ceil(fraction-train * num-clients)``."""
+    num_clients, fraction = config.num_clients, config.fraction_train
+    wanted = sample_size(fraction, num_clients) if num_clients > 0 else 1
+    if config.sample_per_round > 0 and num_clients > 0:  # an exact count wins
+        wanted = min(config.sample_per_round, num_clients)
+        fraction = wanted / num_clients
+    return wanted, fraction
+
+
+def run_stage1(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[str, Any]:
     """Run the collective stage-1 phase over ``grid``; save and return its summary."""
     config = resolve_config(run_config)
     started = time.perf_counter()
-    method, rounds = str(config["method"]), int(config["rounds"])
-    config["run-dir"] = str(Path(str(config["run-dir"])).expanduser().resolve())
+    config = config.replace(run_dir=str(Path(config.run_dir).expanduser().resolve()))
     # The server's files go to "output-dir" when set (a phase of a whole federation), else to
     # the run folder; devices always use the run folder (their state and ledgers).
-    run_dir = Path(str(config.get("output-dir") or config["run-dir"])).expanduser().resolve()
+    run_dir = Path(config.output_dir or config.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    perfit_options = {k: config[key] for key, k in (("collective-rank", "collective_rank"),
-                                                     ("personal-rank", "personal_rank"),
-                                                     ("positions", "positions"))
-                      if key in config}
-    arrays = initial_arrays(method, str(config["model"]), int(config["seed"]),
-                            device=config.get("device") or None, perfit_options=perfit_options)
-    round_dir = run_dir / "rounds"
-    _save_npz(round_dir / "round-000.npz", arrays)
-
-    num_clients = int(config["num-clients"])
-    fraction = float(config["fraction-train"])
-    wanted = sample_size(fraction, num_clients) if num_clients > 0 else 1
-    if int(config["sample-per-round"]) > 0 and num_clients > 0:  # an exact count wins
-        wanted = min(int(config["sample-per-round"]), num_clients)
-        fraction = wanted / num_clients
-    strategy = Stage1FedAvg(method, fraction_train=fraction, min_train_nodes=wanted,
-                            min_available_nodes=max(1, num_clients), round_dir=round_dir,
-                            max_examples=max_examples(config))
+    arrays = initial_arrays(config.method, config.model, config.seed,
+                            device=config.device or None, options=config.run_config())
+    save_npz(run_dir / "rounds" / "round-000.npz", arrays)
+    wanted, fraction = sampling(config)
+    strategy = Stage1FedAvg(config.method, fraction_train=fraction, min_train_nodes=wanted,
+                            min_available_nodes=max(1, config.num_clients),
+                            round_dir=run_dir / "rounds", max_examples=max_examples(config))
     client_config = ConfigRecord({key: config[key] for key in CLIENT_KEYS
                                   if config.get(key) not in (None, "")})
-    log.info("stage 1 (%s): %d rounds, %s clients, %d sampled per round, run dir %s", method,
-             rounds, num_clients or "all connected", wanted, run_dir)
-    result = strategy.start(grid=grid, initial_arrays=_to_record(arrays), num_rounds=rounds,
-                            timeout=float(config["round-timeout"]), train_config=client_config)
+    log.info("stage 1 (%s): %d rounds, %s clients, %d sampled per round, run dir %s",
+             config.method, config.rounds, config.num_clients or "all connected", wanted,
+             run_dir)
+    result = strategy.start(grid=grid, initial_arrays=to_array_record(arrays),
+                            num_rounds=config.rounds, timeout=config.round_timeout,
+                            train_config=client_config)
+    final = from_array_record(result.arrays) if len(result.arrays) else arrays
+    summary = stage1_summary(config, strategy, final, run_dir, wanted, fraction)
+    summary["seconds"] = time.perf_counter() - started
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
-    final = _to_numpy(result.arrays) if len(result.arrays) else arrays
-    final_path = _save_npz(run_dir / "global_arrays.npz", final)
+
+def stage1_summary(config: RunConfig, strategy: Stage1FedAvg, final: Mapping[str, np.ndarray],
+                   run_dir: Path, wanted: int, fraction: float) -> dict[str, Any]:
+    """What a stage-1 phase did (``summary.json``), with the final arrays saved."""
     history = strategy.history
-    summary = {
-        "method": method, "rounds": rounds, "model": str(config["model"]),
-        "task": str(config["task"]), "seed": int(config["seed"]),
-        "num_clients": num_clients, "fraction_train": fraction, "sample_size": wanted,
-        "num_users_per_client": int(config["num-users-per-client"]),
-        "run_dir": str(run_dir), "final_arrays": str(final_path),
-        "initial_arrays": str(round_dir / "round-000.npz"),
+    return {
+        "method": config.method, "rounds": config.rounds, "model": config.model,
+        "task": config.task, "seed": config.seed,
+        "num_clients": config.num_clients, "fraction_train": fraction, "sample_size": wanted,
+        "num_users_per_client": config.num_users_per_client,
+        "run_dir": str(run_dir), "final_arrays": str(save_npz(run_dir / "global_arrays.npz",
+                                                              final)),
+        "initial_arrays": str(run_dir / "rounds" / "round-000.npz"),
         "params": int(sum(np.asarray(v).size for v in final.values())),
         "bytes_per_update": int(sum(np.asarray(v).size * 4 for v in final.values())),
         "train_loss": [h["train_loss"] for h in history],
         "replies": [h["replies"] for h in history],
         "accepted": [h["accepted"] for h in history],
         "history": history,
-        "seconds": time.perf_counter() - started,
+        **strategy.collective.describe(final),  # e.g. PerFit's orthonormality error
     }
-    if method == "perfit":
-        summary["orthonormality_error"] = max_orthonormality_error(final)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp running :func:`run_stage1` with ``DEFAULTS``, then the run config, then
+    """A ServerApp running :func:`run_stage1` with the run config, then
     ``overrides`` (e.g. from :func:`simulations.simulate.run_stage1_simulation`, whose
     ``run_simulation`` has no run config of its own)."""
     server_app = ServerApp()

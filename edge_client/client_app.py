@@ -1,16 +1,17 @@
 """The device's Flower ClientApp (flwr 1.41 Message API): one handler per federation phase.
 
-Handlers only unpack the message, call plain functions and pack the reply: ``train``
-(collective stage 1, below), ``query.select`` (sharer selection), ``train.share``,
-``train.personalize`` and ``evaluate`` (:mod:`edge_client.phases`); the training math is in
-:mod:`edge_client.trainers`, :mod:`edge_client.cores` and :mod:`shared.methods`.
+Handlers only unpack the message, call one plain function of :mod:`edge_client.phases` and
+pack the reply: ``train`` (collective stage 1), ``query.select`` (sharer selection),
+``train.share``, ``train.personalize`` and ``evaluate``; the methods themselves are in
+:mod:`shared.methods` (one folder each).
 
 Stage-1 message in (from :mod:`cloud_server.server_app`):
 
 - ArrayRecord ``"arrays"``: the global collective parameters, float32. ``method = "lora"``: the
   stage-1 task LoRA state (keys ``model.layers.N.self_attn.q_proj.lora_A.weight`` ...).
   ``method = "perfit"``: PerFit stage 1 and the shared stage 2, keys ``stage1.layers.N.R|W|b``
-  and ``stage2.layers.N.R|W|b`` (:func:`perfit_to_arrays`).
+  and ``stage2.layers.N.R|W|b`` (:func:`shared.methods.perfit.perfit_to_arrays`). ``method``
+  names a registered kind of collective parameters (:func:`shared.methods.collective`).
 - ConfigRecord ``"config"``: ``method``, ``model``, ``task``, ``num-users-per-client``,
   ``seed``, ``server-round`` and optional training knobs (``local-epochs``,
   ``lr``, ``max-steps``, ``batch-size``, ``max-history``, ``positions``, ``data-path``,
@@ -47,156 +48,27 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
-                      RecordDict)
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from edge_client.audit import audit_mod, note_consent_rule
+from edge_client import phases
+from edge_client.audit import AuditClientInterceptor, audit_mod, note_consent_rule
 from edge_client.consent import ConsentDenied, ConsentPolicy
+from edge_client.pool_client import describe_request
 from edge_client.state import ClientState, ledger_path
 from shared.errors import (BAD_REQUEST, CONSENT_DENIED, FAILED, NOT_CONFIGURED, PflError,
                            device_error_reason)
-from shared.types import recent_history
+from shared.methods import collective, core_class, parse_method
+from shared.methods.perpcs.core import perpcs_config
+from shared.models import load_model
+from shared.records import from_array_record, to_array_record
+from shared.serialization import ModelShapes
 
 log = logging.getLogger(__name__)
-
-METHODS = ("lora", "perfit")
-#: method -> the consent policy's upload kind (edge_client.consent.KINDS).
-CONSENT_KIND = {"lora": "stage1_lora", "perfit": "perfit_stage1"}
-#: Error codes of this app's refusals (Flower's own codes are 0..8).
-STAGE_PREFIXES = ("stage1", "stage2")
-
-
-# =============================================================== plain functions (no Flower)
-def perfit_to_arrays(stage1, stage2) -> dict[str, np.ndarray]:
-    """PerFit stage 1 + shared stage 2 as one flat float32 dict ``stageK.layers.N.R|W|b``."""
-    out = {}
-    for prefix, stage in zip(STAGE_PREFIXES, (stage1, stage2)):
-        for key, value in stage.export_arrays().items():
-            out[f"{prefix}.{key}"] = np.asarray(value, dtype=np.float32)
-    return out
-
-
-def perfit_from_arrays(arrays: Mapping[str, Any], device="cpu"):
-    """Inverse of :func:`perfit_to_arrays`: (stage 1, shared stage 2) as PerFitStage modules
-    (an R that is not orthonormal, e.g. a raw average, is re-orthonormalized on load)."""
-    from shared.methods.perfit import PerFitStage
-
-    parts: dict[str, dict] = {prefix: {} for prefix in STAGE_PREFIXES}
-    for key, value in arrays.items():
-        prefix, _, rest = key.partition(".")
-        if prefix not in parts or not rest:
-            raise PflError(f"PerFit arrays: unexpected key {key!r} (want stage1.* / stage2.*)")
-        parts[prefix][rest] = value
-    if not all(parts.values()):
-        raise PflError("PerFit arrays need both stage1.* and stage2.* keys")
-    return tuple(PerFitStage.from_arrays(parts[p], device=device) for p in STAGE_PREFIXES)
-
-
-def partition_users(dataset, partition_id: int, num_partitions: int, users_per_client: int,
-                    max_history: int | None = None) -> list:
-    """The users of one partition: indices [pid * n, (pid + 1) * n) of ``dataset``, each with
-    only its ``max_history`` most recent history items (None: all)."""
-    if not 0 <= partition_id < num_partitions:
-        raise PflError(f"partition id {partition_id} is outside 0..{num_partitions - 1}")
-    start = partition_id * users_per_client
-    stop = min(start + users_per_client, len(dataset))
-    users = [recent_history(dataset.user(i), max_history) for i in range(start, stop)]
-    if not users:
-        raise PflError(f"partition {partition_id} has no users ({len(dataset)} users, "
-                       f"{users_per_client} per client)")
-    return users
-
-
-def load_partition(options: Mapping[str, Any], partition_id: int,
-                   num_partitions: int) -> tuple[Any, list]:
-    """(task spec, this client's users) for the task named in ``options`` (synthetic by
-    default; LaMP / HuffPost data from ``data-path`` on the device)."""
-    from shared.data import load_dataset
-
-    per = int(options.get("num-users-per-client", 2))
-    task = str(options.get("task", "synthetic"))
-    if task == "synthetic":
-        dataset = load_dataset(task, None, num_users=num_partitions * per,
-                               seed=int(options.get("seed", 0)))
-    else:
-        dataset = load_dataset(task, options.get("data-path") or None,
-                               users=num_partitions * per)
-    max_history = options.get("max-history")
-    return dataset.task, partition_users(dataset, partition_id, num_partitions, per,
-                                         int(max_history) if max_history else None)
-
-
-def _train_config(options: Mapping[str, Any], base, partition_id: int, server_round: int):
-    """Round- and client-specific training settings on top of the method's recipe."""
-    overrides: dict[str, Any] = {
-        # a different shuffle / dropout draw per client and round, reproducible from the seed
-        "seed": int(options.get("seed", 0)) * 1_000_003 + 7919 * server_round + partition_id}
-    for key, name, cast in (("local-epochs", "epochs", float), ("lr", "lr", float),
-                            ("batch-size", "batch_size", int), ("max-steps", "max_steps", int)):
-        if options.get(key) not in (None, "", 0):
-            overrides[name] = cast(options[key])
-    return replace(base, **overrides)
-
-
-def local_stage1_update(method: str, global_arrays: Mapping[str, np.ndarray], task,
-                        users: Sequence, options: Mapping[str, Any], *, partition_id: int = 0,
-                        server_round: int = 1) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """One client's local stage-1 training from the global arrays: (new arrays, metrics).
-
-    ``lora``: :func:`edge_client.trainers.train_stage1_lora` starting from the global LoRA
-    state. ``perfit``: :func:`shared.methods.perfit.train_stage1` (collective stage 1 jointly
-    with the shared stage 2) starting from the global stages. Returned arrays are float32
-    numpy with the same keys; metrics hold ``num-examples`` (the FedAvg weight) and losses.
-    """
-    from shared.models import load_model
-
-    started = time.perf_counter()
-    loaded = load_model(str(options.get("model", "tiny")), device=options.get("device") or None)
-    if method == "lora":
-        from edge_client.trainers import train_stage1_lora
-        from shared.methods.oppu import stage1_lora, stage1_train
-
-        initial = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True))
-                   for k, v in global_arrays.items()}
-        config = _train_config(options, stage1_train(), partition_id, server_round)
-        state, stats = train_stage1_lora(loaded.model, loaded.tokenizer, task, users,
-                                         stage1_lora(), config, initial_state=initial,
-                                         progress=False)
-        arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in state.items()}
-        examples = stats["examples"]
-    elif method == "perfit":
-        from shared.methods.perfit import PerFitConfig, train_stage1
-        from shared.prompts import pad_token_id
-        from shared.training import history_examples
-
-        perfit_config = PerFitConfig(positions=str(options.get("positions", "f7+l7")))
-        stage1, stage2 = perfit_from_arrays(global_arrays, device=loaded.device)
-        config = _train_config(options, perfit_config.train_config(), partition_id,
-                               server_round)
-        examples_list = [ex for user in users for ex in history_examples(
-            task, user.history, loaded.tokenizer, max_prompt_tokens=config.max_prompt_tokens,
-            max_target_tokens=config.max_target_tokens)]
-        if not examples_list:
-            raise PflError("no history to train on")
-        stage1, stage2, stats = train_stage1(loaded.model, examples_list, perfit_config,
-                                             pad_id=pad_token_id(loaded.tokenizer), stage1=stage1, stage2=stage2,
-                                             train_config=config, seed=config.seed)
-        arrays = perfit_to_arrays(stage1, stage2)
-        examples = len(examples_list)
-    else:
-        raise PflError(f"unknown stage-1 method {method!r} (known: {', '.join(METHODS)})")
-    metrics = {"num-examples": int(examples), "train-loss": float(stats["loss_last"]),
-               "train-loss-first": float(stats["loss_first"]), "steps": int(stats["steps"]),
-               "users": len(users), "seconds": time.perf_counter() - started}
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, metrics
 
 
 # ================================================================= Flower plumbing
@@ -314,17 +186,21 @@ def train(msg: Message, context: Context) -> Message:
     """Local stage-1 training on this partition's users; reply with the updated arrays."""
     options = _message_options(msg, context)
     method = str(options.get("method", "lora"))
-    if method not in CONSENT_KIND:
-        raise Refusal(BAD_REQUEST, f"unknown stage-1 method {method!r}")
-    rule = _device_refusal(context, CONSENT_KIND[method])
+    try:
+        part = collective(method)
+    except PflError as exc:
+        raise Refusal(BAD_REQUEST, str(exc)) from None
+    rule = _device_refusal(context, part.consent_kind)
     if "arrays" not in msg.content.array_records:
         raise Refusal(BAD_REQUEST, "no 'arrays' record in the message")
-    global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    global_arrays = from_array_record(msg.content["arrays"])
     partition = int(context.node_config["partition-id"])
     server_round = int(options.get("server-round", 0))
-    task, users = load_partition(options, partition, int(context.node_config["num-partitions"]))
-    arrays, metrics = local_stage1_update(method, global_arrays, task, users, options,
-                                          partition_id=partition, server_round=server_round)
+    task, users = phases.load_partition(options, partition,
+                                        int(context.node_config["num-partitions"]))
+    arrays, metrics = phases.local_stage1_update(method, global_arrays, task, users, options,
+                                                 partition_id=partition,
+                                                 server_round=server_round)
     directory = _device_dir(context, required=False)
     if directory is not None:  # per-client facts go to disk, not to context.state
         state = ClientState.at(directory, partition)
@@ -341,18 +217,16 @@ def _phase_setup(msg: Message, context: Context, kind: str):
     options = _message_options(msg, context)
     rule = _device_refusal(context, kind)
     policy = consent_policy(context)
-    arrays = ({k: v.numpy() for k, v in msg.content["arrays"].items()}
+    arrays = (from_array_record(msg.content["arrays"])
               if "arrays" in msg.content.array_records else {})
     return options, policy, rule, arrays
 
 
 def _device_user(options: Mapping[str, Any], context: Context, *, model: bool = True):
     """(loaded model or None, task, this device's one user with its whole history)."""
-    from shared.models import load_model
-
     one_user = {**options, "num-users-per-client": 1, "max-history": None}
-    task, users = load_partition(one_user, int(context.node_config["partition-id"]),
-                                 int(context.node_config["num-partitions"]))
+    task, users = phases.load_partition(one_user, int(context.node_config["partition-id"]),
+                                        int(context.node_config["num-partitions"]))
     loaded = load_model(str(options.get("model", "tiny")),
                         device=options.get("device") or None) if model else None
     return loaded, task, users[0]
@@ -376,9 +250,6 @@ def _pool_access(options: Mapping[str, Any], context: Context):
     """(pool address, CA path, audit interceptors) for this device's pool calls. The CA comes
     from the device's node config (``pool-ca``) only: a device trusts its own root, not the
     server's word. The address may come from the server (TLS against that CA protects it)."""
-    from edge_client.audit import AuditClientInterceptor
-    from edge_client.pool_client import describe_request
-
     target = str(options.get("pool-address") or "")
     ca = context.node_config.get("pool-ca")
     if not target:
@@ -396,10 +267,17 @@ def _methods(options: Mapping[str, Any]) -> list[str]:
 
 
 def _needs_pool(methods: Sequence[str]) -> bool:
-    """Whether one of ``methods`` is PER-PCS (with any prompt augmentation)."""
-    from shared.methods.base import parse_method
+    """Whether one of ``methods`` reads the piece pool (PER-PCS, with any augmentation)."""
+    return any(core_class(parse_method(m).core).uses_pool for m in methods)
 
-    return any(parse_method(m).core == "perpcs" for m in methods)
+
+def _pool(options: Mapping[str, Any], context: Context, loaded) -> phases.PoolPieces:
+    """The pool service as this device reads it: its own CA, the sharers the server named,
+    pieces that fit this model, every call audited."""
+    target, ca, interceptors = _pool_access(options, context)
+    return phases.PoolPieces(target, ca, interceptors=interceptors,
+                             trusted_keys=phases.trusted_sharers(options),
+                             shapes=ModelShapes.of(loaded.model))
 
 
 def _reply(msg: Message, context: Context, rule: str, metrics: Mapping[str, float],
@@ -409,8 +287,7 @@ def _reply(msg: Message, context: Context, rule: str, metrics: Mapping[str, floa
     note_consent_rule(context, rule)
     content = RecordDict({"metrics": MetricRecord(dict(metrics))})
     if arrays:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
-                                         for k, v in arrays.items()})
+        content["arrays"] = to_array_record(arrays)
     return Message(content, reply_to=msg)
 
 
@@ -423,11 +300,9 @@ def _run_phase(msg: Message, context: Context, kind: str, work) -> Message:
 @guarded
 def select(msg: Message, context: Context) -> Message:
     """Sharer selection: cluster index and history size (embedding only with consent)."""
-    from edge_client.phases import cluster_report
-
     def work(options, policy, rule, arrays):
         _, task, user = _device_user(options, context, model=False)
-        return cluster_report(task, user, arrays.get("centroids"), policy,
+        return phases.cluster_report(task, user, arrays.get("centroids"), policy,
                               _device_dir(context))
 
     return _run_phase(msg, context, "cluster_index", work)
@@ -436,14 +311,12 @@ def select(msg: Message, context: Context) -> Message:
 @guarded
 def share(msg: Message, context: Context) -> Message:
     """A selected sharer trains LoRA + gates and submits its consented pieces to the pool."""
-    from edge_client.phases import share_pieces
-
     def work(options, policy, rule, arrays):
         loaded, task, user = _device_user(options, context)
         target, ca, interceptors = _pool_access(options, context)
         key_path = Path(str(context.node_config.get("device-key")
                             or _device_dir(context) / "device.key"))
-        metrics, key = share_pieces(loaded, task, user, options, arrays, policy,
+        metrics, key = phases.share_pieces(loaded, task, user, options, arrays, policy,
                                     key_path=key_path, pool_target=target, pool_ca=ca,
                                     interceptors=interceptors)
         return metrics, key, "upload.perpcs_pieces(pool)+metrics.may_report"
@@ -454,27 +327,19 @@ def share(msg: Message, context: Context) -> Message:
 @guarded
 def personalize(msg: Message, context: Context) -> Message:
     """Personalize this device's user with each method asked; reply with costs only."""
-    from edge_client import phases
-
     def work(options, policy, rule, arrays):
         loaded, task, user = _device_user(options, context)
         methods = _methods(options)
         pool = None
         if _needs_pool(methods):
-            from edge_client.cores import perpcs_config
-
-            target, ca, interceptors = _pool_access(options, context)
+            source = _pool(options, context, loaded)
             modules = perpcs_config(phases.device_runtime(loaded, task, options, {})) \
                 .target_modules
-            from shared.serialization import ModelShapes
-
-            pool = phases.fetch_pool(target, ca, modules, interceptors=interceptors,
-                                     trusted_keys=phases.trusted_sharers(options),
-                                     shapes=ModelShapes.of(loaded.model))
+            pool = source.pool(modules)
         metrics = phases.personalize(loaded, task, user, methods, options, arrays,
                                      _device_dir(context), pool=pool)
         if pool is not None:  # what came down from the pool (tensor bytes of the pieces)
-            metrics["pool-download-bytes"] = float(pool["download_bytes"])
+            metrics["pool-download-bytes"] = float(source.received)
         return metrics, None, rule
 
     return _run_phase(msg, context, "metrics", work)
@@ -483,30 +348,14 @@ def personalize(msg: Message, context: Context) -> Message:
 @guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Answer the user's held-out queries on the device; reply with metric sums only."""
-    from edge_client import phases
-
     def work(options, policy, rule, arrays):
         loaded, task, user = _device_user(options, context)
         methods = _methods(options)
-        downloaded = []
-
-        def fetch(ids):
-            from edge_client.pool_client import PoolClient
-
-            target, ca, interceptors = _pool_access(options, context)
-            from shared.serialization import ModelShapes
-
-            with PoolClient(target, ca, interceptors=interceptors,
-                            trusted_keys=phases.trusted_sharers(options),
-                            shapes=ModelShapes.of(loaded.model)) as client:
-                pieces = client.fetch_pieces(ids)
-            downloaded.append(client.received_bytes)
-            return pieces
+        source = _pool(options, context, loaded) if _needs_pool(methods) else None
         metrics = phases.evaluate(loaded, task, user, methods, options, arrays,
-                                  _device_dir(context),
-                                  pool_pieces=fetch if _needs_pool(methods) else None)
-        if downloaded:  # what came down from the pool (tensor bytes of the pieces)
-            metrics["pool-download-bytes"] = float(sum(downloaded))
+                                  _device_dir(context), pool=source)
+        if source is not None:  # what came down from the pool (gates and pieces)
+            metrics["pool-download-bytes"] = float(source.received)
         return metrics, None, rule
 
     return _run_phase(msg, context, "metrics", work)

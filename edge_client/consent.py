@@ -24,6 +24,7 @@ from importlib import resources
 from typing import Any, Iterable, Sequence
 
 from shared.errors import PflError
+from shared.methods.perpcs.gates import select_shared_pieces
 
 DEFAULT_POLICY_FILE = "consent_default.toml"
 POLICY_VERSION = 1
@@ -241,7 +242,6 @@ class ConsentPolicy:
                     if self.allows("perpcs_pieces", layer=p.layer, module=p.module)]
         if not eligible:
             return []
-        from shared.methods.perpcs.gates import select_shared_pieces
 
         return select_shared_pieces(eligible, self.ratio, seed)
 

@@ -1,14 +1,19 @@
 """What a device does in the federation phases after stage 1 (plain functions, no Flower).
 
-One device holds one user (its partition of the data). The ClientApp
-(:mod:`edge_client.client_app`) unpacks each message, calls one function here and packs the
-reply; everything in the reply is numbers (metrics) or consented arrays, never text.
+One device holds one user (its partition of the data; a stage-1 client may hold several).
+The ClientApp (:mod:`edge_client.client_app`) unpacks each message, calls one function here
+and packs the reply; everything in the reply is numbers (metrics) or consented arrays, never
+text. Nothing here imports the ClientApp or Flower.
+
+- :func:`local_stage1_update` (phase 1, collective stage 1): one client's local training of
+  the collective parameters of one kind (:class:`~shared.methods.base.Collective`) from the
+  global arrays; the server averages the replies.
 
 - :func:`cluster_report` (sharer selection, DESIGN phase 2): the index of the nearest
   centroid to this user's mean history embedding and the history size. The embedding itself
   is added only when the consent policy allows ``embeddings`` to leave the device.
 - :func:`share_pieces` (phase 3): a selected sharer trains its LoRA and gates
-  (:func:`edge_client.trainers.train_sharer_pieces`), keeps the pieces its consent policy
+  (:func:`shared.methods.perpcs.train_sharer_pieces`), keeps the pieces its consent policy
   allows and submits them, signed with the device key, to the pool over gRPC/TLS. The pool
   call goes through the audit interceptor.
 - :func:`personalize` (phase 4): each asked method personalizes this user with the very
@@ -26,73 +31,122 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from edge_client.cores import augmented_prompts  # importing it registers every core
 from edge_client.consent import ConsentPolicy
+from edge_client.pool_client import PoolClient
+from shared import crypto
+from shared.config import options_from_message
+from shared.data import load_dataset
+from shared.embeddings import user_embedding
 from shared.errors import PflError
+from shared.generation import GenerationConfig
+from shared.methods import (Runtime, augmented_prompts, collective, collective_kinds,
+                            parse_method)
+from shared.methods.oppu import personal_train_config
+from shared.methods.perpcs import train_sharer_pieces
+from shared.methods.perpcs.core import perpcs_config
+from shared.metrics import TASK_KINDS, metric_stats
+from shared.models import load_model
+from shared.profiles import generate_profiles
+from shared.serialization import Grant
 from shared.types import recent_history
 
 log = logging.getLogger(__name__)
 
-#: Methods a federation can run (PEFT retrieval needs sharers' embeddings on the server,
-#: which the default consent policy does not give, so it is not among them).
-FEDERATED_CORES = ("nonpersonalized", "lora-c", "lora-p", "oppu", "perpcs", "perfit")
-_MERGED: dict[str, torch.nn.Module] = {}  # one stage-1 merged model per process
-
 
 # ------------------------------------------------------------------------- the device
-def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """sha256 over names, shapes and bytes: identifies a set of collective arrays."""
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        value = np.ascontiguousarray(arrays[key], dtype=np.float32)
-        h.update(key.encode() + str(value.shape).encode() + value.tobytes())
-    return h.hexdigest()
-
-
-def split_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
-    """(stage-1 LoRA arrays, PerFit arrays ``stage1.*``/``stage2.*``) of one message."""
-    lora = {k[len("lora."):]: v for k, v in arrays.items() if k.startswith("lora.")}
-    perfit = {k[len("perfit."):]: v for k, v in arrays.items() if k.startswith("perfit.")}
-    return lora, perfit
-
-
-def stage1_merged(loaded, lora_arrays: Mapping[str, np.ndarray]) -> torch.nn.Module:
-    """The base with the collective stage-1 LoRA merged in (memoized per process)."""
-    from shared.methods.oppu import merge_lora, stage1_lora
-
-    key = arrays_digest(lora_arrays)
-    if key not in _MERGED:
-        _MERGED.clear()  # keep one: a worker serves one federation at a time
-        state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in
-                 lora_arrays.items()}
-        _MERGED[key] = merge_lora(loaded.model, state, stage1_lora())
-    return _MERGED[key]
+def split_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """{collective kind: its arrays without the ``KIND.`` prefix} of one message."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        kind, _, rest = key.partition(".")
+        if kind in collective_kinds() and rest:
+            out.setdefault(kind, {})[rest] = value
+    return out
 
 
 def device_runtime(loaded, task, options: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
-                   *, pool: Mapping | None = None):
+                   *, pool: Mapping | None = None) -> Runtime:
     """A :class:`~shared.methods.base.Runtime` for this device: the run's options and the
-    collective parts the methods need, taken from the server's arrays (and the pool)."""
-    from edge_client.client_app import perfit_from_arrays
-    from shared.methods.base import Runtime
-
-    method_options = json.loads(str(options.get("method-options") or "{}"))
+    collective parts the methods need, installed from the server's arrays (and the pool)."""
     runtime = Runtime(loaded=loaded, task=task, seed=int(options.get("seed", 0)),
-                      progress=False, options=dict(method_options))
-    lora, perfit = split_arrays(arrays)
-    if lora:
-        runtime.cache["stage1"] = stage1_merged(loaded, lora)
-    if perfit:
-        runtime.cache["perfit_stage1"] = perfit_from_arrays(perfit, device=loaded.device)
+                      progress=False, options=options_from_message(options))
+    for kind, part in split_arrays(arrays).items():
+        collective(kind).install(runtime, part)
     if pool is not None:
         runtime.cache["perpcs_pool"] = dict(pool)
     return runtime
+
+
+# ------------------------------------------------------------ phase 1: stage 1 (FedAvg)
+def partition_users(dataset, partition_id: int, num_partitions: int, users_per_client: int,
+                    max_history: int | None = None) -> list:
+    """The users of one partition: indices [pid * n, (pid + 1) * n) of ``dataset``, each with
+    only its ``max_history`` most recent history items (None: all)."""
+    if not 0 <= partition_id < num_partitions:
+        raise PflError(f"partition id {partition_id} is outside 0..{num_partitions - 1}")
+    start = partition_id * users_per_client
+    stop = min(start + users_per_client, len(dataset))
+    users = [recent_history(dataset.user(i), max_history) for i in range(start, stop)]
+    if not users:
+        raise PflError(f"partition {partition_id} has no users ({len(dataset)} users, "
+                       f"{users_per_client} per client)")
+    return users
+
+
+def load_partition(options: Mapping[str, Any], partition_id: int,
+                   num_partitions: int) -> tuple[Any, list]:
+    """(task spec, this client's users) for the task named in ``options`` (synthetic by
+    default; LaMP / HuffPost data from ``data-path`` on the device)."""
+    per = int(options.get("num-users-per-client", 2))
+    task = str(options.get("task", "synthetic"))
+    if task == "synthetic":
+        dataset = load_dataset(task, None, num_users=num_partitions * per,
+                               seed=int(options.get("seed", 0)))
+    else:
+        dataset = load_dataset(task, options.get("data-path") or None,
+                               users=num_partitions * per)
+    max_history = options.get("max-history")
+    return dataset.task, partition_users(dataset, partition_id, num_partitions, per,
+                                         int(max_history) if max_history else None)
+
+
+def round_train_config(options: Mapping[str, Any], base, partition_id: int, server_round: int):
+    """Round- and client-specific training settings on top of the method's recipe."""
+    overrides: dict[str, Any] = {
+        # a different shuffle / dropout draw per client and round, reproducible from the seed
+        "seed": int(options.get("seed", 0)) * 1_000_003 + 7919 * server_round + partition_id}
+    for key, name, cast in (("local-epochs", "epochs", float), ("lr", "lr", float),
+                            ("batch-size", "batch_size", int), ("max-steps", "max_steps", int)):
+        if options.get(key) not in (None, "", 0):
+            overrides[name] = cast(options[key])
+    return replace(base, **overrides)
+
+
+def local_stage1_update(method: str, global_arrays: Mapping[str, np.ndarray], task,
+                        users: Sequence, options: Mapping[str, Any], *, partition_id: int = 0,
+                        server_round: int = 1) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """One client's local stage-1 training from the global arrays: (new arrays, metrics).
+
+    ``method`` names the kind of collective parameters (:func:`shared.methods.collective`:
+    ``lora``, ``perfit``); its :meth:`~shared.methods.base.Collective.local_update` trains
+    from the global arrays. Returned arrays are float32 numpy with the same keys; metrics
+    hold ``num-examples`` (the FedAvg weight) and losses.
+    """
+    started = time.perf_counter()
+    part = collective(method)
+    loaded = load_model(str(options.get("model", "tiny")), device=options.get("device") or None)
+    config = round_train_config(options, part.train_config(options), partition_id, server_round)
+    arrays, stats = part.local_update(loaded, task, users, global_arrays, config, options)
+    metrics = {"num-examples": int(stats["examples"]), "train-loss": float(stats["loss_last"]),
+               "train-loss-first": float(stats["loss_first"]), "steps": int(stats["steps"]),
+               "users": len(users), "seconds": time.perf_counter() - started}
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, metrics
 
 
 # ------------------------------------------------------------------ phase 2: selection
@@ -100,8 +154,6 @@ def cached_user_embedding(task, user, device_dir: Path | None) -> np.ndarray:
     """The user's MiniLM embedding, kept on the device (``device_dir``) between the k-means
     iterations; the file is named after a digest of the embedded texts, so a changed history
     gets a new one."""
-    from shared.embeddings import user_embedding
-
     if device_dir is None:
         return user_embedding(task, user).astype(np.float32)
     digest = hashlib.sha256("\x00".join(task.corpus_text(item) for item in user.history)
@@ -149,11 +201,6 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
     """Train this sharer's pieces and gates, submit the consented ones with the federation's
     grant (``options["pool-grant"]``); return (metrics, {"sharer-key": the device's public
     key as 32 float32 byte values}), the key so that targets can pin whose pieces to take."""
-    from edge_client.pool_client import PoolClient
-    from edge_client.trainers import train_sharer_pieces
-    from shared import crypto
-    from shared.serialization import Grant
-
     rule = consent.require("perpcs_pieces")
     consent.check_model(loaded.num_layers)
     started = time.perf_counter()
@@ -163,9 +210,7 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
     grant = Grant.from_text(str(options["pool-grant"])) if options.get("pool-grant") else None
     key = crypto.device_key(key_path)
     public = crypto.public_key_bytes(key)
-    pseudonym = sharer_pseudonym(public)
-    from edge_client.cores import perpcs_config, personal_train_config  # as pfl eval reads them
-
+    pseudonym = crypto.sharer_pseudonym(public)
     config = perpcs_config(runtime)
     train_config = personal_train_config(runtime)
     user = recent_history(user, runtime.option("max_history", None))
@@ -181,22 +226,7 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
     metrics = {"pieces-trained": float(len(gated)), "pieces-submitted": float(submitted),
                "bytes-submitted": float(sum(p.num_bytes for p in shared)),
                "seconds": time.perf_counter() - started}
-    return metrics, {"sharer-key": np.frombuffer(public, dtype=np.uint8).astype(np.float32)}
-
-
-def sharer_pseudonym(public_key: bytes) -> str:
-    """The pseudonym a sharer's pieces carry: derived from its device's public key."""
-    from shared import crypto
-
-    return "sharer-" + crypto.key_fingerprint(public_key)[:16]
-
-
-def key_from_array(values) -> bytes | None:
-    """Inverse of the ``sharer-key`` array (None when it is not 32 byte values)."""
-    array = np.asarray(values, dtype=np.float64).ravel()
-    if array.size != 32 or not np.all((array >= 0) & (array <= 255) & (array == np.round(array))):
-        return None
-    return bytes(array.astype(np.uint8).tolist())
+    return metrics, {"sharer-key": crypto.key_to_array(public)}
 
 
 def trusted_sharers(options: Mapping[str, Any]) -> dict[str, bytes] | None:
@@ -210,82 +240,63 @@ def trusted_sharers(options: Mapping[str, Any]) -> dict[str, bytes] | None:
         keys = {str(name): bytes.fromhex(str(key)) for name, key in data.items()}
     except (ValueError, AttributeError, TypeError):
         raise PflError("pool-sharers is not a JSON object of hex keys") from None
-    if any(len(k) != 32 or sharer_pseudonym(k) != name for name, k in keys.items()):
+    if any(len(k) != 32 or crypto.sharer_pseudonym(k) != name for name, k in keys.items()):
         raise PflError("pool-sharers names a key that does not match its pseudonym")
     return keys
 
 
 # ------------------------------------------------------------ phase 4: personalization
+class PoolPieces:
+    """The piece pool service as a device reads it, and the piece source of the PER-PCS core
+    (:mod:`shared.methods.perpcs.core`): every signature and content id verified; with
+    ``trusted_keys`` only those sharers' pieces, with ``shapes`` only pieces that fit this
+    model. ``received`` adds up the tensor bytes that came down."""
+
+    def __init__(self, target: str, ca: str | Path, *, interceptors: Sequence = (),
+                 trusted_keys: Mapping[str, bytes] | None = None, shapes=None):
+        self.target, self.ca, self.interceptors = target, ca, interceptors
+        self.trusted, self.shapes = trusted_keys, shapes
+        self.received = 0
+
+    def _call(self, work):
+        with PoolClient(self.target, self.ca, interceptors=self.interceptors,
+                        trusted_keys=self.trusted, shapes=self.shapes) as client:
+            out = work(client)
+        self.received += client.received_bytes
+        return out
+
+    def gates(self, modules: Sequence[str]) -> list:
+        return self._call(lambda c: c.list_gates(modules=list(modules),
+                                                 sharers=sorted(self.trusted or ())))
+
+    def fetch(self, ids: Sequence[str]) -> dict:
+        return self._call(lambda c: c.fetch_pieces(ids))
+
+    def pool(self, modules: Sequence[str]) -> dict:
+        """Every gated piece for ``modules``, in the form the PER-PCS cores read:
+        ``{"pool": [...], "lookup": {id: piece}}``."""
+        pieces = self.fetch([g.piece_id for g in self.gates(modules)])
+        if not pieces:
+            raise PflError(f"the piece pool at {self.target} has no pieces for {list(modules)}")
+        return {"pool": list(pieces.values()), "lookup": dict(pieces)}
+
+
 def fetch_pool(pool_target: str, pool_ca: str | Path, modules: Sequence[str], *,
                interceptors: Sequence = (), trusted_keys: Mapping[str, bytes] | None = None,
                shapes=None) -> dict:
-    """The pool's gated pieces for ``modules`` (every signature and content id verified; with
-    ``trusted_keys`` only those sharers', with ``shapes`` only pieces that fit this model), in
-    the form the PER-PCS cores read: ``{"pool": [...], "lookup": {id: piece}}``."""
-    from edge_client.pool_client import PoolClient
-
-    with PoolClient(pool_target, pool_ca, interceptors=interceptors, trusted_keys=trusted_keys,
-                    shapes=shapes) as client:
-        gates = client.list_gates(modules=list(modules),
-                                  sharers=sorted(trusted_keys or ()))
-        pieces = client.fetch_pieces([g.piece_id for g in gates])
-    pool = list(pieces.values())
-    if not pool:
-        raise PflError(f"the piece pool at {pool_target} has no pieces for {list(modules)}")
-    return {"pool": pool, "lookup": dict(pieces), "download_bytes": client.received_bytes}
+    """:meth:`PoolPieces.pool` of one pool service, with ``download_bytes``."""
+    source = PoolPieces(pool_target, pool_ca, interceptors=interceptors,
+                        trusted_keys=trusted_keys, shapes=shapes)
+    return {**source.pool(modules), "download_bytes": source.received}
 
 
 def _state_dir(base: Path, method: str) -> Path:
     return base / "personal" / method.replace("+", "_")
 
 
-def save_state(method_core: str, state, directory: Path) -> None:
-    """Write one method's personal state to the device's disk."""
-    from shared.methods.oppu import personal_lora, save_adapter_state
-
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = state.payload
-    facts = {"params": state.params, "bytes": state.bytes}
-    if method_core in ("oppu", "lora-p"):
-        save_adapter_state(payload, personal_lora(), directory / "adapter")
-    elif method_core == "perpcs":
-        (directory / "recipe.pcr").write_bytes(payload.to_compact())
-        (directory / "recipe.json").write_text(payload.to_json())
-    elif method_core == "perfit":
-        np.savez(directory / "stage2.npz", **payload.export_arrays())
-    (directory / "state.json").write_text(json.dumps(facts))
-
-
-def load_state(method_core: str, directory: Path, device="cpu"):
-    """Inverse of :func:`save_state`."""
-    from shared.methods.base import PersonalState
-
-    facts_path = directory / "state.json"
-    if not facts_path.is_file():
-        raise PflError(f"no personal state for {method_core} in {directory}: personalize first")
-    facts = json.loads(facts_path.read_text())
-    payload: Any = None
-    if method_core in ("oppu", "lora-p"):
-        from shared.methods.oppu import load_adapter_state
-
-        payload, _ = load_adapter_state(directory / "adapter")
-    elif method_core == "perpcs":
-        from shared.methods.perpcs import Recipe
-
-        payload = Recipe.from_json((directory / "recipe.json").read_text())
-    elif method_core == "perfit":
-        from shared.methods.perfit import PerFitStage
-
-        with np.load(directory / "stage2.npz") as data:
-            payload = PerFitStage.from_arrays({k: data[k] for k in data.files}, device=device)
-    return PersonalState(params=facts["params"], bytes=facts["bytes"], payload=payload)
-
-
 def _profile(loaded, task, user, spec) -> str | None:
     if not spec.augmentation.profile:
         return None
-    from shared.profiles import generate_profiles
-
     return generate_profiles(loaded.model, loaded.tokenizer, task, [user],
                              progress=False).get(user.id)
 
@@ -295,8 +306,6 @@ def personalize(loaded, task, user, methods: Sequence[str], options: Mapping[str
                 pool: Mapping | None = None) -> dict[str, float]:
     """Personalize this user with each method; states go to ``state_dir``. Returns
     ``METHOD/params``, ``METHOD/bytes``, ``METHOD/seconds`` per method."""
-    from shared.methods.base import parse_method
-
     runtime = device_runtime(loaded, task, options, arrays, pool=pool)
     metrics: dict[str, float] = {}
     for name in methods:
@@ -308,7 +317,7 @@ def personalize(loaded, task, user, methods: Sequence[str], options: Mapping[str
         seconds = time.perf_counter() - t0
         if profile:
             state.bytes += len(profile.encode("utf-8"))
-        save_state(spec.core, state, _state_dir(state_dir, name))
+        core.save(state, _state_dir(state_dir, name))
         if profile is not None:
             (_state_dir(state_dir, name) / "profile.txt").write_text(profile)
         metrics.update({f"{name}/params": float(state.params),
@@ -319,14 +328,10 @@ def personalize(loaded, task, user, methods: Sequence[str], options: Mapping[str
 # ------------------------------------------------------------------- phase 5: evaluation
 def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, Any],
              arrays: Mapping[str, np.ndarray], state_dir: Path, *,
-             pool_pieces=None) -> dict[str, float]:
+             pool: PoolPieces | None = None) -> dict[str, float]:
     """Answer this user's queries with each method's saved state; return ``METHOD/STAT``
-    additive statistics (:func:`shared.metrics.metric_stats`). ``pool_pieces(ids)`` fetches
-    the pieces a PER-PCS recipe names (the target rebuilds its adapter from the pool)."""
-    from shared.generation import GenerationConfig
-    from shared.methods.base import parse_method
-    from shared.metrics import metric_stats
-
+    additive statistics (:func:`shared.metrics.metric_stats`). ``pool``: where a method that
+    reads the piece pool (PER-PCS) takes the pieces its saved recipe names."""
     golds = [q.gold for q in user.queries]
     if not golds or any(g is None for g in golds):
         raise PflError("this device has no held-out queries with gold outputs to evaluate")
@@ -334,23 +339,21 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
     generation = GenerationConfig(max_new_tokens=task.max_new_tokens,
                                   batch_size=int(options.get("batch-size-eval", 8)),
                                   seed=runtime.seed)
-    from shared.metrics import TASK_KINDS
-
+    if pool is not None:
+        runtime.cache["perpcs_source"] = pool
     out: dict[str, float] = {"task/kind": float(TASK_KINDS.index(task.kind)),
                              "task/labels": float(len(task.labels or ()))}
     for name in methods:
         spec = parse_method(name)
+        core = spec.make_core()
+        if core.uses_pool and pool is None:
+            raise PflError(f"{name} needs the piece pool to rebuild the adapter")
         directory = _state_dir(state_dir, name)
-        state = load_state(spec.core, directory, device=loaded.device)
-        if spec.core == "perpcs":
-            if pool_pieces is None:
-                raise PflError("PER-PCS evaluation needs the pool to rebuild the adapter")
-            lookup = pool_pieces(sorted(state.payload.piece_ids()))
-            runtime.cache["perpcs_pool"] = {"pool": list(lookup.values()), "lookup": lookup}
+        state = core.load(directory, runtime)
         profile_path = directory / "profile.txt"
         profile = profile_path.read_text() if profile_path.is_file() else None
         prompts = augmented_prompts(runtime, user, spec.augmentation, profile)
-        predictions = spec.make_core().answer(runtime, state, prompts, generation)
+        predictions = core.answer(runtime, state, prompts, generation)
         for key, value in metric_stats(task, predictions, golds).items():
             out[f"{name}/{key}"] = value
     return out

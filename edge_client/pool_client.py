@@ -20,7 +20,7 @@ import grpc
 
 from shared import crypto
 from shared.errors import PflError
-from shared.methods.lora_pieces import Piece
+from shared.methods.perpcs.pieces import Piece
 from shared.serialization import (DEFAULT_LIMITS, Gate, Grant, InvalidPiece, Limits,
                                   ModelShapes, SignedPiece)
 from shared.wire import pfl_pb2, pfl_pb2_grpc

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from shared.errors import PflError
+from shared.files import save_npz, write_atomic
 
 CLIENTS_DIR = "clients"
 LEDGER_FILE = "ledger.jsonl"
@@ -48,18 +48,6 @@ def ledger_paths(run_dir: str | os.PathLike) -> dict[int, Path]:
     for path in sorted((Path(run_dir) / CLIENTS_DIR).glob(f"partition-*/{LEDGER_FILE}")):
         found[int(path.parent.name.split("-", 1)[1])] = path
     return found
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ClientState:
@@ -95,7 +83,7 @@ class ClientState:
     def write(self, data: Mapping[str, Any]) -> None:
         """Replace ``state.json`` with ``data`` (atomically)."""
         text = json.dumps(dict(data), indent=1, sort_keys=True).encode("utf-8")
-        _atomic_write(self.directory / STATE_FILE, lambda handle: handle.write(text))
+        write_atomic(self.directory / STATE_FILE, text)
 
     def record_round(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Append one round's facts (numbers and short names only) to ``rounds``."""
@@ -112,7 +100,7 @@ class ClientState:
             raise PflError(f"bad array set name {name!r}")
         path = self.directory / "arrays" / f"{name}.npz"
         plain = {key: np.asarray(value) for key, value in arrays.items()}
-        _atomic_write(path, lambda handle: np.savez(handle, **plain))
+        save_npz(path, plain)
         return path
 
     def load_arrays(self, name: str) -> dict[str, np.ndarray] | None:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.errors import PflError
+from shared.files import write_atomic
 
 SIGNATURE_DOMAIN = b"pfl-piece-sig/1"
 PUBLIC_KEY_BYTES = 32
@@ -40,26 +41,6 @@ SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 
 class SignatureError(PflError):
     """A signature is missing, malformed or does not verify."""
-
-
-# ------------------------------------------------------------------------- file helpers
-def write_atomic(path: str | Path, data: bytes, *, private: bool = False) -> Path:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (0600 if private)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ------------------------------------------------------------------------ dev CA / TLS
@@ -366,3 +347,21 @@ def load_federation_public_key(path: str | Path) -> bytes:
     if len(raw) != 32:
         raise PflError(f"{path}: not a raw Ed25519 public key ({len(raw)} bytes, want 32)")
     return raw
+
+
+def sharer_pseudonym(public_key: bytes) -> str:
+    """The pseudonym a sharer's pieces carry: derived from its device's public key."""
+    return "sharer-" + key_fingerprint(public_key)[:16]
+
+
+def key_to_array(public_key: bytes):
+    """A 32-byte public key as 32 float32 byte values (how it travels in an ArrayRecord)."""
+    return np.frombuffer(public_key, dtype=np.uint8).astype(np.float32)
+
+
+def key_from_array(values) -> bytes | None:
+    """Inverse of :func:`key_to_array` (None when it is not 32 byte values)."""
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if array.size != 32 or not np.all((array >= 0) & (array <= 255) & (array == np.round(array))):
+        return None
+    return bytes(array.astype(np.uint8).tolist())

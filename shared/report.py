@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from shared import statistics
+from shared.files import human_bytes
 from shared.metrics import HIGHER_IS_BETTER
-from simulations import statistics
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -47,7 +40,7 @@ def methods_table(methods: dict) -> str:
             notes.append(f"{name}: {r.get('error', 'no result')}")
             continue
         rows.append([name] + [_with_interval(r, m) for m in metric_names]
-                    + [f"{r['params_per_user']:,.0f}", _human_bytes(r["bytes_per_user"]),
+                    + [f"{r['params_per_user']:,.0f}", human_bytes(r["bytes_per_user"]),
                        f"{r['seconds_per_user']:.2f}"])
     return "\n".join([format_table(headers, rows)] + notes)
 

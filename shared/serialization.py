@@ -25,7 +25,7 @@ import torch
 
 from shared import crypto
 from shared.errors import PflError
-from shared.methods.lora_pieces import Piece, _tensor_bytes
+from shared.methods.perpcs.pieces import Piece, tensor_bytes
 from shared.methods.perpcs.recipe import Recipe
 from shared.wire import pfl_pb2
 
@@ -73,7 +73,7 @@ class ModelShapes:
     @classmethod
     def of(cls, model_or_name, **kwargs) -> "ModelShapes":
         """The shapes of a loaded ``torch.nn.Module`` or of a model name / path."""
-        from shared import models
+        from shared import models  # lazy: transformers, only when shapes are read by name
 
         if isinstance(model_or_name, torch.nn.Module):
             layers, modules = models.decoder_linear_shapes(model_or_name)
@@ -111,7 +111,7 @@ def tensor_to_proto(tensor: torch.Tensor, name: str = "tensor") -> pfl_pb2.Tenso
     if tensor.dtype not in _WIRE_NAME:
         raise InvalidPiece(f"{name}: dtype {tensor.dtype} is not allowed on the wire "
                            f"(use float32 or float16; see piece_for_wire)")
-    data = _tensor_bytes(tensor)
+    data = tensor_bytes(tensor)
     return pfl_pb2.Tensor(dtype=_WIRE_NAME[tensor.dtype], shape=list(tensor.shape), data=data,
                           sha256=hashlib.sha256(data).hexdigest())
 
@@ -427,9 +427,9 @@ class Gate:
 # ---------------------------------------------------------------- content bytes (blobs)
 def content_bytes(piece: Piece) -> bytes:
     """The bytes a piece id hashes: canonical header, NUL, A, B and gate bytes."""
-    parts = [piece.canonical_header(), b"\0", _tensor_bytes(piece.A), _tensor_bytes(piece.B)]
+    parts = [piece.canonical_header(), b"\0", tensor_bytes(piece.A), tensor_bytes(piece.B)]
     if piece.gate is not None:
-        parts.append(_tensor_bytes(piece.gate))
+        parts.append(tensor_bytes(piece.gate))
     return b"".join(parts)
 
 

@@ -14,12 +14,13 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from cloud_server.aggregation import Reply, fedavg
+from cloud_server.server_app import initial_arrays
+from shared.methods.perfit import reorthonormalize_perfit
 
 
 def bench_aggregation(counts: Sequence[int] = (10, 100, 1000), *, model: str = "tiny",
                       repeats: int = 3, seed: int = 0) -> dict[str, Any]:
-    from cloud_server.aggregation import Reply, fedavg, reorthonormalize_perfit
-    from cloud_server.server_app import initial_arrays
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -59,6 +60,7 @@ def aggregation_table(result: dict[str, Any]) -> str:
 
 
 def aggregation_plot(result: dict[str, Any], path) -> Any:
+    # lazy: matplotlib loads only when a figure is drawn
     from simulations.plots import new_figure, save_figure
 
     fig, axis = new_figure(size=(5, 4))

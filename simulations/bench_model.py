@@ -21,8 +21,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from shared.models import load_model
+from shared.report import format_table
 from shared.training import full_logits_loss, target_loss
-from simulations.report import format_table
 
 
 def _median_seconds(fn, repeats: int) -> float:

@@ -20,6 +20,12 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Any, Sequence
+from shared.data import load_dataset
+from shared.methods.perpcs.core import piece_pool
+from shared.methods.base import Runtime, parse_method
+from shared.methods.perfit import PerFitConfig, new_stages
+from shared.models import load_model
+from shared.types import recent_history
 
 #: column -> (method, extra run options). "oppu-ckpt" is OPPU trained with gradient
 #: checkpointing, as the PER-PCS/OPPU authors' code trains (``grad_ckpt=True``): the same
@@ -35,13 +41,6 @@ def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
                       personal_epochs: float = 2.0, perfit_epochs: float | None = None,
                       repeats: int = 1, seed: int = 0,
                       progress: bool = True) -> dict[str, Any]:
-    from shared.data import load_dataset
-    from shared.methods.base import Runtime, parse_method
-    from shared.methods.perfit import PerFitConfig, new_stages
-    from shared.models import load_model
-    from shared.types import recent_history
-
-    import edge_client.cores as cores
 
     dataset = load_dataset(task, data, seed=seed)
     users = sorted(dataset.users(limit=max(50, sharers + 1)), key=lambda u: -len(u.history))
@@ -62,7 +61,7 @@ def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
     shared.cache["perfit_stage1"] = new_stages(config, loaded.model.config.num_hidden_layers,
                                                loaded.model.config.hidden_size, seed=seed)
     t0 = time.perf_counter()
-    pool = cores.piece_pool(shared)
+    pool = piece_pool(shared)
     pool_seconds = time.perf_counter() - t0
     if progress:
         print(f"pool: {len(pool['pool'])} pieces from {sharers} sharers in {pool_seconds:.0f} s",
@@ -115,6 +114,7 @@ def personalize_table(result: dict[str, Any]) -> str:
 
 
 def personalize_plot(result: dict[str, Any], path) -> Any:
+    # lazy: matplotlib loads only when a figure is drawn
     from simulations.plots import new_figure, save_figure
 
     fig, axis = new_figure(size=(5.5, 4))

@@ -30,7 +30,10 @@ from typing import Any, Sequence
 
 import psutil
 
+from cloud_server.server_app import initial_arrays
 from shared.errors import PflError
+from shared.records import to_array_record
+from simulations.simulate import run_on_engine
 
 
 # ------------------------------------------------------------------- measuring a child
@@ -121,13 +124,11 @@ def run_noop(num_clients: int, sample: int, rounds: int, method: str, model: str
     """Flower's FedAvg over ``num_clients`` virtual clients whose ClientApp only echoes the
     arrays; same engine, sampling and payload (``method``'s stage-1 arrays) as pfl's run."""
     import numpy as np
-    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
-    from cloud_server.server_app import initial_arrays
-    from simulations.simulate import run_on_engine
 
     arrays = initial_arrays(method, model)
     client_app = ClientApp()
@@ -145,8 +146,7 @@ def run_noop(num_clients: int, sample: int, rounds: int, method: str, model: str
         strategy = FedAvg(fraction_train=sample / num_clients, fraction_evaluate=0.0,
                           min_train_nodes=sample, min_evaluate_nodes=0,
                           min_available_nodes=num_clients)
-        record = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
-                              for k, v in arrays.items()})
+        record = to_array_record(arrays)
         t0 = time.perf_counter()
         strategy.start(grid=grid, initial_arrays=record, num_rounds=rounds, timeout=3600.0)
         seconds = time.perf_counter() - t0
@@ -286,6 +286,7 @@ def population_table(result: dict[str, Any]) -> str:
 
 def population_plot(result: dict[str, Any], path: Path) -> Path:
     """Updates/s and peak RSS against population size, pfl and no-op."""
+    # lazy: matplotlib loads only when a figure is drawn
     from simulations.plots import new_figure, save_figure
 
     fig, (left, right) = new_figure(2, (10, 4))

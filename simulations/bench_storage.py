@@ -26,6 +26,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from shared.methods.oppu import attach_lora, lora_state
+from shared.methods.oppu import LoraSpec, personal_lora, save_adapter_state, stage1_lora
+from shared.methods.perfit import PerFitConfig, new_stages
+from shared.methods.perpcs.config import PerPcsConfig
+from shared.methods.perpcs.pieces import pieces_from_peft_state_dict
+from shared.methods.perpcs.recipe import Recipe
+from shared.models import load_model
 
 
 def _dir_bytes(path: Path) -> int:
@@ -33,8 +40,6 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _lora_state(model, spec) -> dict[str, torch.Tensor]:
-    from shared.methods.oppu import attach_lora, lora_state
-
     with attach_lora(model, spec) as peft_model:
         return {k: v.detach().clone() for k, v in lora_state(peft_model).items()}
 
@@ -42,12 +47,6 @@ def _lora_state(model, spec) -> dict[str, torch.Tensor]:
 def bench_storage(model: str = "smollm2-135m", users: Sequence[int] = (10, 100, 1000, 10000),
                   *, sharers: int = 10, pieces_per_module: int = 3,
                   sharing_ratio: float = 1.0) -> dict[str, Any]:
-    from shared.methods.lora_pieces import pieces_from_peft_state_dict
-    from shared.methods.oppu import LoraSpec, personal_lora, save_adapter_state, stage1_lora
-    from shared.methods.perfit import PerFitConfig, new_stages
-    from shared.methods.perpcs.config import PerPcsConfig
-    from shared.methods.perpcs.recipe import Recipe
-    from shared.models import load_model
 
     loaded = load_model(model)
     config = loaded.model.config
@@ -126,6 +125,7 @@ def storage_table(result: dict[str, Any]) -> str:
 
 
 def storage_plot(result: dict[str, Any], path: Path) -> Path:
+    # lazy: matplotlib loads only when a figure is drawn
     from simulations.plots import new_figure, save_figure
 
     fig, axis = new_figure(size=(5.5, 4))

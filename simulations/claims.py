@@ -21,8 +21,8 @@ Cost claims (seconds, bytes, parameters) are measured once per run: no interval.
 
 from __future__ import annotations
 
-from simulations import statistics
-from simulations.report import format_table
+from shared import statistics
+from shared.report import format_table
 
 POINT = " (point estimate)"
 

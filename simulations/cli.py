@@ -29,6 +29,10 @@ import os
 import sys
 from pathlib import Path
 
+from cloud_server.pool_cli import add_certs_command, add_pool_commands
+from edge_client.audit import add_audit_commands
+from edge_client.audit import summary as ledger_summary
+from shared.config import settings_keys
 from shared.errors import PflError
 
 
@@ -74,6 +78,7 @@ def _write_json(path: str, payload: dict) -> None:
 # ------------------------------------------------------------------------------ commands
 def eval_config(args):
     """The :class:`~simulations.evaluate.EvalConfig` of ``pfl eval``'s arguments."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.evaluate import EvalConfig
 
     options = _method_settings(args)
@@ -97,6 +102,7 @@ def cmd_study(args) -> int:
     import shlex
     import sys
 
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.study import run_study, study_table
 
     summary = run_study(eval_config(args), args.axis, _csv(args.values), args.out,
@@ -108,8 +114,9 @@ def cmd_study(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.evaluate import run_eval
-    from simulations.report import comparison_pairs, comparisons_table, results_table
+    from shared.report import comparison_pairs, comparisons_table, results_table
 
     config = eval_config(args)
     previous = None
@@ -140,6 +147,7 @@ def cmd_demo(args) -> int:
     synthetic users: collective stage 1 (FedAvg), federated k-means sharer selection, sharing
     to the TLS piece pool, OPPU / PER-PCS / PerFit personalization and evaluation on the
     devices; then the results table and an audit summary per device."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from cloud_server.federation import format_results
     from simulations.simulate import run_federation_simulation
 
@@ -150,8 +158,7 @@ def cmd_demo(args) -> int:
     summary = run_federation_simulation(
         args.clients, methods=methods, targets=args.targets, sharers=args.sharers, model=model,
         task="synthetic", run_dir=args.run_dir, seed=args.seed, rounds=1,
-        options={"max-steps": 10, "method-options": json.dumps(DEMO_OPTIONS),
-                 "recipe": args.recipe})
+        options={"max-steps": 10, **settings_keys(DEMO_OPTIONS), "recipe": args.recipe})
     print()
     print(format_results(summary))
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
@@ -167,8 +174,6 @@ def cmd_demo(args) -> int:
 
 def audit_table(summary: dict) -> str:
     """One line per device: its role and what left it, from its audit ledger."""
-    from edge_client.audit import summary as ledger_summary
-
     first = 1001  # simulations.simulate.LocalGrid.FIRST_NODE_ID
     roles = {}
     for role in ("targets", "sharers", "collective"):
@@ -185,6 +190,7 @@ def audit_table(summary: dict) -> str:
 
 def _infer_task(path_or_task: str, task: str | None) -> tuple[str, str | None]:
     """(task, path) from ``pfl data stats``' argument: a task name or a data path."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from shared.tasks import TASK_NAMES, lamp_task
 
     if task:
@@ -207,6 +213,7 @@ def _infer_task(path_or_task: str, task: str | None) -> tuple[str, str | None]:
 
 
 def cmd_data_stats(args) -> int:
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from shared.data import dataset_stats, format_stats, load_dataset
 
     task, path = _infer_task(args.path_or_task, args.task)
@@ -227,6 +234,7 @@ def cmd_simulate(args) -> int:
     piece pool, personalization and evaluation on the devices), or only stage 1 with
     ``--phases stage1``. Each virtual device is one user with its own data partition, folder
     and audit ledger under --run-dir."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.simulate import run_federation_simulation, run_stage1_simulation
 
     methods = _csv(args.method)
@@ -257,13 +265,14 @@ def cmd_simulate(args) -> int:
             _write_json(args.out, summary)
         return 0
 
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from cloud_server.federation import format_results
 
     method_options = _method_settings(args)
     for key in ("max_history", "personal_epochs", "stage1_epochs"):
         if getattr(args, key, None) is not None:
             method_options[key] = getattr(args, key)
-    options = {"method-options": json.dumps(method_options), "recipe": args.recipe,
+    options = {**settings_keys(method_options), "recipe": args.recipe,
                "fraction-train": args.fraction_train,
                "sample-per-round": args.sample_per_round,
                "selection-sample": (args.selection_sample if args.selection_sample is not None
@@ -308,6 +317,7 @@ def _grid_axis(text: str) -> tuple[str, str, list]:
 
 def cmd_tune(args) -> int:
     """Choose a recipe on validation users (never the targets pfl eval reports)."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.tune import DEFAULT_GRID, TuneConfig, tune, tune_report
 
     grid = json.loads(json.dumps(DEFAULT_GRID))
@@ -354,7 +364,8 @@ def _read_results(path_text: str) -> dict:
 
 def cmd_compare(args) -> int:
     """Paired comparisons of methods of one pfl eval results file, on the same users."""
-    from simulations.report import comparison_pairs, comparisons_table
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
+    from shared.report import comparison_pairs, comparisons_table
 
     results = _read_results(args.results)
     if (args.a is None) != (args.b is None):
@@ -372,6 +383,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_claims(args) -> int:
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.claims import claims_table
 
     results = _read_results(args.results)
@@ -396,6 +408,7 @@ def _report(result: dict, table, plot, out_dir: str, name: str) -> int:
 def cmd_bench_population(args) -> int:
     """Client updates per second and peak memory (all processes) of `pfl simulate` at each
     population size, beside a no-op ClientApp through the same engine (Flower's floor)."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.bench_population import (bench_population, population_plot,
                                               population_table)
 
@@ -410,6 +423,7 @@ def cmd_bench_population(args) -> int:
 def cmd_bench_aggregation(args) -> int:
     """Server aggregation time (validation + example-weighted mean, R re-orthonormalized for
     PerFit) against the number of replies, on the model's real stage-1 array shapes."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.bench_aggregation import (aggregation_plot, aggregation_table,
                                                bench_aggregation)
 
@@ -421,6 +435,7 @@ def cmd_bench_aggregation(args) -> int:
 def cmd_bench_storage(args) -> int:
     """Server and per-user storage of OPPU, PerFit and PER-PCS against the number of users,
     from real artifacts on the model's shapes (PER-PCS paper, Figure 7 top)."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.bench_storage import bench_storage, storage_plot, storage_table
 
     result = bench_storage(args.model or "smollm2-135m", args.users, sharers=args.sharers,
@@ -431,6 +446,7 @@ def cmd_bench_storage(args) -> int:
 def cmd_bench_personalize(args) -> int:
     """Personalization seconds per user against history length: OPPU training, PER-PCS
     assembly, PerFit stage 2, same user and process (PER-PCS paper, Figure 7 bottom)."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.bench_personalize import (bench_personalize, personalize_plot,
                                                personalize_table)
 
@@ -444,6 +460,7 @@ def cmd_bench_personalize(args) -> int:
 def cmd_bench_traffic(args) -> int:
     """Uplink and downlink bytes per client and phase, read from the audit ledgers of a
     federation run folder (pfl simulate / pfl demo)."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.traffic import ledger_traffic, traffic_plot, traffic_table
 
     return _report(ledger_traffic(args.run_dir), traffic_table, traffic_plot, args.out_dir,
@@ -451,6 +468,7 @@ def cmd_bench_traffic(args) -> int:
 
 
 def cmd_bench_model(args) -> int:
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from simulations.bench_model import bench_model, bench_table
 
     result = bench_model(args.model, batch_sizes=args.batch_sizes, seq_len=args.seq_len,
@@ -514,13 +532,8 @@ def _eval_options(parser: argparse.ArgumentParser) -> None:
     _model_options(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pfl", description="Federated edge-cloud personalization of LLMs (OPPU, PER-PCS, "
-                                "PerFit) on a frozen base model.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+# ------------------------------------------------------------- the commands' parsers
+def add_demo_command(commands) -> None:
     demo = commands.add_parser("demo", help="the main job on the embedded model and built-in data",
                                description=cmd_demo.__doc__)
     demo.add_argument("--clients", type=int, default=8, help="virtual devices (default 8)")
@@ -537,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(demo)
     demo.set_defaults(func=cmd_demo)
 
+
+def add_eval_command(commands) -> None:
     ev = commands.add_parser("eval", help="evaluate methods on target users",
                              description="Personalize each target user with each method, "
                                          "answer their queries, print a table, write JSON.")
@@ -551,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "only the others")
     ev.set_defaults(func=cmd_eval)
 
+
+def add_study_command(commands) -> None:
     study = commands.add_parser(
         "study", help="PER-PCS robustness: score against the number of sharers or the "
                       "sharing ratio, with 95%% intervals and a plot",
@@ -566,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_options(study)
     study.set_defaults(func=cmd_study)
 
+
+def add_simulate_command(commands) -> None:
     sim = commands.add_parser("simulate", help="a federation of virtual devices on one machine",
                               description=cmd_simulate.__doc__)
     sim.add_argument("--method", "--methods", dest="method",
@@ -613,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.set_defaults(func=cmd_simulate)
 
+
+def add_tune_command(commands) -> None:
     tune = commands.add_parser(
         "tune", help="choose a training recipe on validation users",
         description=cmd_tune.__doc__ + " Searches a small grid, one trained part after the "
@@ -648,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(tune)
     tune.set_defaults(func=cmd_tune)
 
+
+def add_compare_command(commands) -> None:
     compare = commands.add_parser(
         "compare", help="paired comparisons of methods in a results file",
         description="Method A against B on the same users: the metric's difference with a "
@@ -663,10 +686,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated metrics (default: the task's first)")
     compare.set_defaults(func=cmd_compare)
 
+
+def add_claims_command(commands) -> None:
     claims = commands.add_parser("claims", help="check the papers' claims against a results file")
     claims.add_argument("results", help="a JSON file written by pfl eval --out")
     claims.set_defaults(func=cmd_claims)
 
+
+def add_data_command(commands) -> None:
     data = commands.add_parser("data", help="inspect data").add_subparsers(
         dest="data_command", metavar="SUBCOMMAND", required=True)
     stats = data.add_parser("stats", help="users, queries and history items per user")
@@ -679,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON")
     stats.set_defaults(func=cmd_data_stats)
 
+
+def add_bench_commands(commands) -> None:
+    """``pfl bench model | population | aggregation | storage | personalize | traffic``."""
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench_command", metavar="SUBCOMMAND", required=True)
     bm = bench.add_parser("model", help="forward / training tokens per second")
@@ -689,7 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--out", default=None, help="write the results JSON here")
     _model_options(bm)
     bm.set_defaults(func=cmd_bench_model)
+    for add in (_add_bench_population, _add_bench_aggregation, _add_bench_storage,
+                _add_bench_personalize, _add_bench_traffic):
+        add(bench)
 
+
+def _add_bench_population(bench) -> None:
     bp = bench.add_parser("population", help="simulation throughput and peak memory vs "
                                              "population size", description=cmd_bench_population.__doc__)
     bp.add_argument("--clients", type=_ints, default=[1000, 5000, 10000],
@@ -708,6 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="population.json and population.png go here (default %(default)s)")
     bp.set_defaults(func=cmd_bench_population)
 
+
+def _add_bench_aggregation(bench) -> None:
     ba = bench.add_parser("aggregation", help="server aggregation time vs number of replies",
                           description=cmd_bench_aggregation.__doc__)
     ba.add_argument("--replies", type=_ints, default=[10, 100, 1000],
@@ -718,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="aggregation.json and aggregation.png go here (default %(default)s)")
     ba.set_defaults(func=cmd_bench_aggregation)
 
+
+def _add_bench_storage(bench) -> None:
     bs = bench.add_parser("storage", help="server and per-user storage vs number of users",
                           description=cmd_bench_storage.__doc__)
     bs.add_argument("--users", type=_ints, default=[10, 100, 1000, 10000])
@@ -729,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="storage.json and storage.png go here (default %(default)s)")
     bs.set_defaults(func=cmd_bench_storage)
 
+
+def _add_bench_personalize(bench) -> None:
     bz = bench.add_parser("personalize", help="personalization time vs history length",
                           description=cmd_bench_personalize.__doc__)
     bz.add_argument("--history", type=_ints, default=[5, 10, 20, 40],
@@ -745,6 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="personalize.json and personalize.png go here (default %(default)s)")
     bz.set_defaults(func=cmd_bench_personalize)
 
+
+def _add_bench_traffic(bench) -> None:
     bt = bench.add_parser("traffic", help="uplink/downlink bytes per client and phase, from "
                                           "the ledgers of a run", description=cmd_bench_traffic.__doc__)
     bt.add_argument("run_dir", help="a run folder of pfl simulate or pfl demo")
@@ -752,12 +795,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="traffic.json and traffic.png go here (default %(default)s)")
     bt.set_defaults(func=cmd_bench_traffic)
 
-    from cloud_server.pool_cli import add_certs_command, add_pool_commands
-    from edge_client.audit import add_audit_commands
 
-    add_audit_commands(commands)
-    add_certs_command(commands)
-    add_pool_commands(commands)
+def build_parser() -> argparse.ArgumentParser:
+    """``pfl``'s parser: one ``add_*`` function per command, in the order of ``pfl --help``."""
+    parser = argparse.ArgumentParser(
+        prog="pfl", description="Federated edge-cloud personalization of LLMs (OPPU, PER-PCS, "
+                                "PerFit) on a frozen base model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (add_demo_command, add_eval_command, add_study_command, add_simulate_command,
+                add_tune_command, add_compare_command, add_claims_command, add_data_command,
+                add_bench_commands, add_audit_commands, add_certs_command, add_pool_commands):
+        add(commands)
     return parser
 
 

@@ -19,19 +19,19 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from edge_client.cores import augmented_prompts  # importing it registers every core
 from shared.data import HUFFPOST_TASKS, load_dataset
 from shared.errors import PflError
 from shared.generation import GenerationConfig
-from shared.methods.base import Core, MethodSpec, PersonalState, Runtime, parse_method
+from shared.methods import (Core, MethodSpec, PersonalState, Runtime, augmented_prompts,
+                            parse_method)
 from shared.metrics import evaluate, metric_stats
-from shared.models import canonical_name, load_model
-from shared.recipes import merge_options, over_recipe, resolve_recipe
-from shared.tasks import canonical_task_name
+from shared.models import cache_dir, canonical_name, load_model
 from shared.profiles import generate_profiles
+from shared.recipes import merge_options, over_recipe, resolve_recipe
+from shared.statistics import metric_interval
+from shared.tasks import canonical_task_name
 from shared.types import User
 from simulations import references  # noqa: F401  (registers the synthetic reference rows)
-from simulations.statistics import metric_interval
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ class EvalConfig:
 
 
 def sharer_store(cache: str | None) -> Path:
-    """Where trained PER-PCS sharer pieces are kept between runs (``edge_client.cores``)."""
-    from shared.models import cache_dir
-
+    """Where trained PER-PCS sharer pieces are kept between runs (:mod:`shared.methods.perpcs.core`)."""
     return cache_dir(cache) / "sharer-pieces"
 
 

@@ -33,6 +33,12 @@ from typing import Any, Callable, Iterable
 from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
 
+from cloud_server.federation import make_federation_app, resolve, run_federation
+from cloud_server.pool_service import start_pool_server
+from cloud_server.server_app import make_server_app, resolve_config, run_stage1
+from edge_client.client_app import make_client_app
+from edge_client.state import ledger_paths
+from shared.crypto import write_dev_certs, write_federation_key
 from shared.errors import PflError
 from simulations.flower_patches import patch_simulation_engine
 
@@ -198,8 +204,6 @@ def _run_server(backend: str, main, make_app, config: dict[str, Any], num_client
     ``summary_path`` (``run_simulation`` returns nothing). ``device``: the virtual devices'
     own settings (``device-root``, ``consent-policy``, ``pool-ca``; see
     :func:`edge_client.client_app.device_settings_mod`), never sent by the server."""
-    from edge_client.client_app import make_client_app
-
     if backend == "inprocess":
         return main(LocalGrid(make_client_app(device), int(num_clients),
                               **(grid_options or {})), config)
@@ -227,8 +231,6 @@ def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: in
     ``ledgers`` ({partition id: path}), ``backend`` and ``wall_seconds``. ``options`` adds
     run-config keys (see :mod:`cloud_server.server_app`), e.g. ``{"batch-size": 8}``.
     """
-    from cloud_server.server_app import make_server_app, resolve_config, run_stage1
-    from edge_client.state import ledger_paths
 
     if backend not in BACKENDS:
         raise PflError(f"unknown simulation backend {backend!r} (known: {', '.join(BACKENDS)})")
@@ -278,10 +280,6 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
     returns the server's summary plus ``ledgers`` ({partition: path}). ``node_configs``,
     ``on_reply`` and ``unreachable`` go to :class:`LocalGrid` (in-process backend only).
     """
-    from cloud_server.federation import make_federation_app, resolve, run_federation
-    from cloud_server.pool_service import start_pool_server
-    from edge_client.state import ledger_paths
-    from shared.crypto import write_dev_certs, write_federation_key
 
     if backend not in BACKENDS:
         raise PflError(f"unknown simulation backend {backend!r} (known: {', '.join(BACKENDS)})")

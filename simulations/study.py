@@ -7,7 +7,7 @@ and against the sharing ratio, each point a ``pfl eval`` run with 95% intervals.
 Every point evaluates PER-PCS on the same targets with the same stage 1: the collective users
 are fixed across the sharers study (``sharer_slots`` reserves room for the largest number
 of sharers), and the sharers are the most active users, so 5 of them are among the 10 and the
-10 among the 20. With the sharer cache (``edge_client.cores.save_sharer_pieces``) each sharer
+10 among the 20. With the sharer cache (``shared.methods.perpcs.core.save_sharer_pieces``) each sharer
 is trained once for the whole study; the sharing-ratio points reuse every sharer's pieces.
 The first point also evaluates the non-personalized stage-1 model, the reference line.
 
@@ -26,9 +26,10 @@ from typing import Callable, Sequence
 
 from shared.data import load_dataset
 from shared.errors import PflError
+from shared.files import write_json
 from shared.metrics import HIGHER_IS_BETTER
+from shared.statistics import format_interval
 from simulations.evaluate import EvalConfig, queries_per_user, resumable_methods, run_eval
-from simulations.statistics import format_interval
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,9 @@ def run_study(base: EvalConfig, axis: str, values: Sequence[str], out_dir: str |
             results = previous
         else:
             log.info("%s = %s: evaluating %s", axis, label, ", ".join(config.methods))
-            results = run_eval(config, on_method=lambda partial: _write(path, partial),
+            results = run_eval(config, on_method=lambda partial: write_json(path, partial),
                                previous=previous)
-            _write(path, results)
+            write_json(path, results)
         name = metric or next(iter(results["methods"]["perpcs"]["metrics"]))
         if REFERENCE in results["methods"]:
             reference = _point(results["methods"][REFERENCE], name)
@@ -112,7 +113,7 @@ def run_study(base: EvalConfig, axis: str, values: Sequence[str], out_dir: str |
     summary = {"axis": axis, "metric": name, "task": results["task"],
                "users": results["users"], "queries": results["queries"],
                "reference": reference, "points": rows, "command": command}
-    _write(out / f"{axis}.json", summary)
+    write_json(out / f"{axis}.json", summary)
     (out / f"{axis}.md").write_text(study_markdown(summary))
     plot_study(summary, out / f"{axis}.png")
     return summary
@@ -122,12 +123,6 @@ def _point(result: dict, metric: str) -> dict:
     interval = result.get("intervals", {}).get(metric) or {}
     return {"score": result["metrics"][metric], "low": interval.get("low"),
             "high": interval.get("high")}
-
-
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def study_table(summary: dict) -> str:
@@ -156,6 +151,7 @@ def study_markdown(summary: dict) -> str:
 
 def plot_study(summary: dict, path: Path) -> Path:
     """Score with 95% intervals against the axis; the stage-1 reference as a band."""
+    # lazy: matplotlib loads only when a figure is drawn
     from simulations.plots import new_figure, save_figure
 
     fig, ax = new_figure()

@@ -19,6 +19,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from edge_client.audit import read_entries
+from edge_client.state import ledger_paths
+from shared.errors import PflError
 
 PHASES = {"query.select": "selection", "train": "stage 1", "train.share": "share",
           "train.personalize": "personalize", "evaluate": "evaluate"}
@@ -43,13 +46,9 @@ def _pool_download(entry: dict) -> int:
 
 def ledger_traffic(run_dir: str | Path) -> dict[str, Any]:
     """Per phase: how many clients took part and their uplink / downlink bytes."""
-    from edge_client.audit import read_entries
-    from edge_client.state import ledger_paths
 
     paths = ledger_paths(run_dir)
     if not paths:
-        from shared.errors import PflError
-
         raise PflError(f"no device ledgers under {run_dir}/clients (is it a run folder?)")
     per_client: dict[str, dict[int, dict[str, int]]] = defaultdict(dict)
     for pid, path in paths.items():
@@ -98,6 +97,7 @@ def traffic_table(result: dict[str, Any]) -> str:
 
 
 def traffic_plot(result: dict[str, Any], path: Path) -> Path:
+    # lazy: matplotlib loads only when a figure is drawn
     from simulations.plots import new_figure, save_figure
 
     phases = [p["phase"] for p in result["phases"]]

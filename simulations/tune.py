@@ -34,9 +34,10 @@ from shared.methods.base import Runtime, parse_method
 from shared.metrics import HIGHER_IS_BETTER
 from shared.models import canonical_name, load_model
 from shared.recipes import FORMAT, check_options, merge_options
+from shared.report import format_table
+from shared.statistics import format_interval
 from shared.tasks import canonical_task_name
 from simulations.evaluate import assign_roles, evaluate_method, queries_per_user, sharer_store
-from simulations.statistics import format_interval
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,6 @@ def _trial(loaded, dataset, roles, spec, stage, options, config, generation, mem
 
 def tune_report(recipe: dict) -> str:
     """The tuning report: every trial with its 95% interval, and what was chosen."""
-    from simulations.report import format_table
-
     search = recipe["search"]
     lines = [f"recipe tuned for {recipe['model']} on {recipe['task']}: "
              f"{len(search['validation'])} validation users x {search['queries_per_user']} "

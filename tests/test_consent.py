@@ -10,7 +10,7 @@ import torch
 
 from edge_client.consent import KINDS, ConsentDenied, ConsentPolicy
 from shared.errors import PflError
-from shared.methods.lora_pieces import Piece
+from shared.methods.perpcs.pieces import Piece
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")
 

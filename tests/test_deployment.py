@@ -101,13 +101,12 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
         f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
         f'address = "127.0.0.1:{link_port}"\nroot-certificates = "{ca}"\n')
     run_dir = tmp_path / "run"
-    options = json.dumps({"max_history": 6, "personal_epochs": 1, "perpcs": {"gate_steps": 3},
-                          "perfit": {"epochs": 1}})
-    run_config = tmp_path / "run-config.toml"  # a TOML file: JSON values need no escaping
+    run_config = tmp_path / "run-config.toml"  # method settings: dotted keys
     run_config.write_text(
         f'methods = "nonpersonalized,oppu,perpcs,perfit"\ntargets = 1\nsharers = 1\n'
         f'num-clients = {NODES}\nmax-steps = 2\nrun-dir = "{run_dir}"\n'
-        f'pool-address = "127.0.0.1:{pool_port}"\nmethod-options = \'{options}\'\n'
+        f'pool-address = "127.0.0.1:{pool_port}"\nmax-history = 6\npersonal-epochs = 1\n'
+        f'perpcs.gate_steps = 3\nperfit.epochs = 1\n'
         f'grant-key = "{certs / "federation.key"}"\n')  # the server signs sharer grants
     flwr = processes([str(BIN / "flwr"), "run", str(REPO), "deploy", "--stream",
                       "--run-config", str(run_config)], tmp_path / "flwr-run.log", env)

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_server.aggregation import (Reply, check_reply, fedavg, max_orthonormality_error,
-                                      reorthonormalize_perfit, weighted_average)
+from cloud_server.aggregation import Reply, check_reply, fedavg, weighted_average
 from cloud_server.server_app import run_stage1, sample_size
 from edge_client.audit import read_entries, verify
 from edge_client.state import ClientState, ledger_path
+from shared.methods.perfit import max_orthonormality_error, reorthonormalize_perfit
 from shared.methods.perfit import orthonormality_error
 
 FAST = {"local-epochs": 1.0, "max-history": 10, "batch-size": 4, "keep-updates": True}

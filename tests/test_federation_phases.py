@@ -11,9 +11,10 @@ import pytest
 
 from cloud_server.federation import format_results
 from edge_client import audit
+from shared.config import settings_keys
 from simulations.simulate import LocalGrid, run_federation_simulation
 
-FAST = {"max-steps": 2, "method-options": json.dumps(
+FAST = {"max-steps": 2, **settings_keys(
     {"max_history": 6, "personal_epochs": 1, "perpcs": {"gate_steps": 3},
      "perfit": {"epochs": 1}})}
 METHODS = "nonpersonalized,oppu,perpcs,perfit"
@@ -140,7 +141,7 @@ def test_a_device_without_sharing_consent_submits_nothing(tmp_path):
 def test_a_federated_run_gives_the_same_metrics_as_pfl_eval(tmp_path, huffpost_dir):
     """SmolLM2 on real HuffPost users: the devices' metrics, summed by the server, equal what
     `pfl eval`'s in-process code computes for the same users, seeds and collective parts."""
-    from edge_client.client_app import perfit_from_arrays
+    from shared.methods.perfit import perfit_from_arrays
     from shared.data import load_dataset
     from shared.generation import GenerationConfig
     from shared.methods.base import Runtime, parse_method
@@ -154,7 +155,7 @@ def test_a_federated_run_gives_the_same_metrics_as_pfl_eval(tmp_path, huffpost_d
     summary = run_federation_simulation(
         5, methods=METHODS, targets=2, sharers=1, model="smollm2-135m", task="news-headline",
         data_path=str(huffpost_dir), run_dir=tmp_path,
-        options={"max-steps": 1, "method-options": json.dumps(method_options)})
+        options={"max-steps": 1, **settings_keys(method_options)})
 
     dataset = load_dataset("news-headline", huffpost_dir, users=5)
     user = {n: dataset.user(n - LocalGrid.FIRST_NODE_ID) for n in range(1001, 1006)}
@@ -263,7 +264,7 @@ def test_pfl_simulate_on_flowers_engine_equals_the_inprocess_grid(tmp_path):
                       "personal_epochs": 1}
     local = run_federation_simulation(
         6, methods=METHODS, targets=2, sharers=1, rounds=1, run_dir=tmp_path / "local",
-        options={"max-steps": 2, "method-options": json.dumps(method_options),
+        options={"max-steps": 2, **settings_keys(method_options),
                  "target-nodes": ",".join(map(str, as_local["targets"])),
                  "sharer-nodes": ",".join(map(str, as_local["sharers"]))})
     for role in ("targets", "sharers", "collective"):

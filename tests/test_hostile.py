@@ -30,7 +30,7 @@ from edge_client.pool_client import PoolClient, PoolError
 from shared import crypto
 from shared.errors import (BAD_REQUEST, CONSENT_DENIED, DEVICE_ERRORS, FAILED, NOT_CONFIGURED,
                            PflError)
-from shared.methods.lora_pieces import Piece
+from shared.methods.perpcs.pieces import Piece
 from shared.metrics import check_stats, metric_stats
 from shared.serialization import Grant, Limits, ModelShapes, SignedPiece
 from shared.tasks import news_category

@@ -8,8 +8,8 @@ import hashlib
 import pytest
 import torch
 
-from edge_client.trainers import train_personal_lora, train_stage1_lora
 from shared.errors import PflError
+from shared.methods.oppu import train_personal_lora, train_stage1_lora
 from shared.methods.oppu import (LoraSpec, attach_lora, has_lora, load_adapter_state,
                                  load_lora_state, lora_state, merge_lora, param_count,
                                  personal_lora, save_adapter, save_adapter_state, stage1_lora,

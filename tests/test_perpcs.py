@@ -8,16 +8,16 @@ import torch
 
 from shared.data.synthetic import SyntheticDataset
 from shared.errors import PflError
-from shared.methods.lora_pieces import (ATTENTION_MODULES, LoraUpdate, Piece, PieceLinear,
-                                        combine_factors, combine_sum_of_products, gated_delta,
-                                        get_module, peft_state_dict_from_pieces,
-                                        pieces_from_peft_state_dict, pieces_installed,
-                                        updates_installed)
 from shared.methods.perpcs import (PerPcsConfig, Recipe, assemble, peft_retrieval_recipe,
                                    rebuild, retrieve_sharers, select_shared_pieces,
                                    select_sharers_from_clusters, select_sharers_kmeans,
                                    select_sharers_most_active, train_gates)
 from shared.methods.perpcs.assembly import scoring_mask
+from shared.methods.perpcs.pieces import (ATTENTION_MODULES, LoraUpdate, Piece, PieceLinear,
+                                        combine_factors, combine_sum_of_products, gated_delta,
+                                        get_module, peft_state_dict_from_pieces,
+                                        pieces_from_peft_state_dict, pieces_installed,
+                                        updates_installed)
 from shared.models import build_tiny_model
 from shared.tasks import SYNTHETIC
 from shared.training import TrainConfig, batches, history_examples, train
@@ -489,7 +489,7 @@ def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_uncha
     """pfl eval keeps each sharer's trained pieces (keyed by stage 1, history and the pieces'
     training settings): a second run with only another sharing ratio trains no sharer and
     gets the same pieces; another gate lr trains again."""
-    from edge_client import cores
+    from shared.methods.perpcs import core as cores
     from shared.data import load_dataset
     from shared.methods.base import Runtime
 

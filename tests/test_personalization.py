@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_client.cores import PersonalLoraNoStage1, PersonalShift, perfit_config, perfit_stage1
 from shared.methods import perfit
 from shared.methods.base import PersonalState, PromptAugmentation, Runtime
+from shared.methods.oppu import PersonalLoraNoStage1
+from shared.methods.perfit import PersonalShift, perfit_config, perfit_stage1
 from shared.tasks import NEWS_HEADLINE
 from shared.training import collate, history_examples, target_loss
 from shared.types import HistoryItem, User

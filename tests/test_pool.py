@@ -24,7 +24,7 @@ from cloud_server.pool_store import PieceNotFound, PoolCorruption, PoolStore
 from edge_client.pool_client import PoolClient, PoolError
 from shared import crypto
 from shared.errors import PflError
-from shared.methods.lora_pieces import Piece
+from shared.methods.perpcs.pieces import Piece
 from shared.methods.perpcs.recipe import Recipe
 from shared.serialization import (InvalidPiece, Limits, SignedPiece, content_bytes,
                                   piece_for_wire, piece_from_content_bytes, piece_from_proto,

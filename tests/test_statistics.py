@@ -6,11 +6,11 @@ import random
 import pytest
 
 from shared.metrics import add_stats, evaluate, metric_stats, metrics_from_stats
+from shared.report import comparisons_table, results_table
+from shared.statistics import (metric_interval, metric_task, paired_comparison,
+                                    paired_ratio)
 from shared.tasks import LAMP_3, news_category
 from simulations.claims import paper_claims
-from simulations.report import comparisons_table, results_table
-from simulations.statistics import (metric_interval, metric_task, paired_comparison,
-                                    paired_ratio)
 
 CATEGORY = news_category(("arts", "food", "sports"))
 

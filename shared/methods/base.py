@@ -6,18 +6,35 @@ augmentation** (what of the user's own data goes into the prompt: RAG top-k, ran
 a PAG profile). Names combine them with ``+``: ``rag1``, ``pag+rag1``, ``oppu``,
 ``oppu+rag1``, ``perfit+pag``. A new method is a new :class:`Core` registered with
 :func:`register_core`, not a switch edited in ten places.
+
+A method folder (``shared/methods/NAME/``) defines its cores and calls :func:`register_core`
+for each; when a core builds on collective parameters that the federation trains with FedAvg
+(stage 1), it names their kind in :attr:`Core.collective` and the folder registers that
+:class:`Collective` with :func:`register_collective`. Importing :mod:`shared.methods` imports
+every method folder, so the registries are full; this module itself imports no method.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
+import pkgutil
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from shared.errors import PflError
+from shared.generation import generate
+from shared.prompts import build_prompt
+from shared.retrieval import BM25Retriever, random_k
+from shared.training import history_examples
+from shared.types import User, recent_history
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,15 @@ class Runtime:
     def option(self, key: str, default):
         return self.options.get(key, default)
 
+    def section(self, cls, name: str, **defaults):
+        """``cls`` built from the run's ``NAME.FIELD`` settings (``--set NAME.FIELD=VALUE``, a
+        recipe's ``NAME`` table) over ``defaults``; a bad setting is a clear error."""
+        settings = self.option(name, {})
+        try:
+            return cls(**{**defaults, **settings})
+        except (TypeError, ValueError) as exc:
+            raise PflError(f"bad {name} setting in {settings}: {exc}") from None
+
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.model
@@ -75,11 +101,21 @@ class Runtime:
 
 
 class Core:
-    """A personalization core. The base class is the non-personalized model itself."""
+    """A personalization core. The base class is the non-personalized model itself.
+
+    The interface every method implements: :meth:`prepare` (collective work), :meth:`personalize`
+    (one user, from that user's history only), :meth:`answer` (or :meth:`model_for`), and
+    :meth:`save_payload` / :meth:`load_payload` (the per-user state on a device's disk)."""
 
     name = "nonpersonalized"
     #: True when every user is served by the same model: queries are then batched across users.
     shared_model = True
+    #: Kinds of collective parameters (:class:`Collective`) this core builds on, e.g. ("lora",).
+    collective: tuple[str, ...] = ()
+    #: True when the core reads the PER-PCS piece pool (a device then needs pool access).
+    uses_pool = False
+    #: False for cores a federation cannot run (they need what a device does not send).
+    federated = True
 
     def prepare(self, runtime: Runtime, dataset, augmentation: PromptAugmentation) -> None:
         """Collective work before any user is personalized (stage 1, the piece pool ...)."""
@@ -97,14 +133,125 @@ class Core:
     def answer(self, runtime: Runtime, state: PersonalState, prompts: list[str],
                generation, *, desc: str = "generate", progress: bool = False) -> list[str]:
         """Generate the answers to ``prompts`` for a user in ``state``."""
-        from shared.generation import generate
-
         with self.model_for(runtime, state) as model:
             return generate(model, runtime.tokenizer, prompts, generation, desc=desc,
                             progress=progress)
 
 
+    def save_payload(self, payload: Any, directory: Path) -> None:
+        """Write the per-user payload of :meth:`personalize` under ``directory`` (nothing
+        by default)."""
+
+    def load_payload(self, directory: Path, runtime: Runtime) -> Any:
+        """Inverse of :meth:`save_payload`, on ``runtime``'s device."""
+        return None
+
+    def save(self, state: PersonalState, directory: Path) -> None:
+        """Write one user's state to a device's disk: the payload and ``state.json``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_payload(state.payload, directory)
+        (directory / "state.json").write_text(json.dumps({"params": state.params,
+                                                          "bytes": state.bytes}))
+
+    def load(self, directory: Path, runtime: Runtime) -> PersonalState:
+        """Inverse of :meth:`save`."""
+        facts_path = directory / "state.json"
+        if not facts_path.is_file():
+            raise PflError(f"no personal state for {self.name} in {directory}: "
+                           "personalize first")
+        facts = json.loads(facts_path.read_text())
+        return PersonalState(params=facts["params"], bytes=facts["bytes"],
+                             payload=self.load_payload(directory, runtime))
+
+
+def augmented_prompts(runtime: Runtime, user: User, augmentation: PromptAugmentation,
+                      profile: str | None) -> list[str]:
+    """The prompt of each of the user's queries under a prompt augmentation."""
+    task = runtime.task
+    retriever = BM25Retriever(task, user.history) if augmentation.retrieval == "bm25" else None
+    prompts = []
+    for query in user.queries:
+        retrieved: list = []
+        if retriever is not None:
+            retrieved = retriever.top_k(task.retrieval_query(query.input), augmentation.k)
+        elif augmentation.retrieval == "random":
+            retrieved = random_k(user.history, augmentation.k,
+                                 f"{runtime.seed}-{user.id}-{query.id}")
+        prompts.append(build_prompt(query.input, profile=profile if augmentation.profile else None,
+                                    retrieved=retrieved, task=task))
+    return prompts
+
+
+def user_examples(runtime: Runtime, user: User, augmentation: PromptAugmentation | None = None,
+                  profile: str | None = None):
+    """The user's (recent: ``max_history``) history as training/scoring examples, with
+    RAG/PAG as asked."""
+    user = recent_history(user, runtime.option("max_history", None))
+    rag_k = augmentation.k if augmentation and augmentation.retrieval == "bm25" else 0
+    return history_examples(runtime.task, user.history, runtime.tokenizer, rag_k=rag_k,
+                            profile=profile)
+
+
+Arrays = dict[str, np.ndarray]
+
+
+class Collective:
+    """Collective parameters the federation trains with FedAvg in stage 1 (one kind per
+    method family: the stage-1 task LoRA ``lora``, PerFit's stage 1 ``perfit``).
+
+    The server starts from :meth:`initial_arrays`, each collective device runs
+    :meth:`local_update` from the global arrays, the server averages the replies and applies
+    :meth:`after_aggregation`; a device personalizing a target gets the final arrays and
+    :meth:`install` puts them where the cores look (``runtime.cache``). Arrays are plain
+    float32 numpy; in phase messages their names carry the prefix ``KIND.``."""
+
+    kind = ""
+    #: the consent policy's upload kind (edge_client.consent.KINDS) of a device's update.
+    consent_kind = ""
+
+    def initial_arrays(self, loaded, seed: int, options: Mapping[str, Any]) -> Arrays:
+        raise NotImplementedError
+
+    def local_update(self, loaded, task, users: Sequence, arrays: Mapping[str, np.ndarray],
+                     train_config, options: Mapping[str, Any]) -> tuple[Arrays, dict]:
+        """(new arrays, stats with ``examples``, ``loss_first``, ``loss_last``, ``steps``)."""
+        raise NotImplementedError
+
+    def train_config(self, options: Mapping[str, Any]):
+        """The local training recipe (:class:`shared.training.TrainConfig`) for ``options``
+        (the run's method options)."""
+        raise NotImplementedError
+
+    def after_aggregation(self, arrays: Arrays) -> tuple[Arrays, dict]:
+        """The averaged arrays made valid again, and :meth:`describe` of them."""
+        return arrays, self.describe(arrays)
+
+    def describe(self, arrays: Mapping[str, np.ndarray]) -> dict:
+        """Facts about a set of arrays for the server's summaries (none by default)."""
+        return {}
+
+    def install(self, runtime: Runtime, arrays: Mapping[str, np.ndarray]) -> None:
+        """Put the collective part built from ``arrays`` into ``runtime.cache``."""
+        raise NotImplementedError
+
+
 _CORES: dict[str, Callable[[], Core]] = {"nonpersonalized": Core}
+_COLLECTIVES: dict[str, Collective] = {}
+_DISCOVERED: set[str] = set()
+
+
+def discover() -> None:
+    """Import every method folder of :mod:`shared.methods` (and its ``core`` module, if it
+    has one), once: each registers its cores and collective kinds where they are defined."""
+    package = importlib.import_module("shared.methods")
+    for folder in pkgutil.iter_modules(package.__path__):
+        name = f"shared.methods.{folder.name}"
+        if not folder.ispkg or name in _DISCOVERED:
+            continue
+        _DISCOVERED.add(name)
+        importlib.import_module(name)
+        if importlib.util.find_spec(f"{name}.core") is not None:
+            importlib.import_module(f"{name}.core")
 _CORE_ALIASES = {"base": "nonpersonalized", "none": "nonpersonalized", "k0": "nonpersonalized",
                  "non-personalized": "nonpersonalized"}
 _AUGMENTATION = re.compile(r"^(rag|random)(\d+)$")
@@ -116,7 +263,35 @@ def register_core(name: str, factory: Callable[[], Core]) -> None:
 
 
 def core_names() -> list[str]:
+    discover()
     return sorted(_CORES)
+
+
+def core_class(name: str) -> Callable[[], Core]:
+    """The registered core ``name`` (its class: attributes without building one)."""
+    discover()
+    if name not in _CORES:
+        raise PflError(f"unknown core {name!r} (known: {', '.join(core_names())})")
+    return _CORES[name]
+
+
+def register_collective(collective: Collective) -> None:
+    """Make a kind of collective parameters available to the federation's stage 1."""
+    _COLLECTIVES[collective.kind] = collective
+
+
+def collective(kind: str) -> Collective:
+    """The registered collective parameters of ``kind`` (a clear error when unknown)."""
+    discover()
+    if kind not in _COLLECTIVES:
+        raise PflError(f"unknown stage-1 method {kind!r} "
+                       f"(known: {', '.join(sorted(_COLLECTIVES))})")
+    return _COLLECTIVES[kind]
+
+
+def collective_kinds() -> list[str]:
+    discover()
+    return sorted(_COLLECTIVES)
 
 
 @dataclass(frozen=True)
@@ -128,11 +303,12 @@ class MethodSpec:
     augmentation: PromptAugmentation
 
     def make_core(self) -> Core:
-        return _CORES[self.core]()
+        return core_class(self.core)()
 
 
 def parse_method(name: str) -> MethodSpec:
     """Read ``oppu+rag1``, ``pag``, ``random1`` ... into a :class:`MethodSpec`."""
+    discover()
     core, retrieval, k, profile = None, "none", 0, False
     parts = [p for p in name.strip().lower().split("+") if p]
     if not parts:

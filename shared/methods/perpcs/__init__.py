@@ -1,8 +1,11 @@
 """PER-PCS: personalized pieces (Tan et al. 2024), peft style.
 
 - :mod:`.config`: :class:`PerPcsConfig` (modules, top-k, combination, gates, sharing, K).
-- :mod:`shared.methods.lora_pieces`: the piece, gated-delta and combination math, and the
+- :mod:`.pieces`: the piece, gated-delta and combination math, and the
   :class:`PieceLinear` wrapper that installs pieces/updates on a model.
+- :mod:`.training`: a sharer's LoRA split into pieces, then their gates.
+- :mod:`.core`: the ``perpcs`` and ``peft-retrieval`` cores and the run's piece pool (not
+  imported here: it needs :mod:`shared.serialization`, which needs this package's pieces).
 - :mod:`.gates`: sharer side: post-hoc gate training and the shared subset of pieces.
 - :mod:`.assembly`: target side: auto-regressive assembly from the pool, no training.
 - :mod:`.recipe`: what a target stores (piece ids + weights) and :func:`rebuild`.
@@ -18,19 +21,20 @@ Typical flow::
         ...  # generate as the target
 """
 
-from shared.methods.lora_pieces import (LoraUpdate, Piece, PieceLinear, combine,
-                                        combine_factors, combine_sum_of_products, gated_delta,
-                                        peft_state_dict_from_pieces, pieces_from_peft_state_dict,
-                                        pieces_installed, updates_installed)
 from shared.methods.perpcs.assembly import assemble, group_candidates, scoring_mask
 from shared.methods.perpcs.config import PerPcsConfig
 from shared.methods.perpcs.gates import (GateTrainingResult, select_shared_pieces, train_gates,
                                          zero_gates)
+from shared.methods.perpcs.pieces import (LoraUpdate, Piece, PieceLinear, combine,
+                                        combine_factors, combine_sum_of_products, gated_delta,
+                                        peft_state_dict_from_pieces, pieces_from_peft_state_dict,
+                                        pieces_installed, updates_installed)
 from shared.methods.perpcs.recipe import Recipe, rebuild
 from shared.methods.perpcs.retrieval_baseline import (peft_retrieval_recipe, retrieve_sharers,
                                                       select_sharers_from_clusters,
                                                       select_sharers_kmeans,
                                                       select_sharers_most_active)
+from shared.methods.perpcs.training import train_sharer_pieces
 
 __all__ = [
     "GateTrainingResult", "LoraUpdate", "PerPcsConfig", "Piece", "PieceLinear", "Recipe",
@@ -39,5 +43,5 @@ __all__ = [
     "pieces_from_peft_state_dict", "pieces_installed", "rebuild", "retrieve_sharers",
     "scoring_mask", "select_shared_pieces", "select_sharers_from_clusters",
     "select_sharers_kmeans", "select_sharers_most_active", "train_gates", "updates_installed",
-    "zero_gates",
+    "zero_gates", "train_sharer_pieces",
 ]

@@ -1,7 +1,7 @@
 """Auto-regressive, layer-by-layer assembly of a target's adapter from pool pieces (no training).
 
 For each batch of the target's history examples one forward pass of the (stage-1) model runs
-with an empty :class:`~shared.methods.lora_pieces.PieceLinear` on every (layer, module) that has
+with an empty :class:`~shared.methods.perpcs.pieces.PieceLinear` on every (layer, module) that has
 candidates. Just before a wrapped module runs, a pre-hook scores every candidate piece s of
 that (layer, module) on the module's input v::
 
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from shared.methods.lora_pieces import Key, Piece, combine, key_order, wrapped
 from shared.methods.perpcs.config import PerPcsConfig
+from shared.methods.perpcs.pieces import Key, Piece, combine, key_order, wrapped
 from shared.methods.perpcs.recipe import Recipe, average_weights, float16_value
 from shared.training import Example, batches, target_positions
 

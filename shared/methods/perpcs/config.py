@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from shared.methods.lora_pieces import COMBINATIONS, MODULE_PARENT
+from shared.methods.perpcs.pieces import COMBINATIONS, MODULE_PARENT
 
 SCORE_POSITIONS = ("output", "target_tokens", "all")
 

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 
-from shared.methods.lora_pieces import Piece, key_order, pieces_installed
 from shared.methods.perpcs.config import PerPcsConfig
+from shared.methods.perpcs.pieces import Piece, key_order, pieces_installed
 from shared.training import Example, TrainConfig, batches, target_loss, target_positions, train
 
 

@@ -59,7 +59,7 @@ def key_order(key: Key) -> tuple[int, int, str]:
     return layer, MODULE_ORDER.get(module, len(MODULE_ORDER)), module
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The raw little-endian bytes of a tensor in row-major order (any dtype, bf16 included)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     data = flat.view(torch.uint8).numpy().tobytes()
@@ -148,10 +148,10 @@ class Piece:
         """Content id: hex sha256 of the header, a NUL, then the bytes of A, B and gate."""
         digest = hashlib.sha256(self.canonical_header())
         digest.update(b"\0")
-        digest.update(_tensor_bytes(self.A))
-        digest.update(_tensor_bytes(self.B))
+        digest.update(tensor_bytes(self.A))
+        digest.update(tensor_bytes(self.B))
         if self.gate is not None:
-            digest.update(_tensor_bytes(self.gate))
+            digest.update(tensor_bytes(self.gate))
         return digest.hexdigest()
 
     # ---------------------------------------------------------------------- math

@@ -4,7 +4,8 @@ A recipe is bytes, not megabytes: for every (layer, module) a short list of (pie
 plus the combination method and the settings that produced it. :func:`rebuild` turns it back
 into the adapter, bit for bit, from the pool's pieces.
 
-Serialized form (compact JSON, UTF-8)::
+Readable form (JSON, UTF-8: for people, logs and tests; a target stores the compact binary
+form below, :meth:`Recipe.to_compact`)::
 
     {"format": "pfl-perpcs-recipe/1", "combination": "sum_of_products", "config": {...},
      "entries": [[layer, "q_proj", [["<sha256 hex>", weight], ...]], ...]}
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from shared.errors import PflError
-from shared.methods.lora_pieces import COMBINATIONS, Key, LoraUpdate, Piece, combine, key_order
+from shared.methods.perpcs.pieces import COMBINATIONS, Key, LoraUpdate, Piece, combine, key_order
 
 RECIPE_FORMAT = "pfl-perpcs-recipe/1"
 COMPACT_MAGIC = b"PCR1"
@@ -132,7 +133,7 @@ class Recipe:
                           allow_nan=False)
 
     def to_bytes(self) -> bytes:
-        """Compact JSON as UTF-8 bytes (what a target stores)."""
+        """The readable JSON form as UTF-8 bytes (a target stores :meth:`to_compact`)."""
         return self.to_json().encode("utf-8")
 
     @property

@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from shared.methods.lora_pieces import Key, Piece
 from shared.methods.perpcs.config import PerPcsConfig
+from shared.methods.perpcs.pieces import Key, Piece
 from shared.methods.perpcs.recipe import Recipe
 
 

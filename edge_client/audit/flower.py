@@ -1,0 +1,117 @@
+"""The audit ledger's Flower ClientApp mod: every reply a device sends is recorded before it
+leaves (:mod:`edge_client.audit.ledger` holds the format)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+from edge_client.audit.ledger import AuditLedger
+from shared.errors import FAILED, NOT_CONFIGURED, device_error_reason
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------ Flower mod
+_STATE_KEY = "pfl.audit"
+
+
+def note_consent_rule(context, rule: str) -> None:
+    """Tell :func:`audit_mod` which consent rule allowed the reply a handler is building
+    (kept in ``context.state``, which never leaves the device)."""
+    from flwr.app import ConfigRecord
+
+    context.state[_STATE_KEY] = ConfigRecord({"consent_rule": str(rule)})
+
+
+def _take_consent_rule(reply, context) -> str | None:
+    """The rule noted with :func:`note_consent_rule`, consumed so it is not reused."""
+    record = context.state.config_records.get(_STATE_KEY) if context.state else None
+    if record is None:
+        return None
+    rule = record.get("consent_rule")
+    del context.state[_STATE_KEY]
+    return str(rule) if rule else None
+
+
+def describe_record_dict(content) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arrays, fields) of a Flower RecordDict: every Array as ``record/key`` (to describe),
+    every MetricRecord as ``fields["metrics/<record>"]`` and every ConfigRecord as
+    ``fields["config/<record>"]`` (mappings of its keys to values, summarized on append)."""
+    arrays: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    for name, record in content.array_records.items():
+        for key, array in record.items():
+            arrays[f"{name}/{key}"] = array
+    for kind, records in (("metrics", content.metric_records),
+                          ("config", content.config_records)):
+        for name, record in records.items():
+            fields[f"{kind}/{name}"] = {str(k): v for k, v in record.items()}
+    return arrays, fields
+
+
+def message_bytes(msg) -> int:
+    """Size of a Flower message as serialized for the wire (content, metadata, error)."""
+    from flwr.common.serde import message_to_proto
+
+    return int(message_to_proto(msg).ByteSize())
+
+
+def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
+              channel: str = "flower",
+              consent_rule_fn: Callable[[Any, Any], str | None] | None = None):
+    """A Flower ClientApp mod that records every reply the device sends.
+
+    ``ledger_path_fn(context, incoming message)`` gives the ledger path for this node (e.g.
+    from ``context.node_config``); None skips auditing for that node. ``consent_rule_fn(reply,
+    context)`` gives the consent rule; by default the one a handler noted with
+    :func:`note_consent_rule`. Use: ``ClientApp(mods=[audit_mod(fn), ...])``: put it first
+    (outermost), so that it records the reply after any other mod (e.g. SecAgg+ masking)
+    changed it, i.e. what actually leaves the device.
+    """
+    rule_of = consent_rule_fn or _take_consent_rule
+
+    def mod(msg, context, call_next):
+        from flwr.app import Error, Message
+
+        def error(code):
+            return Message(Error(code=code, reason=device_error_reason(code)), reply_to=msg)
+
+        try:
+            reply = call_next(msg, context)
+        except Exception:  # never let Flower send a traceback: a code, and the ledger sees it
+            log.exception("the ClientApp raised on %s", msg.metadata.message_type)
+            reply = error(FAILED)
+        path = ledger_path_fn(context, msg)
+        if path is None:  # nothing unaudited leaves: a bare code at most
+            log.warning("no audit ledger configured: replying with an error code only")
+            return error(NOT_CONFIGURED)
+        ledger = AuditLedger(path)  # nothing kept per device: a population stays flat
+        if not reply.has_content() and reply.error.reason != device_error_reason(
+                reply.error.code):
+            reply = error(reply.error.code)  # only the fixed text of a code leaves
+        meta = reply.metadata
+        if reply.has_content():
+            arrays, fields = describe_record_dict(reply.content)
+        else:
+            arrays = {}
+            fields = {"error": {"code": reply.error.code, "reason": reply.error.reason or ""}}
+        # payload_bytes: the whole serialized reply (arrays, metrics, metadata);
+        # inbound_bytes: the message it answers (what came down), for traffic accounting.
+        try:
+            ledger.append(channel, f"superlink run {meta.run_id} node {meta.dst_node_id}",
+                          meta.message_type, arrays, rule_of(reply, context), fields,
+                          payload_bytes=message_bytes(reply),
+                          meta={"run_id": meta.run_id, "node_id": context.node_id,
+                                "group_id": meta.group_id,
+                                "reply_to": meta.reply_to_message_id,
+                                "inbound_bytes": message_bytes(msg)})
+        except Exception:  # a ledger that cannot be written: send nothing it would not show
+            log.exception("the audit ledger %s cannot be written", path)
+            return error(FAILED)
+        return reply
+
+    return mod
+
+

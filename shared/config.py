@@ -1,0 +1,231 @@
+"""A federation's run configuration: one typed dataclass, one set of defaults.
+
+``flwr run`` reads ``[tool.flwr.app.config]`` of pyproject.toml, which lists exactly the
+defaults of :class:`RunConfig` (``tests/test_config.py`` checks that they agree); ``pfl
+simulate`` and ``pfl demo`` build the same keys from their flags; a ServerApp parses what it
+gets once, with :meth:`RunConfig.parse`, and an unknown key is an error (a typo does not pass
+silently).
+
+Keys are dashed (``fraction-train``). Method settings are dotted keys ``SECTION.FIELD``
+(``stage1.lr``, ``oppu.epochs``, ``perpcs.top_k``, ``perfit.positions`` ...), laid over the
+training recipe (:mod:`shared.recipes`) with ``max-history``, ``stage1-epochs`` and
+``personal-epochs``; they are the same settings as ``pfl eval --set SECTION.FIELD=VALUE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from shared.errors import PflError
+
+#: The sections of method settings (dotted keys ``SECTION.FIELD``).
+SECTIONS = ("stage1", "oppu", "perpcs", "perfit")
+#: Top-level recipe keys that are also run-config keys (dashed there).
+RECIPE_KEYS = ("max_history", "stage1_epochs", "personal_epochs")
+#: The method settings pyproject declares, each "unset" (0 or ""): ``flwr run --run-config``
+#: takes only keys the app declares, so these are the ones it can set. Any other
+#: ``SECTION.FIELD`` works where no Flower check stands between (``pfl simulate``,
+#: :func:`cloud_server.federation.run_federation`); declare it in pyproject to use it with
+#: ``flwr run``. A declared setting at 0 or "" leaves the recipe's value.
+DECLARED_SETTINGS: dict[str, dict[str, Any]] = {
+    "stage1": {"lr": 0.0, "epochs": 0.0, "batch_size": 0},
+    "oppu": {"lr": 0.0, "epochs": 0.0, "batch_size": 0},
+    "perpcs": {"top_k": 0, "gate_steps": 0, "gate_lr": 0.0, "sharing_ratio": 0.0},
+    "perfit": {"lr": 0.0, "epochs": 0.0, "positions": ""},
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every key of a federation's run config (dashed in the run config: ``fraction_train``
+    is ``fraction-train``). 0 and "" mean "not set" where a comment says so."""
+
+    methods: str = "nonpersonalized,oppu,perpcs,perfit"
+    targets: int = 1  # target devices, personalized and evaluated
+    sharers: int = 1  # PER-PCS sharers, chosen by federated k-means
+    collective: int = 0  # collective devices for stage 1 (0: all others)
+    selection: str = "kmeans"  # or "most-active"
+    kmeans_iterations: int = 3
+    small_cluster_items: int = 0
+    rounds: int = 1  # stage-1 FedAvg rounds
+    fraction_train: float = 1.0
+    sample_per_round: int = 0  # stage-1 clients per round, exact (0: fraction-train decides)
+    selection_sample: int = 0  # candidates asked in sharer selection (0: all)
+    target_nodes: str = ""  # fix the targets: comma-separated node ids ("": seeded draw)
+    sharer_nodes: str = ""  # fix the sharers (skips selection)
+    max_steps: int = 0  # cap on local stage-1 steps per round (0: none)
+    model: str = "tiny"  # or "smollm2-135m"
+    task: str = "synthetic"  # or news-headline / news-category (data-path on the devices)
+    data_path: str = ""
+    num_users_per_client: int = 1  # a device is one user
+    num_clients: int = 0  # wait for this many devices before starting (0: as connected)
+    wait_for_nodes: float = 120.0
+    phase_timeout: float = 3600.0  # seconds a phase waits for devices
+    round_timeout: float = 3600.0  # the same for each stage-1 round
+    seed: int = 0
+    run_dir: str = "runs/federation"
+    pool_address: str = ""  # host:port of `pfl pool serve` (needed by perpcs)
+    grant_key: str = ""  # the server's federation.key (from `pfl certs`): signs sharer grants
+    recipe: str = "tuned"  # tuned (shipped for model+task, else paper), paper, or a file
+    max_history: int = 0  # trained methods use each user's N most recent items (0: all)
+    stage1_epochs: float = 0.0  # 0: the recipe's
+    personal_epochs: float = 0.0  # 0: the recipe's
+    local_epochs: float = 0.0  # stage-1 epochs per round (0: the recipe's)
+    lr: float = 0.0  # stage-1 learning rate (0: the recipe's)
+    batch_size: int = 0  # stage-1 batch size (0: the recipe's)
+    batch_size_eval: int = 8  # generation batch size on the devices
+    device: str = ""  # cpu, cuda ("": auto)
+    keep_updates: bool = False  # stage-1 clients keep their last update on disk
+    positions: str = ""  # PerFit's intervened positions ("": the method's default)
+    collective_rank: int = 0  # PerFit's collective rank (0: the method's default)
+    personal_rank: int = 0  # PerFit's personal rank (0: the method's default)
+    max_examples: float = 0.0  # cap on one client's FedAvg weight (0: from the run)
+    method: str = "lora"  # the collective kind of a stage-1 phase (set by the server)
+    output_dir: str = ""  # where a stage-1 phase writes ("": run-dir; set by the server)
+    #: method settings from the dotted keys: {section: {field: value}}
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------- parsing
+    @classmethod
+    def keys(cls) -> dict[str, dataclasses.Field]:
+        """{dashed run-config key: field} of every plain key."""
+        return {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)
+                if f.name != "settings"}
+
+    @classmethod
+    def parse(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """The config a run-config mapping describes, over the defaults; values are converted
+        to the field's type and checked; an unknown key is an error."""
+        known = cls.keys()
+        values: dict[str, Any] = {}
+        settings: dict[str, dict[str, Any]] = {}
+        for key, value in run_config.items():
+            section, dot, name = str(key).partition(".")
+            if dot and section in SECTIONS and name:
+                if value in (0, "") and name in DECLARED_SETTINGS.get(section, {}):
+                    continue  # a declared setting left unset: the recipe decides
+                settings.setdefault(section, {})[name] = value
+            elif key in known:
+                values[known[key].name] = _convert(key, value, known[key].type)
+            else:
+                raise PflError(f"unknown run-config key {key!r} (known: "
+                               f"{', '.join(sorted(known))}, and SECTION.FIELD for "
+                               f"{', '.join(SECTIONS)})")
+        config = cls(**values, settings=settings)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.rounds < 1:
+            raise PflError(f"rounds must be >= 1, got {self.rounds}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise PflError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.num_users_per_client < 1:
+            raise PflError("num-users-per-client must be >= 1")
+        if self.sample_per_round < 0:
+            raise PflError(f"sample-per-round must be >= 0, got {self.sample_per_round}")
+        if self.targets < 1:
+            raise PflError("need at least one target")
+        if self.selection not in ("kmeans", "most-active"):
+            raise PflError(f"selection must be kmeans or most-active, got {self.selection!r}")
+
+    # ------------------------------------------------------------------- views
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of a dashed key (``default`` when the key is unknown)."""
+        f = self.keys().get(key)
+        return default if f is None else getattr(self, f.name)
+
+    def __getitem__(self, key: str) -> Any:
+        f = self.keys().get(key)
+        if f is None:
+            raise KeyError(key)
+        return getattr(self, f.name)
+
+    def run_config(self) -> dict[str, Any]:
+        """Back to dashed (and dotted) keys: what :meth:`parse` reads."""
+        out = {key: getattr(self, f.name) for key, f in self.keys().items()}
+        out.update(settings_keys(self.method_settings()))
+        return out
+
+    def method_settings(self) -> dict[str, Any]:
+        """The run's own method settings (what ``pfl eval --set`` and its epoch flags give):
+        the dotted keys plus ``max_history``, ``stage1_epochs``, ``personal_epochs`` when set;
+        the recipe lies under them (:func:`shared.recipes.over_recipe`)."""
+        out: dict[str, Any] = {section: dict(values) for section, values in self.settings.items()}
+        for key in RECIPE_KEYS:
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
+
+
+def settings_keys(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Method options (``{"max_history": 8, "perpcs": {"gate_steps": 20}}``) as run-config
+    keys (``{"max-history": 8, "perpcs.gate_steps": 20}``): the inverse of the parsing."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in SECTIONS and isinstance(value, Mapping):
+            out.update({f"{key}.{name}": v for name, v in value.items()})
+        elif key in RECIPE_KEYS:
+            out[key.replace("_", "-")] = value
+        else:
+            raise PflError(f"unknown method option {key!r} (known: "
+                           f"{', '.join(RECIPE_KEYS + SECTIONS)})")
+    return out
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _convert(key: str, value: Any, kind: str) -> Any:
+    cast = _TYPES[str(kind)]
+    try:
+        if cast is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", ""):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if cast is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if cast is str:
+            return "" if value is None else str(value)
+        return cast(value) if value not in (None, "") else cast(0)
+    except (TypeError, ValueError):
+        raise PflError(f"run-config key {key!r}: {value!r} is not a {cast.__name__}") from None
+
+
+#: The prefix of the method options in a phase message's ConfigRecord.
+OPTIONS_PREFIX = "options."
+
+
+def options_to_message(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's resolved method options as flat ConfigRecord entries ``options.KEY`` /
+    ``options.SECTION.FIELD`` (None values are left out)."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out.update({f"{OPTIONS_PREFIX}{key}.{name}": v for name, v in value.items()
+                        if v is not None})
+        elif value is not None:
+            out[f"{OPTIONS_PREFIX}{key}"] = value
+    return out
+
+
+def options_from_message(entries: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`options_to_message` (other entries are ignored)."""
+    out: dict[str, Any] = {}
+    for key, value in entries.items():
+        if not str(key).startswith(OPTIONS_PREFIX):
+            continue
+        head, dot, name = str(key)[len(OPTIONS_PREFIX):].partition(".")
+        if dot:
+            out.setdefault(head, {})[name] = list(value) if isinstance(value, (list, tuple)) \
+                else value
+        else:
+            out[head] = value
+    return out

@@ -1,0 +1,33 @@
+"""The baselines every paper compares against, as cores.
+
+- ``nonpersonalized``: the base model itself (:class:`shared.methods.base.Core`), with any
+  prompt augmentation (``rag1``, ``random1``, ``pag`` ...).
+- ``lora-c`` (:class:`LoraCollective`): the stage-1 task LoRA only, no per-user state.
+
+OPPU's LoRA-P ablation lives with OPPU (:mod:`shared.methods.oppu`), PER-PCS's PEFT-retrieval
+baseline with PER-PCS (:mod:`shared.methods.perpcs`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from shared.methods.base import Core, register_core
+from shared.methods.oppu.core import stage1_model
+
+
+class LoraCollective(Core):
+    """LoRA-C: stage 1 only (the task LoRA of collective users), no per-user state."""
+
+    name = "lora-c"
+    collective = ("lora",)
+
+    def prepare(self, runtime, dataset, augmentation):
+        stage1_model(runtime)
+
+    @contextmanager
+    def model_for(self, runtime, state):
+        yield stage1_model(runtime)
+
+
+register_core(LoraCollective.name, LoraCollective)
