@@ -41,7 +41,7 @@ def test_method_names_compose_core_and_prompt_augmentation():
 
 
 ALL = ["nonpersonalized", "lora-c", "lora-p", "oppu", "perpcs", "peft-retrieval", "perfit",
-       "oppu+rag1", "perfit+pag"]
+       "perfit-c", "oppu+rag1", "perfit+pag"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,7 @@ def test_every_method_is_scored_with_costs(results):
 def test_storage_per_user_orders_as_the_papers_say(results):
     m = results["methods"]
     assert m["nonpersonalized"]["bytes_per_user"] == 0 and m["lora-c"]["params_per_user"] == 0
+    assert m["perfit-c"]["bytes_per_user"] == 0 < m["perfit"]["bytes_per_user"]
     assert m["oppu"]["params_per_user"] == m["lora-p"]["params_per_user"] > 0
     # tiny: q,v of 4 layers, r=8, d=64 (q out 64, v out 32): 8*(64+64)*4 + 8*(64+32)*4
     assert m["oppu"]["params_per_user"] == 8 * (64 + 64) * 4 + 8 * (64 + 32) * 4

@@ -6,8 +6,8 @@ Parts (peft style): :mod:`.config` (PerFitConfig), :mod:`.intervention` (the LoR
 """
 
 from shared.methods.perfit.config import PerFitConfig, default_layers
-from shared.methods.perfit.core import (PerFitStage1, PersonalShift, max_orthonormality_error,
-                                        perfit_config, perfit_from_arrays, perfit_stage1,
+from shared.methods.perfit.core import (CollectiveShift, PerFitStage1, PersonalShift,
+                                        max_orthonormality_error, perfit_config, perfit_from_arrays, perfit_stage1,
                                         perfit_to_arrays, reorthonormalize_perfit)
 from shared.methods.perfit.intervention import (LoReftIntervention, orthonormality_error,
                                                 reorthonormalize)
@@ -23,6 +23,6 @@ __all__ = [
     "evaluate_loss", "generate", "intervened", "new_stages", "train_stage1", "train_stage2",
     "window_start",
     "intervention_mask", "parse_positions", "prompt_lengths_from_labels",
-    "PerFitStage1", "PersonalShift", "max_orthonormality_error", "perfit_config",
+    "CollectiveShift", "PerFitStage1", "PersonalShift", "max_orthonormality_error", "perfit_config",
     "perfit_from_arrays", "perfit_stage1", "perfit_to_arrays", "reorthonormalize_perfit",
 ]

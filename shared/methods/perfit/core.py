@@ -51,6 +51,33 @@ def perfit_stage1(runtime: Runtime):
     return runtime.cache["perfit_stage1"]
 
 
+def answer_with(runtime: Runtime, stage2, prompts, generation, *, desc: str, progress: bool):
+    """Generate with PerFit's collective stage 1 and ``stage2`` (a user's personal stage or
+    the shared one) hooked into the model."""
+    stage1, _ = perfit_stage1(runtime)
+    with intervened(runtime.model, stage1, stage2, perfit_config(runtime).positions) as ctl:
+        return generate(runtime.model, runtime.tokenizer, prompts, generation, desc=desc,
+                        progress=progress,
+                        on_batch=lambda lengths, width: ctl.set_prompts(
+                            lengths, width, padding_side="left"))
+
+
+class CollectiveShift(Core):
+    """PerFit-C: PerFit's collective part only (stage 1 and the shared stage 2, trained on
+    the collective users), no per-user state: what PerFit's personal stage adds is PerFit
+    against this row, as OPPU against LoRA-C."""
+
+    name = "perfit-c"
+    collective = ("perfit",)
+
+    def prepare(self, runtime, dataset, augmentation):
+        perfit_stage1(runtime)
+
+    def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
+        return answer_with(runtime, perfit_stage1(runtime)[1], prompts, generation, desc=desc,
+                           progress=progress)
+
+
 class PersonalShift(Core):
     """PerFit: a collective LoReFT shift (stage 1) plus a small personal one per user."""
 
@@ -73,13 +100,8 @@ class PersonalShift(Core):
                              info={"steps": stats["steps"]})
 
     def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
-        stage1, _ = perfit_stage1(runtime)
-        with intervened(runtime.model, stage1, state.payload,
-                        perfit_config(runtime).positions) as controller:
-            return generate(runtime.model, runtime.tokenizer, prompts, generation, desc=desc,
-                            progress=progress,
-                            on_batch=lambda lengths, width: controller.set_prompts(
-                                lengths, width, padding_side="left"))
+        return answer_with(runtime, state.payload, prompts, generation, desc=desc,
+                           progress=progress)
 
     def save_payload(self, payload, directory):
         np.savez(directory / "stage2.npz", **payload.export_arrays())
@@ -196,5 +218,6 @@ class PerFitStage1(Collective):
         runtime.cache["perfit_stage1"] = perfit_from_arrays(arrays, device=runtime.loaded.device)
 
 
-register_core(PersonalShift.name, PersonalShift)
+for _core in (CollectiveShift, PersonalShift):
+    register_core(_core.name, _core)
 register_collective(PerFitStage1())
