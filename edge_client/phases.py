@@ -49,7 +49,7 @@ from shared.methods import (Runtime, augmented_prompts, collective, collective_k
                             parse_method)
 from shared.methods.oppu import personal_train_config
 from shared.methods.perpcs import train_sharer_pieces
-from shared.methods.perpcs.core import perpcs_config
+from shared.methods.perpcs.core import PiecePool, perpcs_config
 from shared.metrics import TASK_KINDS, metric_stats
 from shared.models import load_model
 from shared.profiles import generate_profiles
@@ -71,7 +71,7 @@ def split_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.nda
 
 
 def device_runtime(loaded, task, options: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
-                   *, pool: Mapping | None = None) -> Runtime:
+                   *, pool: PiecePool | None = None) -> Runtime:
     """A :class:`~shared.methods.base.Runtime` for this device: the run's options and the
     collective parts the methods need, installed from the server's arrays (and the pool)."""
     runtime = Runtime(loaded=loaded, task=task, seed=int(options.get("seed", 0)),
@@ -79,7 +79,7 @@ def device_runtime(loaded, task, options: Mapping[str, Any], arrays: Mapping[str
     for kind, part in split_arrays(arrays).items():
         collective(kind).install(runtime, part)
     if pool is not None:
-        runtime.cache["perpcs_pool"] = dict(pool)
+        runtime.cache["perpcs_pool"] = pool
     return runtime
 
 
@@ -272,22 +272,20 @@ class PoolPieces:
     def fetch(self, ids: Sequence[str]) -> dict:
         return self._call(lambda c: c.fetch_pieces(ids))
 
-    def pool(self, modules: Sequence[str]) -> dict:
-        """Every gated piece for ``modules``, in the form the PER-PCS cores read:
-        ``{"pool": [...], "lookup": {id: piece}}``."""
+    def pool(self, modules: Sequence[str]) -> PiecePool:
+        """Every gated piece for ``modules``, as the PER-PCS cores read them."""
         pieces = self.fetch([g.piece_id for g in self.gates(modules)])
         if not pieces:
             raise PflError(f"the piece pool at {self.target} has no pieces for {list(modules)}")
-        return {"pool": list(pieces.values()), "lookup": dict(pieces)}
+        return PiecePool.of(pieces)
 
 
 def fetch_pool(pool_target: str, pool_ca: str | Path, modules: Sequence[str], *,
                interceptors: Sequence = (), trusted_keys: Mapping[str, bytes] | None = None,
-               shapes=None) -> dict:
-    """:meth:`PoolPieces.pool` of one pool service, with ``download_bytes``."""
-    source = PoolPieces(pool_target, pool_ca, interceptors=interceptors,
-                        trusted_keys=trusted_keys, shapes=shapes)
-    return {**source.pool(modules), "download_bytes": source.received}
+               shapes=None) -> PiecePool:
+    """:meth:`PoolPieces.pool` of one pool service."""
+    return PoolPieces(pool_target, pool_ca, interceptors=interceptors,
+                      trusted_keys=trusted_keys, shapes=shapes).pool(modules)
 
 
 def _state_dir(base: Path, method: str) -> Path:
@@ -303,7 +301,7 @@ def _profile(loaded, task, user, spec) -> str | None:
 
 def personalize(loaded, task, user, methods: Sequence[str], options: Mapping[str, Any],
                 arrays: Mapping[str, np.ndarray], state_dir: Path, *,
-                pool: Mapping | None = None) -> dict[str, float]:
+                pool: PiecePool | None = None) -> dict[str, float]:
     """Personalize this user with each method; states go to ``state_dir``. Returns
     ``METHOD/params``, ``METHOD/bytes``, ``METHOD/seconds`` per method."""
     runtime = device_runtime(loaded, task, options, arrays, pool=pool)

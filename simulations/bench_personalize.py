@@ -86,7 +86,7 @@ def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
             print(f"history {n:>4}: " + ", ".join(f"{m} {row[m]:.2f} s" for m in METHODS),
                   flush=True)
     return {"model": loaded.name, "task": dataset.task.name, "user": target.id,
-            "sharers": sharers, "pool_pieces": len(pool["pool"]),
+            "sharers": sharers, "pool_pieces": len(pool.pool),
             "personal_epochs": personal_epochs,
             "perfit_epochs": options["perfit"]["epochs"], "repeats": repeats, "rows": rows}
 

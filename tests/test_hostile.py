@@ -276,7 +276,7 @@ def test_a_target_takes_pieces_only_from_the_sharers_the_federation_names(tmp_pa
             {pseudonym(honest): crypto.public_key_bytes(honest).hex()})})
         got = fetch_pool(server.target, certs, ["q_proj"], trusted_keys=trusted,
                          shapes=SHAPES)
-        assert {p.sharer for p in got["pool"]} == {pseudonym(honest)}
+        assert {p.sharer for p in got.pool} == {pseudonym(honest)}
         # unfiltered, the stranger's gate reaches the pinned client, which refuses it
         with PoolClient(server.target, certs, trusted_keys=trusted) as client:
             with pytest.raises(crypto.SignatureError, match="not trusted"):

@@ -513,8 +513,8 @@ def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_uncha
 
     monkeypatch.setattr(cores, "train_sharer_pieces", no_training)
     again = cores.piece_pool(runtime(sharing_ratio=0.5))
-    assert {k: [p.piece_id for p in v] for k, v in again["adapters"].items()} == \
-        {k: [p.piece_id for p in v] for k, v in first["adapters"].items()}
-    assert len(again["pool"]) < len(first["pool"])  # the ratio still applies
+    assert {k: [p.piece_id for p in v] for k, v in again.adapters.items()} == \
+        {k: [p.piece_id for p in v] for k, v in first.adapters.items()}
+    assert len(again.pool) < len(first.pool)  # the ratio still applies
     with pytest.raises(AssertionError, match="trained again"):
         cores.piece_pool(runtime(gate_lr=2e-2))

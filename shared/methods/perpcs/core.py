@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -52,17 +52,38 @@ log = logging.getLogger(__name__)
 RECIPE_FILE = "recipe.pcr"
 
 
+@dataclass
+class PiecePool:
+    """The pieces PER-PCS reads in one run (``runtime.cache["perpcs_pool"]``).
+
+    ``pool``: the shared gated pieces targets assemble from; ``lookup``: piece id -> piece,
+    for rebuilding a recipe. An in-process run (:func:`piece_pool`) also knows each sharer's
+    whole adapter, its user embedding (PEFT retrieval) and its time; a device knows only
+    what it fetched from the pool service."""
+
+    pool: list
+    lookup: dict
+    adapters: dict = field(default_factory=dict)
+    embeddings: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, pieces: dict) -> "PiecePool":
+        """A pool of exactly ``pieces`` ({id: piece})."""
+        return cls(pool=list(pieces.values()), lookup=dict(pieces))
+
+
 class LocalPieces:
     """The piece source of an in-process run: the pool :func:`piece_pool` built."""
 
-    def __init__(self, pool: dict):
+    def __init__(self, pool: PiecePool):
         self._pool = pool
 
     def gates(self, modules: Sequence[str]) -> list:
-        return [p for p in self._pool["pool"] if p.module in set(modules)]
+        return [p for p in self._pool.pool if p.module in set(modules)]
 
     def fetch(self, ids: Sequence[str]) -> dict:
-        return {pid: self._pool["lookup"][pid] for pid in ids}
+        return {pid: self._pool.lookup[pid] for pid in ids}
 
 
 def perpcs_config(runtime: Runtime) -> PerPcsConfig:
@@ -70,11 +91,11 @@ def perpcs_config(runtime: Runtime) -> PerPcsConfig:
     return runtime.section(PerPcsConfig, "perpcs")
 
 
-def piece_pool(runtime: Runtime) -> dict:
+def piece_pool(runtime: Runtime) -> PiecePool:
     """The sharers' side of PER-PCS, once per run: each sharer trains a personal LoRA (q,k,v,o)
     on the stage-1 model, splits it into pieces, trains their gates and shares the consented
-    subset. Returns {"pool": shared gated pieces, "adapters": {sharer: all its pieces},
-    "embeddings": {sharer: user embedding}, "seconds": {sharer: time}}."""
+    subset. Returns the :class:`PiecePool` (each sharer's whole adapter, embedding and time
+    included)."""
     if "perpcs_pool" in runtime.cache:
         return runtime.cache["perpcs_pool"]
     config = perpcs_config(runtime)
@@ -101,10 +122,9 @@ def piece_pool(runtime: Runtime) -> dict:
     if not pool:
         raise ValueError("PER-PCS needs sharers: none were assigned")
     log.info("piece pool: %d pieces from %d sharers", len(pool), len(adapters))
-    runtime.cache["perpcs_pool"] = {"pool": pool, "adapters": adapters,
-                                    "embeddings": embeddings, "seconds": seconds,
-                                    "lookup": {p.piece_id: p for ps in adapters.values()
-                                               for p in ps}}
+    runtime.cache["perpcs_pool"] = PiecePool(
+        pool=pool, lookup={p.piece_id: p for ps in adapters.values() for p in ps},
+        adapters=adapters, embeddings=embeddings, seconds=seconds)
     return runtime.cache["perpcs_pool"]
 
 
@@ -185,7 +205,7 @@ class PersonalPieces(Core):
 
     def recipe(self, runtime, user, augmentation, profile):
         pool = piece_pool(runtime)
-        return assemble(stage1_model(runtime), pool["pool"],
+        return assemble(stage1_model(runtime), pool.pool,
                         user_examples(runtime, user, augmentation, profile),
                         pad_token_id(runtime.tokenizer), perpcs_config(runtime))
 
@@ -196,7 +216,7 @@ class PersonalPieces(Core):
 
     @contextmanager
     def model_for(self, runtime, state):
-        updates = rebuild(state.payload, piece_pool(runtime)["lookup"])
+        updates = rebuild(state.payload, piece_pool(runtime).lookup)
         model = stage1_model(runtime)
         with updates_installed(model, updates):
             yield model
@@ -217,7 +237,7 @@ class PersonalPieces(Core):
                 (gate.piece_id, gate.sharer))
         recipe = Recipe.from_compact((directory / RECIPE_FILE).read_bytes(), candidates)
         lookup = source.fetch(sorted(recipe.piece_ids()))
-        runtime.cache["perpcs_pool"] = {"pool": list(lookup.values()), "lookup": lookup}
+        runtime.cache["perpcs_pool"] = PiecePool.of(lookup)
         return recipe
 
 
@@ -230,8 +250,8 @@ class PeftRetrieval(PersonalPieces):
 
     def recipe(self, runtime, user, augmentation, profile):
         pool = piece_pool(runtime)
-        return peft_retrieval_recipe(user_embedding(runtime.task, user), pool["embeddings"],
-                                     pool["adapters"], perpcs_config(runtime))
+        return peft_retrieval_recipe(user_embedding(runtime.task, user), pool.embeddings,
+                                     pool.adapters, perpcs_config(runtime))
 
 
 for _core in (PersonalPieces, PeftRetrieval):
