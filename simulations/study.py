@@ -9,7 +9,7 @@ are fixed across the sharers study (``sharer_slots`` reserves room for the large
 of sharers), and the sharers are the most active users, so 5 of them are among the 10 and the
 10 among the 20. With the sharer cache (``shared.methods.perpcs.core.save_sharer_pieces``) each sharer
 is trained once for the whole study; the sharing-ratio points reuse every sharer's pieces.
-The first point also evaluates the non-personalized stage-1 model, the reference line.
+The first point also evaluates LoRA-C (stage 1 only, no per-user state), the reference line.
 
 Each point is written to ``OUT/AXIS-VALUE.json`` as soon as it is done (a study that is cut
 off resumes from there); the summary goes to ``OUT/AXIS.json``, ``OUT/AXIS.md`` (the table
@@ -34,7 +34,7 @@ from simulations.evaluate import EvalConfig, queries_per_user, resumable_methods
 log = logging.getLogger(__name__)
 
 AXES = ("sharers", "sharing-ratio")
-REFERENCE = "nonpersonalized"
+REFERENCE = "lora-c"  # stage 1 only: what PER-PCS assembles on top of
 
 
 def max_sharers(config: EvalConfig) -> int:
@@ -133,7 +133,7 @@ def study_table(summary: dict) -> str:
     ref = summary.get("reference")
     if ref:
         shown = format_interval(ref["score"], ref["low"], ref["high"])
-        lines.append(f"{'stage 1 only':>14}  {shown:>24}")
+        lines.append(f"{'stage 1 only':>14}  {shown:>24}  (LoRA-C)")
     for row in summary["points"]:
         lines.append(f"{row['label']:>14}  "
                      f"{format_interval(row['score'], row['low'], row['high']):>24}")

@@ -25,6 +25,10 @@ def test_sharers_study_keeps_targets_and_stage1_and_resumes(tmp_path, tiny, monk
     assert all(p["low"] <= p["score"] <= p["high"] for p in summary["points"])
     first, second = (json.loads((out / f"sharers-{v}.json").read_text()) for v in (1, 2))
     assert first["targets"] == second["targets"]
+    # the reference is stage 1 only (LoRA-C), which PER-PCS assembles on; not the base model
+    assert sorted(first["methods"]) == ["lora-c", "perpcs"] and list(second["methods"]) == \
+        ["perpcs"]
+    assert summary["reference"]["score"] == first["methods"]["lora-c"]["metrics"]["mae"]
     # the same collective users at both points: the stage-1 rows are equal (one sharer more
     # must not move a collective user), which the settings record as the reserved slots
     assert first["settings"]["sharer_slots"] == second["settings"]["sharer_slots"] == 2
