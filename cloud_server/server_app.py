@@ -30,7 +30,6 @@ Output in ``run-dir``: ``global_arrays.npz`` (final), ``rounds/round-000.npz`` (
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -44,7 +43,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from cloud_server.aggregation import Reply, average_metrics, delta_norm, fedavg
 from shared.config import RunConfig
-from shared.files import save_npz
+from shared.files import save_npz, write_json
 from shared.methods import collective
 from shared.models import load_model
 from shared.records import from_array_record, to_array_record
@@ -227,7 +226,7 @@ def run_stage1(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[st
     final = from_array_record(result.arrays) if len(result.arrays) else arrays
     summary = stage1_summary(config, strategy, final, run_dir, wanted, fraction)
     summary["seconds"] = time.perf_counter() - started
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(run_dir / "summary.json", summary, indent=2)
     return summary
 
 

@@ -34,6 +34,7 @@ from edge_client.audit import add_audit_commands
 from edge_client.audit import summary as ledger_summary
 from shared.config import settings_keys
 from shared.errors import PflError
+from shared.files import write_json
 
 
 def _csv(text: str) -> list[str]:
@@ -66,13 +67,6 @@ def _method_settings(args) -> dict:
     for section, key, value in getattr(args, "set", None) or []:
         settings.setdefault(section, {})[key] = value
     return settings
-
-
-def _write_json(path: str, payload: dict) -> None:
-    out = Path(path)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -125,7 +119,7 @@ def cmd_eval(args) -> int:
             raise PflError("--resume needs --out: the results file to resume")
         if Path(args.out).exists():
             previous = json.loads(Path(args.out).read_text())
-    results = run_eval(config, on_method=(lambda partial: _write_json(args.out, partial))
+    results = run_eval(config, on_method=(lambda partial: write_json(args.out, partial, indent=2))
                        if args.out else None, previous=previous)
     print(results_table(results))
     pairs = comparison_pairs(results, against=REFERENCES)
@@ -133,7 +127,7 @@ def cmd_eval(args) -> int:
         print("\npaired on the same users (> 0: the first is better)")
         print(comparisons_table(results, pairs))
     if args.out:
-        _write_json(args.out, results)
+        write_json(args.out, results, indent=2)
         print(f"results written to {args.out}")
     return 0
 
@@ -166,7 +160,7 @@ def cmd_demo(args) -> int:
     print(f"piece pool: {summary['pool_pieces']} pieces; wall {summary['wall_seconds']:.0f} s\n")
     print(audit_table(summary))
     if args.out:
-        _write_json(args.out, summary)
+        write_json(args.out, summary, indent=2)
         print(f"\nresults written to {args.out}; ledgers: pfl audit show "
               f"{Path(args.run_dir) / 'clients' / 'partition-00000' / 'ledger.jsonl'}")
     return 0
@@ -262,7 +256,7 @@ def cmd_simulate(args) -> int:
         print(f"client ledgers: {len(summary.get('ledgers', {}))} under {args.run_dir} "
               "(read them with pfl audit show LEDGER)")
         if args.out:
-            _write_json(args.out, summary)
+            write_json(args.out, summary, indent=2)
         return 0
 
     # lazy: a command loads only what it runs (pfl --help loads no torch)
@@ -294,7 +288,7 @@ def cmd_simulate(args) -> int:
     print(f"piece pool: {summary['pool_pieces']} pieces; devices with a ledger: "
           f"{len(summary['ledgers'])}; wall {summary['wall_seconds']:.0f} s")
     if args.out:
-        _write_json(args.out, summary)
+        write_json(args.out, summary, indent=2)
         print(f"results written to {args.out}")
     return 0
 
@@ -333,12 +327,12 @@ def cmd_tune(args) -> int:
     previous = None
     if args.resume and Path(args.out).exists():
         previous = json.loads(Path(args.out).read_text())
-    recipe = tune(config, on_trial=lambda partial: _write_json(args.out, partial),
+    recipe = tune(config, on_trial=lambda partial: write_json(args.out, partial, indent=2),
                   previous=previous)
     report = tune_report(recipe)
     command = "pfl " + " ".join(args.argv)
     recipe["command"] = command
-    _write_json(args.out, recipe)
+    write_json(args.out, recipe, indent=2)
     Path(args.out).with_suffix(".md").write_text(f"```\n$ {command}\n{report}\n```\n")
     print(report)
     print(f"recipe written to {args.out} (use it: pfl eval --recipe {args.out})")
@@ -399,7 +393,7 @@ def _report(result: dict, table, plot, out_dir: str, name: str) -> int:
     ``out_dir``."""
     print(table(result))
     out = Path(out_dir)
-    _write_json(str(out / f"{name}.json"), result)
+    write_json(str(out / f"{name}.json"), result, indent=2)
     png = plot(result, out / f"{name}.png")
     print(f"results written to {out / f'{name}.json'} and {png}")
     return 0
@@ -415,8 +409,8 @@ def cmd_bench_population(args) -> int:
     result = bench_population(args.clients, sample=args.sample_per_round, rounds=args.rounds,
                               method=args.method, model=args.model, max_steps=args.max_steps,
                               work_dir=Path(args.work_dir), timeout=args.timeout,
-                              on_row=lambda partial: _write_json(
-                                  str(Path(args.out_dir) / "population.json"), partial))
+                              on_row=lambda partial: write_json(
+                                  str(Path(args.out_dir) / "population.json"), partial, indent=2))
     return _report(result, population_table, population_plot, args.out_dir, "population")
 
 
@@ -476,7 +470,7 @@ def cmd_bench_model(args) -> int:
                          cache_dir=args.cache_dir)
     print(bench_table(result))
     if args.out:
-        _write_json(args.out, result)
+        write_json(args.out, result, indent=2)
         print(f"results written to {args.out}")
     return 0
 
