@@ -54,7 +54,7 @@ ALL = ["nonpersonalized", "random1", "rag1", "pag", "pag+rag1", "lora-c", "lora-
        "perpcs", "peft-retrieval", "perfit", "oppu+rag1", "perfit+pag", "perpcs+pag"]
 config = EvalConfig(task="synthetic", methods=ALL, model="tiny", users=3, device="cpu",
                     sharers=2, collective=3, max_history=8, stage1_epochs=1, personal_epochs=1,
-                    progress=False, reuse_sharers=False,
+                    progress=False, reuse_trained=False,
                     options={"perpcs": {"gate_steps": 5}, "perfit": {"epochs": 1}})
 out = run_eval(config)
 for m in out["methods"].values():

@@ -83,7 +83,7 @@ def eval_config(args):
                       batch_size=args.batch_size, device=args.device,
                       cache_dir=args.cache_dir, min_history=args.min_history,
                       progress=not args.quiet, sample=args.sample, options=options,
-                      recipe=args.recipe, reuse_sharers=args.reuse_sharers,
+                      recipe=args.recipe, reuse_trained=args.reuse_trained,
                       **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
                                                         "stage1_epochs", "personal_epochs")
                          if getattr(args, k, None) is not None})
@@ -323,7 +323,7 @@ def cmd_tune(args) -> int:
                         max_history=args.max_history, min_history=args.min_history,
                         stages=_csv(args.stages), grid=grid, batch_size=args.batch_size,
                         device=args.device, cache_dir=args.cache_dir, progress=not args.quiet,
-                        reuse_sharers=args.reuse_sharers)
+                        reuse_trained=args.reuse_trained)
     previous = None
     if args.resume and Path(args.out).exists():
         previous = json.loads(Path(args.out).read_text())
@@ -476,6 +476,15 @@ def cmd_bench_model(args) -> int:
 
 
 # -------------------------------------------------------------------------------- parser
+def _train_cache_option(parser) -> None:
+    parser.add_argument("--no-train-cache", "--no-sharer-cache", dest="reuse_trained",
+                        action="store_false",
+                        help="train stage 1, PerFit stage 1 and every PER-PCS sharer again, even "
+                             "when an earlier run trained them from the same model, users, "
+                             "examples and settings (they are kept under the cache dir, "
+                             "trained-state/ and sharer-pieces/)")
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="smollm2-135m (default, embedded), tiny, or a local HF checkpoint path")
@@ -519,10 +528,7 @@ def _eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", action="store_true",
                         help="sample (T=0.1, top-k 10, top-p 0.9) instead of greedy decoding")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--no-sharer-cache", dest="reuse_sharers", action="store_false",
-                        help="train every PER-PCS sharer again, even when its pieces were trained "
-                             "before with the same stage 1, history and settings (they are kept "
-                             "under the cache dir, sharer-pieces/)")
+    _train_cache_option(parser)
     _model_options(parser)
 
 
@@ -657,9 +663,7 @@ def add_tune_command(commands) -> None:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--batch-size", type=int, default=8, help="generation batch size")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
-    tune.add_argument("--no-sharer-cache", dest="reuse_sharers", action="store_false",
-                      help="train every PER-PCS sharer again, even when its pieces were "
-                           "trained before with the same stage 1, history and settings")
+    _train_cache_option(tune)
     _model_options(tune)
     tune.set_defaults(func=cmd_tune)
 

@@ -60,13 +60,21 @@ class EvalConfig:
     sample: bool = False
     options: dict = field(default_factory=dict)
     recipe: str = "tuned"  # "tuned", "paper" or a recipe file (shared.recipes)
-    reuse_sharers: bool = True  # keep trained PER-PCS sharer pieces in the cache dir
+    reuse_trained: bool = True  # keep stage 1s and PER-PCS sharer pieces in the cache dir
     sharer_slots: int | None = None  # room kept for sharers (collective users stay put)
 
 
 def sharer_store(cache: str | None) -> Path:
     """Where trained PER-PCS sharer pieces are kept between runs (:mod:`shared.methods.perpcs.core`)."""
     return cache_dir(cache) / "sharer-pieces"
+
+
+def use_stores(runtime: Runtime, cache: str | None) -> None:
+    """Let ``runtime`` keep and reuse what takes longest to train, under the cache dir:
+    stage 1 and PerFit stage 1 (:mod:`shared.methods.store`, ``trained-state/``) and the
+    PER-PCS sharers' pieces (``sharer-pieces/``)."""
+    runtime.cache["sharer_store"] = sharer_store(cache)
+    runtime.cache["state_store"] = cache_dir(cache) / "trained-state"
 
 
 def run_options(config: EvalConfig) -> tuple[str, dict]:
@@ -240,8 +248,8 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
     recipe, options = run_options(config)
     runtime = Runtime(loaded=loaded, task=dataset.task, seed=config.seed,
                       progress=config.progress, options=options, roles=roles)
-    if config.reuse_sharers:
-        runtime.cache["sharer_store"] = sharer_store(config.cache_dir)
+    if config.reuse_trained:
+        use_stores(runtime, config.cache_dir)
     generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens,
                                   batch_size=config.batch_size, sample=config.sample,
                                   seed=config.seed)

@@ -37,7 +37,7 @@ from shared.recipes import FORMAT, check_options, merge_options
 from shared.report import format_table
 from shared.statistics import format_interval
 from shared.tasks import canonical_task_name
-from simulations.evaluate import assign_roles, evaluate_method, queries_per_user, sharer_store
+from simulations.evaluate import assign_roles, evaluate_method, queries_per_user, use_stores
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class TuneConfig:
     device: str | None = None
     cache_dir: str | None = None
     progress: bool = True
-    reuse_sharers: bool = True  # keep trained PER-PCS sharer pieces in the cache dir
+    reuse_trained: bool = True  # keep stage 1s and PER-PCS sharer pieces in the cache dir
 
 
 def grid_settings(axes: dict[str, list]) -> list[dict]:
@@ -166,8 +166,8 @@ def _trial(loaded, dataset, roles, spec, stage, options, config, generation, mem
                       progress=config.progress,
                       options=merge_options({"max_history": config.max_history}, options),
                       roles={**roles, "targets": roles["validation"]})
-    if config.reuse_sharers:
-        runtime.cache["sharer_store"] = sharer_store(config.cache_dir)
+    if config.reuse_trained:
+        use_stores(runtime, config.cache_dir)
     stage1_key = json.dumps([options.get("stage1"), options.get("stage1_epochs")],
                             sort_keys=True)
     if memo.get("key") == stage1_key:  # the same stage 1: trained once, not per trial

@@ -24,7 +24,8 @@ from shared.methods.base import (Collective, Core, PersonalState, PromptAugmenta
 from shared.methods.oppu.config import personal_lora, personal_train, stage1_lora, stage1_train
 from shared.methods.oppu.model import (attach_lora, load_adapter_state, lora_state, merge_lora,
                                        param_count, save_adapter_state, state_bytes)
-from shared.methods.oppu.training import train_personal_lora, train_stage1_lora
+from shared.methods.oppu.training import stage1_examples, train_personal_lora, train_stage1_lora
+from shared.methods.store import trained_once
 from shared.training import TrainConfig
 from shared.types import User, recent_history
 
@@ -59,11 +60,19 @@ def stage1_model(runtime: Runtime):
         if not collective:
             raise ValueError("stage 1 needs collective users: none were assigned")
         config = stage1_train_config(runtime)
-        state, stats = train_stage1_lora(runtime.model, runtime.tokenizer, runtime.task,
-                                         collective, stage1_lora(), config,
-                                         progress=runtime.progress)
-        log.info("stage 1: %d collective users, %d steps, loss %.3f -> %.3f", len(collective),
-                 stats["steps"], stats["loss_first"], stats["loss_last"])
+
+        def train():
+            state, stats = train_stage1_lora(runtime.model, runtime.tokenizer, runtime.task,
+                                             collective, stage1_lora(), config,
+                                             progress=runtime.progress)
+            log.info("stage 1: %d collective users, %d steps, loss %.3f -> %.3f",
+                     len(collective), stats["steps"], stats["loss_first"], stats["loss_last"])
+            return {k: v.numpy() for k, v in state.items()}, stats
+
+        examples = stage1_examples(runtime.task, collective, runtime.tokenizer, config)
+        arrays, stats = trained_once(runtime, "lora-stage1", collective, examples,
+                                     {"lora": stage1_lora(), "train": config}, train)
+        state = {k: torch.from_numpy(v) for k, v in arrays.items()}
         runtime.cache["stage1"] = merge_lora(runtime.model, state, stage1_lora())
         runtime.cache["stage1_stats"] = stats
     return runtime.cache["stage1"]

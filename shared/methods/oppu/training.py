@@ -57,6 +57,16 @@ def _train_lora(model: torch.nn.Module, tokenizer, examples: Sequence[Example], 
     return state, stats
 
 
+def stage1_examples(task: TaskSpec, users: Sequence[User], tokenizer, train_config: TrainConfig,
+                    rag_k: int = 0, profiles: Mapping[str, str] | None = None) -> list[Example]:
+    """The pooled examples stage 1 trains on: each user's from that user's own history."""
+    examples: list[Example] = []
+    for user in users:
+        profile = (profiles or {}).get(user.id)
+        examples.extend(_user_examples(task, user, tokenizer, train_config, rag_k, profile))
+    return examples
+
+
 def train_stage1_lora(model: torch.nn.Module, tokenizer, task: TaskSpec, users: Sequence[User],
                       spec: LoraSpec, train_config: TrainConfig, rag_k: int = 0, *,
                       profiles: Mapping[str, str] | None = None,
@@ -70,10 +80,7 @@ def train_stage1_lora(model: torch.nn.Module, tokenizer, task: TaskSpec, users: 
     are :func:`shared.training.train`'s plus ``examples``, ``users``, ``params``, ``bytes``,
     ``seconds``. ``model`` is restored on return.
     """
-    examples: list[Example] = []
-    for user in users:
-        profile = (profiles or {}).get(user.id)
-        examples.extend(_user_examples(task, user, tokenizer, train_config, rag_k, profile))
+    examples = stage1_examples(task, users, tokenizer, train_config, rag_k, profiles)
     state, stats = _train_lora(model, tokenizer, examples, spec, train_config, initial_state,
                                desc=f"stage-1 LoRA ({len(users)} users)", progress=progress)
     stats["users"] = len(users)

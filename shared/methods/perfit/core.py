@@ -22,8 +22,10 @@ from shared.methods.perfit.config import PerFitConfig
 from shared.methods.perfit.intervention import orthonormality_error, reorthonormalize
 from shared.methods.perfit.model import (PerFitStage, intervened, new_stages, train_stage1,
                                          train_stage2)
+from shared.methods.store import trained_once
 from shared.prompts import pad_token_id
 from shared.training import history_examples
+from shared.types import recent_history
 
 #: The two parts of PerFit's collective arrays: ``stage1.layers.N.R|W|b``, ``stage2.*``.
 STAGE_PREFIXES = ("stage1", "stage2")
@@ -37,17 +39,24 @@ def perfit_config(runtime: Runtime) -> PerFitConfig:
 def perfit_stage1(runtime: Runtime):
     """PerFit stage 1 on the collective users: the collective shift and the shared stage 2."""
     if "perfit_stage1" not in runtime.cache:
-        examples = [ex for u in runtime.roles.get("collective", [])
-                    for ex in user_examples(runtime, u)]
+        collective = [recent_history(u, runtime.option("max_history", None))
+                      for u in runtime.roles.get("collective", [])]
+        examples = [ex for u in collective for ex in user_examples(runtime, u)]
         if not examples:
             raise ValueError("PerFit stage 1 needs collective users: none were assigned")
         config = perfit_config(runtime)
-        stage1, stage2, stats = train_stage1(
-            runtime.model, examples, config, pad_id=pad_token_id(runtime.tokenizer),
-            train_config=config.train_config(seed=runtime.seed,
-                                             epochs=runtime.option("stage1_epochs", 3.0)),
-            seed=runtime.seed, progress=runtime.progress)
-        runtime.cache["perfit_stage1"] = (stage1, stage2)
+        train_config = config.train_config(seed=runtime.seed,
+                                           epochs=runtime.option("stage1_epochs", 3.0))
+
+        def train():
+            stage1, stage2, stats = train_stage1(
+                runtime.model, examples, config, pad_id=pad_token_id(runtime.tokenizer),
+                train_config=train_config, seed=runtime.seed, progress=runtime.progress)
+            return perfit_to_arrays(stage1, stage2), stats
+
+        arrays, _ = trained_once(runtime, "perfit-stage1", collective, examples,
+                                 {"perfit": config.to_dict(), "train": train_config}, train)
+        runtime.cache["perfit_stage1"] = perfit_from_arrays(arrays, device=runtime.loaded.device)
     return runtime.cache["perfit_stage1"]
 
 

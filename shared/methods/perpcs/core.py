@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from shared.embeddings import user_embedding
 from shared.methods.base import Core, PersonalState, Runtime, register_core, user_examples
 from shared.methods.oppu.core import personal_train_config, stage1_model
@@ -42,6 +40,7 @@ from shared.methods.perpcs.pieces import updates_installed
 from shared.methods.perpcs.recipe import Recipe, rebuild
 from shared.methods.perpcs.retrieval_baseline import peft_retrieval_recipe
 from shared.methods.perpcs.training import train_sharer_pieces
+from shared.methods.store import model_digest
 from shared.prompts import pad_token_id
 from shared.serialization import InvalidPiece, content_bytes, piece_from_content_bytes
 from shared.types import User, recent_history
@@ -135,11 +134,7 @@ SHARER_TRAINING_FIELDS = ("target_modules", "gate_steps", "gate_lr", "gate_batch
 def stage1_digest(runtime: Runtime) -> str:
     """sha256 over the stage-1 model's parameters (memoized in the run's cache)."""
     if "stage1_digest" not in runtime.cache:
-        h = hashlib.sha256()
-        for name, tensor in stage1_model(runtime).state_dict().items():
-            h.update(name.encode() + b"\0")
-            h.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
-        runtime.cache["stage1_digest"] = h.hexdigest()
+        runtime.cache["stage1_digest"] = model_digest(stage1_model(runtime))
     return runtime.cache["stage1_digest"]
 
 
