@@ -7,6 +7,10 @@ model that knows the population but not the user could do.
 - ``population-mean``: the mean rating of the query's topic over the collective users'
   histories. It knows the task and the population perfectly and nothing of the user, so a
   personalized method has to beat it to show that it learnt the user.
+- ``best-sharer``: the noiseless persona rule of the one PER-PCS sharer whose rule fits the
+  target's history best (lowest mean error over its history items; ties: the first sharer).
+  It is what PER-PCS could reach if its assembly found that sharer from the target's history
+  and the sharer's pieces had learnt its rule exactly: the ceiling of reusing one sharer.
 
 Neither runs the model. Both read the persona behind the synthetic data, so they exist for
 that task only (``pfl eval``, ``pfl tune``), never in a federation. Importing this module
@@ -52,12 +56,35 @@ class _Reference(Core):
         return list(state.payload)
 
 
+def persona_of(dataset: SyntheticDataset, user):
+    """The persona behind a synthetic user (ids are ``syn-{seed}-{index:06d}``)."""
+    return dataset.persona(int(user.id.rsplit("-", 1)[1]))
+
+
 class PersonaOracle(_Reference):
     name = "oracle"
 
     def predict(self, user, query) -> str:
-        index = int(user.id.rsplit("-", 1)[1])  # syn-{seed}-{index:06d}
-        return str(self.dataset.persona(index).rating(topic_in(query.input)))
+        return str(persona_of(self.dataset, user).rating(topic_in(query.input)))
+
+
+class BestSharer(_Reference):
+    name = "best-sharer"
+
+    def prepare(self, runtime, dataset, augmentation):
+        super().prepare(runtime, dataset, augmentation)
+        self.sharers = [persona_of(dataset, u) for u in runtime.roles.get("sharers", [])]
+        if not self.sharers:
+            raise PflError("best-sharer needs sharers: none were assigned")
+
+    def personalize(self, runtime, user, augmentation, profile) -> PersonalState:
+        history = [(topic_in(item["text"]), float(item["score"])) for item in user.history]
+
+        def error(persona) -> float:
+            return sum(abs(persona.rating(t) - r) for t, r in history) / max(1, len(history))
+
+        best = min(self.sharers, key=error)  # min keeps the first of equal errors
+        return PersonalState(payload=[str(best.rating(topic_in(q.input))) for q in user.queries])
 
 
 class PopulationMean(_Reference):
@@ -79,5 +106,5 @@ class PopulationMean(_Reference):
         return f"{self.means.get(topic_in(query.input), self.fallback):.2f}"
 
 
-for _core in (PersonaOracle, PopulationMean):
+for _core in (PersonaOracle, PopulationMean, BestSharer):
     register_core(_core.name, _core)

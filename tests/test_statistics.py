@@ -157,3 +157,28 @@ def test_synthetic_reference_rows_bound_what_a_model_can_reach(capsys, tmp_path)
     code = main(["eval", "--task", "synthetic", "--model", "tiny", "--methods", "oracle+rag1",
                  "--users", "2", "--quiet"])
     assert code == 2 and "no +rag/+pag" in capsys.readouterr().err
+
+
+def test_best_sharer_picks_the_sharer_whose_rule_fits_the_history():
+    """The best-sharer reference follows the sharer whose persona rule fits the target's
+    history best: a target that is itself among the sharers gets its own rule (the oracle's
+    answers); without it, another sharer's rule, which misses some of the target's ratings."""
+    from shared.data import load_dataset
+    from shared.methods.base import PromptAugmentation, Runtime, core_class
+    from simulations import references  # noqa: F401  (registers the reference rows)
+
+    dataset = load_dataset("synthetic", None, num_users=12, seed=0, queries_per_user=3)
+    target, others = dataset.user(11), [dataset.user(i) for i in range(10)]
+
+    def answers(name, sharers):
+        core = core_class(name)()
+        runtime = Runtime(loaded=None, task=dataset.task, seed=0, progress=False,
+                          roles={"sharers": sharers})
+        core.prepare(runtime, dataset, PromptAugmentation())
+        return core.personalize(runtime, target, PromptAugmentation(), None).payload
+
+    oracle = answers("oracle", [])
+    assert answers("best-sharer", others[:4] + [target] + others[4:]) == oracle
+    assert answers("best-sharer", others) != oracle
+    with pytest.raises(Exception, match="needs sharers"):
+        answers("best-sharer", [])
