@@ -518,3 +518,30 @@ def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_uncha
     assert len(again.pool) < len(first.pool)  # the ratio still applies
     with pytest.raises(AssertionError, match="trained again"):
         cores.piece_pool(runtime(gate_lr=2e-2))
+
+
+def test_loss_scored_selection_keeps_the_sharer_that_fits_the_targets_history(
+        tiny, pad_id, gated):
+    """perpcs-loss: among a sharer trained on the target's own history and one with random
+    pieces (named so that it wins every tie), the target keeps the one whose pieces lower its
+    history loss, all of that sharer's pieces with weight 1, and nothing of the other."""
+    from shared.methods.perpcs.loss_selection import history_loss, loss_scored_recipe
+
+    _, result, _ = gated
+    fitted = [Piece("zz-fitted", p.layer, p.module, p.A, p.B, p.scaling, p.gate)
+              for p in result.pieces]
+    noise = random_pieces(tiny.model, "aa-noise", seed=3)
+    target = user_examples(tiny.tokenizer, 0)  # the history sharer-0's LoRA was trained on
+    config = PerPcsConfig(assembly_batch_size=4)
+    recipe = loss_scored_recipe(tiny.model, noise + fitted, target, pad_id, config)
+    assert recipe.config["sharer"] == "zz-fitted"
+    losses = recipe.config["losses"]
+    assert losses["zz-fitted"] < min(recipe.config["stage1_loss"], losses["aa-noise"])
+    by_id = {p.piece_id: p for p in fitted}
+    assert set(recipe.piece_ids()) == set(by_id)
+    assert all(items == ((items[0][0], 1.0),) for items in recipe.entries.values())
+    updates = rebuild(recipe, by_id)
+    assert all(torch.equal(updates[p.key].delta_weight(), p.delta_weight()) for p in fitted)
+    assert not any(isinstance(m, PieceLinear) for m in tiny.model.modules())
+    assert history_loss(tiny.model, target, pad_id, 4) == pytest.approx(
+        recipe.config["stage1_loss"], abs=1e-5)

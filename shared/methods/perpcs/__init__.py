@@ -4,12 +4,14 @@
 - :mod:`.pieces`: the piece, gated-delta and combination math, and the
   :class:`PieceLinear` wrapper that installs pieces/updates on a model.
 - :mod:`.training`: a sharer's LoRA split into pieces, then their gates.
-- :mod:`.core`: the ``perpcs`` and ``peft-retrieval`` cores and the run's piece pool (not
+- :mod:`.core`: the ``perpcs``, ``peft-retrieval`` and ``perpcs-loss`` cores and the run's piece pool (not
   imported here: it needs :mod:`shared.serialization`, which needs this package's pieces).
 - :mod:`.gates`: sharer side: post-hoc gate training and the shared subset of pieces.
 - :mod:`.assembly`: target side: auto-regressive assembly from the pool, no training.
 - :mod:`.recipe`: what a target stores (piece ids + weights) and :func:`rebuild`.
 - :mod:`.retrieval_baseline`: the PEFT-retrieval baseline and sharer selection.
+- :mod:`.loss_selection`: ``perpcs-loss``, the sharer whose pieces fit the target's history
+  loss best (a rating-aware alternative to the gates).
 
 Typical flow::
 

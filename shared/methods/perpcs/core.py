@@ -9,6 +9,8 @@ device in the federation).
   training; it stores only the recipe (piece ids and weights, compact binary).
 - :class:`PeftRetrieval` (``peft-retrieval``): the top-k sharers' whole adapters by
   user-embedding similarity.
+- :class:`LossScoredPieces` (``perpcs-loss``): the sharer whose pooled pieces give the lowest
+  loss on the target's history.
 
 A device reads pieces from the pool service through a *piece source* in
 ``runtime.cache["perpcs_source"]``: an object with ``gates(modules)`` (the pool's gates:
@@ -36,6 +38,7 @@ from shared.methods.oppu.core import personal_train_config, stage1_model
 from shared.methods.perpcs.assembly import assemble
 from shared.methods.perpcs.config import PerPcsConfig
 from shared.methods.perpcs.gates import select_shared_pieces
+from shared.methods.perpcs.loss_selection import loss_scored_recipe
 from shared.methods.perpcs.pieces import updates_installed
 from shared.methods.perpcs.recipe import Recipe, rebuild
 from shared.methods.perpcs.retrieval_baseline import peft_retrieval_recipe
@@ -249,5 +252,18 @@ class PeftRetrieval(PersonalPieces):
                                      pool.adapters, perpcs_config(runtime))
 
 
-for _core in (PersonalPieces, PeftRetrieval):
+class LossScoredPieces(PersonalPieces):
+    """PER-PCS with a rating-aware choice instead of gates: the one sharer whose pooled pieces
+    give the lowest loss on the target's own history (:mod:`shared.methods.perpcs.loss_selection`).
+    No training; stored, fetched and rebuilt as a PER-PCS recipe from the same pool."""
+
+    name = "perpcs-loss"
+
+    def recipe(self, runtime, user, augmentation, profile):
+        return loss_scored_recipe(stage1_model(runtime), piece_pool(runtime).pool,
+                                  user_examples(runtime, user, augmentation, profile),
+                                  pad_token_id(runtime.tokenizer), perpcs_config(runtime))
+
+
+for _core in (PersonalPieces, PeftRetrieval, LossScoredPieces):
     register_core(_core.name, _core)

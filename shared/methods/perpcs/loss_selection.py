@@ -1,0 +1,79 @@
+"""Sharer selection by the target's own history loss: a rating-aware alternative to PER-PCS'
+gates, with no training.
+
+PER-PCS' gates score a piece by the cosine between its gate and the module's input at the
+positions that *produce* an item's output. Those inputs are the item's prompt: what the user
+wrote about, not what they answered. On a task where users differ in their answers to the same
+inputs (ratings), the gates route by topic, and a target gets the pieces of sharers who rated
+the same topics, however differently they rated them (simulations/reports/ has the figures).
+
+:func:`loss_scored_recipe` asks the question the gates cannot: which sharer's shared pieces,
+installed on the stage-1 model, give the lowest loss on the target's own history (teacher
+forced, one forward pass per sharer over the history; no gradient). The target keeps that
+sharer's pieces with weight 1, as a :class:`~shared.methods.perpcs.recipe.Recipe`: it is
+stored, fetched and rebuilt exactly like a PER-PCS recipe, from the same pool. It reads every
+sharer's pieces, so it fetches the whole pool.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from shared.methods.perpcs.config import PerPcsConfig
+from shared.methods.perpcs.pieces import Key, Piece, combine, updates_installed
+from shared.methods.perpcs.recipe import Recipe
+from shared.training import Example, batches, target_loss
+
+
+def history_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id: int,
+                 batch_size: int) -> float:
+    """Mean cross-entropy per target token of ``examples`` under ``model`` (no gradient)."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in batches(examples, batch_size, pad_id, shuffle=False, device=device):
+            total += float(target_loss(model, batch, reduction="sum"))
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
+    return total / max(1, tokens)
+
+
+def pieces_by_sharer(pool: Sequence[Piece], modules: Sequence[str]) -> dict[str, list[Piece]]:
+    """The pool's pieces on ``modules``, per sharer (sharers sorted; each its pieces)."""
+    out: dict[str, list[Piece]] = {}
+    for piece in pool:
+        if piece.module in modules:
+            out.setdefault(piece.sharer, []).append(piece)
+    return {sharer: out[sharer] for sharer in sorted(out)}
+
+
+def loss_scored_recipe(model: torch.nn.Module, pool: Sequence[Piece],
+                       examples: Sequence[Example], pad_id: int,
+                       config: PerPcsConfig | None = None) -> Recipe:
+    """The recipe of the one sharer whose pooled pieces give the lowest loss on ``examples``
+    (ties: the lower sharer pseudonym). Its settings record every sharer's loss and the
+    stage-1 model's own, so a reader can see how far apart they were."""
+    config = config or PerPcsConfig()
+    if not examples:
+        raise ValueError("loss-scored selection needs history examples: the target has none")
+    sharers = pieces_by_sharer(pool, config.target_modules)
+    if not sharers:
+        raise ValueError("loss-scored selection needs a pool with pieces: it is empty")
+    losses: dict[str, float] = {}
+    for sharer, pieces in sharers.items():
+        updates: dict[Key, object] = {}
+        for piece in pieces:  # a sharer has at most one piece per (layer, module)
+            updates[piece.key] = combine([piece], [1.0], config.combination)
+        with updates_installed(model, updates):
+            losses[sharer] = history_loss(model, examples, pad_id, config.assembly_batch_size)
+    best = min(losses, key=lambda s: (losses[s], s))
+    entries: Mapping[Key, list[tuple[str, float]]] = {
+        piece.key: [(piece.piece_id, 1.0)] for piece in sharers[best]}
+    settings = config.to_dict()
+    settings.update(method="perpcs-loss", sharer=best,
+                    losses={s: round(v, 6) for s, v in losses.items()},
+                    stage1_loss=round(history_loss(model, examples, pad_id,
+                                                   config.assembly_batch_size), 6))
+    return Recipe(dict(entries), config.combination, settings,
+                  {p.piece_id: best for p in sharers[best]})
