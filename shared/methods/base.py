@@ -137,6 +137,12 @@ class Core:
             return generate(model, runtime.tokenizer, prompts, generation, desc=desc,
                             progress=progress)
 
+    def serving_adapter(self, runtime: Runtime, state: PersonalState):
+        """This user's personalization as one row of a mixed batch on the *raw* base model
+        (:class:`shared.serving.rows.RowAdapter`: low-rank updates and/or a PerFit
+        intervention; None: the base model itself). :mod:`shared.serving` answers with it."""
+        return None
+
 
     def save_payload(self, payload: Any, directory: Path) -> None:
         """Write the per-user payload of :meth:`personalize` under ``directory`` (nothing

@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from shared.methods.base import Core, register_core
-from shared.methods.oppu.core import stage1_model
+from shared.methods.oppu.core import stage1_model, stage1_updates
 
 
 class LoraCollective(Core):
@@ -28,6 +28,11 @@ class LoraCollective(Core):
     @contextmanager
     def model_for(self, runtime, state):
         yield stage1_model(runtime)
+
+    def serving_adapter(self, runtime, state):
+        from shared.serving.rows import RowAdapter
+
+        return RowAdapter(stage1_updates(runtime), name=self.name)
 
 
 register_core(LoraCollective.name, LoraCollective)

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from shared.errors import PflError
 from shared.methods.base import (Collective, Core, PersonalState, PromptAugmentation, Runtime,
                                  register_collective, register_core)
 from shared.methods.oppu.config import personal_lora, personal_train, stage1_lora, stage1_train
@@ -74,8 +75,20 @@ def stage1_model(runtime: Runtime):
                                      {"lora": stage1_lora(), "train": config}, train)
         state = {k: torch.from_numpy(v) for k, v in arrays.items()}
         runtime.cache["stage1"] = merge_lora(runtime.model, state, stage1_lora())
+        runtime.cache["stage1_state"] = state
         runtime.cache["stage1_stats"] = stats
     return runtime.cache["stage1"]
+
+
+def stage1_updates(runtime: Runtime) -> dict:
+    """The stage-1 task LoRA as per-row updates on the raw base (:mod:`shared.serving`)."""
+    from shared.serving.rows import lora_state_updates
+
+    stage1_model(runtime)
+    if "stage1_state" not in runtime.cache:
+        raise PflError("the stage-1 LoRA factors are not in this run (a merged model only)")
+    spec = stage1_lora()
+    return lora_state_updates(runtime.cache["stage1_state"], spec.alpha / spec.r)
 
 
 class PersonalLora(Core):
@@ -110,6 +123,15 @@ class PersonalLora(Core):
     def model_for(self, runtime, state):
         with attach_lora(self._base(runtime), personal_lora(), state=state.payload) as model:
             yield model
+
+    def serving_adapter(self, runtime, state):
+        from shared.serving.rows import RowAdapter, concat, lora_state_updates
+
+        spec = personal_lora()
+        personal = lora_state_updates(state.payload, spec.alpha / spec.r)
+        if not self.on_stage1:
+            return RowAdapter(personal, name=self.name)
+        return RowAdapter(concat(stage1_updates(runtime), personal), name=self.name)
 
     def save_payload(self, payload, directory):
         save_adapter_state(payload, personal_lora(), directory / "adapter")
@@ -172,6 +194,8 @@ class LoraStage1(Collective):
                      arrays.items()}
             _MERGED[key] = merge_lora(runtime.model, state, stage1_lora())
         runtime.cache["stage1"] = _MERGED[key]
+        runtime.cache["stage1_state"] = {k: torch.from_numpy(np.array(v, dtype=np.float32))
+                                         for k, v in arrays.items()}
 
 
 for _core in (PersonalLora, PersonalLoraNoStage1):

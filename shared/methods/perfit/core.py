@@ -71,6 +71,15 @@ def answer_with(runtime: Runtime, stage2, prompts, generation, *, desc: str, pro
                             lengths, width, padding_side="left"))
 
 
+def serving_row(runtime: Runtime, stage2, name: str):
+    """PerFit's collective stage 1 and ``stage2`` as one row of a mixed batch."""
+    from shared.serving.rows import RowAdapter, RowIntervention
+
+    stage1, _ = perfit_stage1(runtime)
+    return RowAdapter(intervention=RowIntervention((stage1, stage2),
+                                                   perfit_config(runtime).positions), name=name)
+
+
 class CollectiveShift(Core):
     """PerFit-C: PerFit's collective part only (stage 1 and the shared stage 2, trained on
     the collective users), no per-user state: what PerFit's personal stage adds is PerFit
@@ -85,6 +94,9 @@ class CollectiveShift(Core):
     def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
         return answer_with(runtime, perfit_stage1(runtime)[1], prompts, generation, desc=desc,
                            progress=progress)
+
+    def serving_adapter(self, runtime, state):
+        return serving_row(runtime, perfit_stage1(runtime)[1], self.name)
 
 
 class PersonalShift(Core):
@@ -111,6 +123,9 @@ class PersonalShift(Core):
     def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
         return answer_with(runtime, state.payload, prompts, generation, desc=desc,
                            progress=progress)
+
+    def serving_adapter(self, runtime, state):
+        return serving_row(runtime, state.payload, self.name)
 
     def save_payload(self, payload, directory):
         np.savez(directory / "stage2.npz", **payload.export_arrays())

@@ -34,7 +34,7 @@ from typing import Sequence
 
 from shared.embeddings import user_embedding
 from shared.methods.base import Core, PersonalState, Runtime, register_core, user_examples
-from shared.methods.oppu.core import personal_train_config, stage1_model
+from shared.methods.oppu.core import personal_train_config, stage1_model, stage1_updates
 from shared.methods.perpcs.assembly import assemble
 from shared.methods.perpcs.config import PerPcsConfig
 from shared.methods.perpcs.gates import select_shared_pieces
@@ -211,6 +211,12 @@ class PersonalPieces(Core):
         recipe = self.recipe(runtime, user, augmentation, profile)
         weights = sum(len(entries) for entries in recipe.entries.values())
         return PersonalState(params=weights, bytes=recipe.num_bytes, payload=recipe)
+
+    def serving_adapter(self, runtime, state):
+        from shared.serving.rows import RowAdapter, concat
+
+        updates = rebuild(state.payload, piece_pool(runtime).lookup)
+        return RowAdapter(concat(stage1_updates(runtime), updates), name=self.name)
 
     @contextmanager
     def model_for(self, runtime, state):
