@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import inspect
 import logging
 import signal
 import sys
 import threading
-from concurrent import futures
 from pathlib import Path
 from typing import Sequence
 
 import grpc
 
 from cloud_server.pool_store import NotPermitted, PieceNotFound, PoolCorruption, PoolStore
+from cloud_server.rpc import guard, target_of, tls_server
 from shared import crypto
 from shared.errors import PflError
 from shared.serialization import (DEFAULT_LIMITS, Grant, InvalidPiece, SignedPiece,
@@ -52,35 +50,6 @@ MAX_FETCH_BYTES = 64 << 20      # tensor bytes one FetchPieces call may stream
 MAX_FILTER = {"layers": 4096, "modules": 64, "sharers": 1024}  # ListGates filter entries
 
 
-def _internal(method, exc: Exception, context) -> None:
-    """Re-raise an abort the handler chose; anything else becomes INTERNAL (logged here)."""
-    if isinstance(exc, grpc.RpcError) or context.code() is not None:
-        raise exc
-    log.exception("%s failed", method.__name__)
-    context.abort(grpc.StatusCode.INTERNAL, "internal error")
-
-
-def _guard(method):
-    """Turn what a handler did not expect into INTERNAL with a fixed message (logged here),
-    never gRPC's UNKNOWN with a Python message."""
-    if inspect.isgeneratorfunction(method):
-        @functools.wraps(method)
-        def stream(self, request, context):
-            try:
-                yield from method(self, request, context)
-            except Exception as exc:
-                _internal(method, exc, context)
-        return stream
-
-    @functools.wraps(method)
-    def unary(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as exc:
-            _internal(method, exc, context)
-    return unary
-
-
 class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
     """Serves a :class:`PoolStore` over gRPC."""
 
@@ -90,7 +59,7 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
         self.max_batch = max_batch
         self.max_fetch = max_fetch
 
-    @_guard
+    @guard
     def SubmitPieces(self, request, context):
         """Validate and verify every piece, then store the batch (all or nothing)."""
         n = len(request.pieces)
@@ -131,7 +100,7 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
         return pfl_pb2.SubmitPiecesReply(
             results=[pfl_pb2.SubmitResult(piece_id=pid, created=c) for pid, c in results])
 
-    @_guard
+    @guard
     def ListGates(self, request, context):
         """Stream the gates of gated pieces matching the layer/module/sharer filters."""
         filters = {"layers": list(dict.fromkeys(request.layers)),
@@ -156,7 +125,7 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
         for gate in gates:
             yield gate.to_proto()
 
-    @_guard
+    @guard
     def FetchPieces(self, request, context):
         """Stream the requested pieces in order (NOT_FOUND before any if one is unknown)."""
         ids = list(request.piece_ids)
@@ -196,31 +165,17 @@ class PoolServer:
                  interceptors: Sequence[grpc.ServerInterceptor] = (), own_store: bool = False):
         self.store = store
         self._own_store = own_store
-        chain, key = crypto.load_server_credentials(certs_dir)
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.so_reuseport", 0)]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                                  interceptors=list(interceptors), options=options)
-        pfl_pb2_grpc.add_PiecePoolServicer_to_server(PiecePoolServicer(store), self.server)
         self.host = host
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            self.port = self.server.add_secure_port(
-                address, grpc.ssl_server_credentials([(key, chain)]))
-        except RuntimeError as exc:
-            self.port = 0
-            reason = f": {exc}"
-        else:
-            reason = ""
-        if not self.port:
-            raise PflError(f"cannot listen on {address} (in use or not a local address){reason}")
-        self.server.start()
+        self.server, self.port = tls_server(
+            lambda server: pfl_pb2_grpc.add_PiecePoolServicer_to_server(
+                PiecePoolServicer(store), server),
+            certs_dir, host=host, port=port, max_workers=max_workers,
+            max_message_bytes=MAX_MESSAGE_BYTES, interceptors=interceptors)
 
     @property
     def target(self) -> str:
         """``host:port`` for a client."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return target_of(self.host, self.port)
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop serving (waits up to ``grace`` seconds for running calls)."""

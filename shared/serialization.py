@@ -492,3 +492,84 @@ def recipe_from_proto(msg: pfl_pb2.Recipe) -> Recipe:
     except json.JSONDecodeError as exc:
         raise InvalidPiece(f"recipe: config is not JSON: {exc}") from None
     return Recipe(entries, msg.combination, config)
+
+
+# ------------------------------------------------------------ inference: personal state
+def adapter_to_proto(pieces) -> pfl_pb2.UploadAdapterRequest:
+    """A personal LoRA (ungated pieces, one per module) as an upload for the inference
+    service."""
+    msg = pfl_pb2.UploadAdapterRequest()
+    for piece in pieces:
+        piece = piece_for_wire(piece)
+        msg.factors.add(layer=piece.layer, module=piece.module, scaling=piece.scaling,
+                        a=tensor_to_proto(piece.A, "A"), b=tensor_to_proto(piece.B, "B"))
+    return msg
+
+
+def adapter_id(pieces) -> str:
+    """The id of a personal LoRA: sha256 over its pieces' content ids, sorted."""
+    return hashlib.sha256("".join(sorted(p.piece_id for p in pieces)).encode()).hexdigest()
+
+
+def adapter_from_proto(msg: pfl_pb2.UploadAdapterRequest, limits: Limits = DEFAULT_LIMITS,
+                       *, max_factors: int = 4096) -> list[Piece]:
+    """Decode and validate an uploaded personal LoRA: each factor pair as a piece must pass
+    :func:`validate_piece` (shapes, finiteness, norms, update bound), and a module appears
+    once. Shapes against the served model are the service's check."""
+    if not 1 <= len(msg.factors) <= max_factors:
+        raise InvalidPiece(f"an adapter has 1..{max_factors} modules, got {len(msg.factors)}")
+    pieces, seen = [], set()
+    for i, factor in enumerate(msg.factors):
+        check_names("upload", factor.layer, factor.module, limits)
+        key = (factor.layer, factor.module)
+        if key in seen:
+            raise InvalidPiece(f"adapter: layer {factor.layer} {factor.module} appears twice")
+        seen.add(key)
+        A = tensor_from_proto(factor.a, f"factor {i} A", limits)
+        B = tensor_from_proto(factor.b, f"factor {i} B", limits)
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise InvalidPiece(f"factor {i} {key}: A {tuple(A.shape)} and B {tuple(B.shape)} "
+                               "are not (r, d_in) and (d_out, r)")
+        pieces.append(validate_piece(Piece("upload", factor.layer, factor.module, A, B,
+                                           float(factor.scaling)), limits))
+    return pieces
+
+
+def perfit_stage_to_proto(stage) -> pfl_pb2.PerFitParams:
+    """A PerFit stage (a user's personal stage 2) as inline request parameters."""
+    msg = pfl_pb2.PerFitParams()
+    for layer in stage.layers:
+        arrays = stage[layer].export_arrays()
+        msg.layers.add(layer=layer, **{name.lower(): tensor_to_proto(
+            torch.from_numpy(arrays[name]), name) for name in "RWb"})
+    return msg
+
+
+def perfit_stage_from_proto(msg: pfl_pb2.PerFitParams, limits: Limits = DEFAULT_LIMITS, *,
+                            max_layers: int = 256):
+    """Decode and validate inline PerFit parameters into a PerFitStage: per layer R and W
+    (r, d), b (r,), one rank and width for all, finite and within the norm bound; an R that
+    is not orthonormal is re-orthonormalized (as after FedAvg)."""
+    from shared.methods.perfit.model import PerFitStage
+
+    if not 1 <= len(msg.layers) <= max_layers:
+        raise InvalidPiece(f"PerFit parameters need 1..{max_layers} layers, got "
+                           f"{len(msg.layers)}")
+    arrays, seen = {}, set()
+    for entry in msg.layers:
+        if entry.layer > limits.max_layer or entry.layer in seen:
+            raise InvalidPiece(f"PerFit: layer {entry.layer} is out of range or repeated")
+        seen.add(entry.layer)
+        for name, tensor_msg in (("R", entry.r), ("W", entry.w), ("b", entry.b)):
+            tensor = tensor_from_proto(tensor_msg, f"PerFit layer {entry.layer} {name}", limits)
+            _check_values(tensor, f"PerFit layer {entry.layer} {name}", limits)
+            arrays[f"layers.{entry.layer}.{name}"] = tensor.float().numpy()
+    shapes = {(a.shape[0], a.shape[-1] if a.ndim == 2 else None) for k, a in arrays.items()
+              if not k.endswith(".b")}
+    if len(shapes) != 1:
+        raise InvalidPiece(f"PerFit: R and W must all have one shape (rank, width), got "
+                           f"{sorted(shapes)}")
+    try:
+        return PerFitStage.from_arrays(arrays)
+    except (ValueError, RuntimeError) as exc:
+        raise InvalidPiece(f"PerFit parameters: {exc}") from None

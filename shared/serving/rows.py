@@ -53,6 +53,22 @@ def lora_state_updates(state: Mapping[str, torch.Tensor], scaling: float
     return updates
 
 
+def lora_state_pieces(state: Mapping[str, torch.Tensor], scaling: float,
+                      owner: str = "upload") -> list:
+    """A flat LoRA state (an OPPU adapter) as ungated pieces, one per module: the form in
+    which a device uploads it to the inference service (``adapter_to_proto``)."""
+    from shared.methods.oppu.model import PEFT_PREFIX, lora_pairs
+    from shared.methods.perpcs.pieces import Piece
+
+    pieces = []
+    for path, (A, B) in lora_pairs(state).items():
+        path = path[len(PEFT_PREFIX):] if path.startswith(PEFT_PREFIX) else path
+        layer, module = module_key(path)
+        pieces.append(Piece(owner, layer, module, torch.as_tensor(A).float(),
+                            torch.as_tensor(B).float(), float(scaling)))
+    return pieces
+
+
 def concat(*parts: Mapping[Key, LoraUpdate]) -> dict[Key, LoraUpdate]:
     """The sum of several sets of updates, module by module, as one set: where two parts have
     the same module their factors are stacked (ranks add), so that

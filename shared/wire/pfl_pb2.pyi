@@ -154,3 +154,79 @@ class FetchPiecesRequest(_message.Message):
     PIECE_IDS_FIELD_NUMBER: _ClassVar[int]
     piece_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, piece_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LoraFactor(_message.Message):
+    __slots__ = ("layer", "module", "a", "b", "scaling")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    module: str
+    a: Tensor
+    b: Tensor
+    scaling: float
+    def __init__(self, layer: _Optional[int] = ..., module: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ..., scaling: _Optional[float] = ...) -> None: ...
+
+class UploadAdapterRequest(_message.Message):
+    __slots__ = ("factors",)
+    FACTORS_FIELD_NUMBER: _ClassVar[int]
+    factors: _containers.RepeatedCompositeFieldContainer[LoraFactor]
+    def __init__(self, factors: _Optional[_Iterable[_Union[LoraFactor, _Mapping]]] = ...) -> None: ...
+
+class UploadAdapterReply(_message.Message):
+    __slots__ = ("adapter_id", "created")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    created: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class InterventionLayer(_message.Message):
+    __slots__ = ("layer", "r", "w", "b")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    R_FIELD_NUMBER: _ClassVar[int]
+    W_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    r: Tensor
+    w: Tensor
+    b: Tensor
+    def __init__(self, layer: _Optional[int] = ..., r: _Optional[_Union[Tensor, _Mapping]] = ..., w: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PerFitParams(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[InterventionLayer]
+    def __init__(self, layers: _Optional[_Iterable[_Union[InterventionLayer, _Mapping]]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "max_new_tokens", "perpcs", "perfit", "oppu_adapter", "min_new_tokens")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PERPCS_FIELD_NUMBER: _ClassVar[int]
+    PERFIT_FIELD_NUMBER: _ClassVar[int]
+    OPPU_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    max_new_tokens: int
+    perpcs: Recipe
+    perfit: PerFitParams
+    oppu_adapter: str
+    min_new_tokens: int
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., perpcs: _Optional[_Union[Recipe, _Mapping]] = ..., perfit: _Optional[_Union[PerFitParams, _Mapping]] = ..., oppu_adapter: _Optional[str] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateReply(_message.Message):
+    __slots__ = ("text", "new_tokens", "batch_rows", "queue_seconds", "compute_seconds")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    new_tokens: int
+    batch_rows: int
+    queue_seconds: float
+    compute_seconds: float
+    def __init__(self, text: _Optional[str] = ..., new_tokens: _Optional[int] = ..., batch_rows: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...

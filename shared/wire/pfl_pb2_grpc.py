@@ -184,3 +184,118 @@ class PiecePool:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class InferenceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UploadAdapter = channel.unary_unary(
+                '/pfl.v1.Inference/UploadAdapter',
+                request_serializer=pfl__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=pfl__pb2.UploadAdapterReply.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/pfl.v1.Inference/Generate',
+                request_serializer=pfl__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pfl__pb2.GenerateReply.FromString,
+                _registered_method=True)
+
+
+class InferenceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def UploadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_InferenceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UploadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=pfl__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=pfl__pb2.UploadAdapterReply.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=pfl__pb2.GenerateRequest.FromString,
+                    response_serializer=pfl__pb2.GenerateReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pfl.v1.Inference', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pfl.v1.Inference', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Inference:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def UploadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pfl.v1.Inference/UploadAdapter',
+            pfl__pb2.UploadAdapterRequest.SerializeToString,
+            pfl__pb2.UploadAdapterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pfl.v1.Inference/Generate',
+            pfl__pb2.GenerateRequest.SerializeToString,
+            pfl__pb2.GenerateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,545 @@
+"""The cloud's inference service (gRPC over TLS): one copy of the frozen base model answers many
+users in the same batch, each request with its own personalization.
+
+A request (``GenerateRequest``) carries the prompt text and names its personalization:
+
+- nothing: the stage-1 model (the base plus the federation's stage-1 task LoRA, if any);
+- a PER-PCS recipe, resolved against the service's own piece pool; assembled adapters are
+  kept in an LRU cache bounded in bytes;
+- PerFit stage-2 parameters, inline (a few KB), on top of the federation's PerFit stage 1;
+- an OPPU adapter, uploaded once (``UploadAdapter``) and then named by its id (LRU, bounded).
+
+Requests wait at most ``max_wait_ms`` for others to join them, then go through
+:class:`shared.serving.engine.BatchedEngine` together (dynamic batching): one base matmul for
+the batch, each row's own LoRA factors and PerFit intervention. Greedy answers equal the same
+request's answer alone.
+
+Every inbound payload is bounded and validated before it touches the model; a bad request
+gets a status and changes nothing:
+
+    INVALID_ARGUMENT    malformed or out-of-bounds parameters (NaN, shapes or ranks that do
+                        not fit the model, a prompt over the token limit, too many tokens)
+    NOT_FOUND           piece ids the pool does not hold (e.g. a recipe from another pool),
+                        an unknown adapter id
+    FAILED_PRECONDITION PerFit parameters when the service has no PerFit stage 1
+    RESOURCE_EXHAUSTED  the queue is full, or one client has too many requests in flight
+    DEADLINE_EXCEEDED   the answer took longer than the request's deadline
+    INTERNAL            anything unexpected (a fixed message; details in the log)
+
+Run it with ``pfl serve`` (:func:`serve`).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import grpc
+import numpy as np
+
+from cloud_server.rpc import guard, target_of, tls_server
+from shared.errors import PflError
+from shared.methods.perpcs.recipe import rebuild
+from shared.prompts import encode_prompt
+from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, adapter_from_proto, adapter_id,
+                                  perfit_stage_from_proto, recipe_from_proto)
+from shared.serving.engine import BatchedEngine
+from shared.serving.rows import RowAdapter, RowIntervention, concat
+from shared.wire import pfl_pb2, pfl_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request, one client and the whole service may use (``pfl serve`` flags)."""
+
+    max_prompt_tokens: int = 1024   # a longer prompt is refused, not cut
+    max_new_tokens: int = 128       # per request
+    default_new_tokens: int = 32    # when a request says 0
+    max_batch: int = 32             # rows in one forward pass
+    max_wait_ms: float = 5.0        # how long the first request of a batch waits for others
+    max_pending: int = 1024         # requests queued or running, all clients together
+    max_per_client: int = 64        # requests in flight from one client
+    max_rank: int = 256             # of a row's update on one module (stage 1 included)
+    adapter_cache_mb: float = 1024  # uploaded OPPU adapters kept (LRU)
+    recipe_cache_mb: float = 512    # assembled PER-PCS adapters kept (LRU)
+
+    def __post_init__(self):
+        for f in fields(self):
+            if getattr(self, f.name) < 0 or (f.name != "max_wait_ms" and
+                                             getattr(self, f.name) == 0):
+                raise PflError(f"serve: {f.name} must be positive, got {getattr(self, f.name)}")
+        if self.default_new_tokens > self.max_new_tokens:
+            raise PflError("serve: default_new_tokens exceeds max_new_tokens")
+
+
+class RequestError(PflError):
+    """A request the service refuses: ``code`` is the gRPC status it answers with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class _Lru:
+    """Values by key, evicting the least recently used beyond ``capacity`` bytes."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.items: collections.OrderedDict = collections.OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key not in self.items:
+                return None
+            self.items.move_to_end(key)
+            return self.items[key][0]
+
+    def put(self, key, value, size: int) -> bool:
+        """Keep ``value``; False (and nothing kept) if it alone exceeds the capacity."""
+        with self.lock:
+            if size > self.capacity:
+                return False
+            if key in self.items:
+                self.items.move_to_end(key)
+                return True
+            self.items[key] = (value, size)
+            self.size += size
+            while self.size > self.capacity:
+                _, (_, dropped) = self.items.popitem(last=False)
+                self.size -= dropped
+            return True
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _updates_bytes(updates) -> int:
+    return sum(u.A.numel() * u.A.element_size() + u.B.numel() * u.B.element_size()
+               for u in updates.values())
+
+
+class Personalizer:
+    """Turns a request's personalization into a :class:`RowAdapter` on the raw base model.
+
+    ``stage1``: the stage-1 task LoRA's updates (empty: none); ``perfit_stage1``: PerFit's
+    collective stage (None: PerFit requests are refused); ``pool``: piece id -> Piece (the
+    service's pool; a missing id raises KeyError or the pool's not-found error)."""
+
+    def __init__(self, engine: BatchedEngine, limits: ServeLimits, *, stage1=None,
+                 perfit_stage1=None, perfit_positions: str = "f7+l7",
+                 pool: Callable | None = None):
+        self.engine, self.limits = engine, limits
+        self.stage1 = dict(stage1 or {})
+        self.perfit_stage1, self.perfit_positions = perfit_stage1, perfit_positions
+        self.pool = pool
+        self.adapters = _Lru(int(limits.adapter_cache_mb * (1 << 20)))
+        self.recipes = _Lru(int(limits.recipe_cache_mb * (1 << 20)))
+        self.base_row = RowAdapter(self.stage1, name="stage1") if self.stage1 else None
+        engine.check(self.base_row)
+
+    def _checked(self, row: RowAdapter) -> RowAdapter:
+        try:
+            self.engine.check(row)
+        except PflError as exc:
+            raise _bad(str(exc)) from None
+        return row
+
+    def row(self, request: pfl_pb2.GenerateRequest) -> RowAdapter | None:
+        kind = request.WhichOneof("personalization")
+        if kind is None:
+            return self.base_row
+        if kind == "perpcs":
+            return self._perpcs(request.perpcs)
+        if kind == "perfit":
+            return self._perfit(request.perfit)
+        return self._oppu(request.oppu_adapter)
+
+    def _perpcs(self, msg: pfl_pb2.Recipe) -> RowAdapter:
+        if self.pool is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "this service has no piece pool: PER-PCS recipes are not served")
+        key = hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
+        cached = self.recipes.get(key)
+        if cached is not None:
+            return cached
+        try:
+            recipe = recipe_from_proto(msg)
+        except (InvalidPiece, PflError) as exc:
+            raise _bad(str(exc)) from None
+        if not recipe.entries:
+            raise _bad("recipe: no entries")
+        ids = sorted(recipe.piece_ids())
+        missing = [pid for pid in ids if not self._has(pid)]
+        if missing:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"{len(missing)} piece(s) of the recipe are not in this pool "
+                               f"(first: {missing[0][:12]}...): a recipe from another pool?")
+        try:
+            updates = rebuild(recipe, self.pool)
+        except (PflError, ValueError) as exc:
+            raise _bad(f"recipe: {exc}") from None
+        self._checked(RowAdapter(updates, name="perpcs"))  # alone first: shapes must fit
+        row = self._checked(RowAdapter(concat(self.stage1, updates), name="perpcs"))
+        self.recipes.put(key, row, _updates_bytes(updates))
+        return row
+
+    def _has(self, piece_id: str) -> bool:
+        try:
+            self.pool(piece_id)
+        except Exception:  # the pool's own not-found error, or a malformed id
+            return False
+        return True
+
+    def _perfit(self, msg: pfl_pb2.PerFitParams) -> RowAdapter:
+        if self.perfit_stage1 is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "this service has no PerFit stage 1: PerFit is not served")
+        try:
+            stage2 = perfit_stage_from_proto(msg, max_layers=self.engine.num_layers)
+        except InvalidPiece as exc:
+            raise _bad(str(exc)) from None
+        if stage2.hidden_size != self.engine.hidden_size or \
+                max(stage2.layers) >= self.engine.num_layers:
+            raise _bad(f"PerFit parameters of width {stage2.hidden_size} on layers "
+                       f"{list(stage2.layers)} do not fit the model "
+                       f"({self.engine.num_layers} layers of width {self.engine.hidden_size})")
+        stage2 = stage2.to(self.engine.device)
+        return self._checked(RowAdapter(intervention=RowIntervention(
+            (self.perfit_stage1, stage2), self.perfit_positions), name="perfit"))
+
+    def _oppu(self, adapter: str) -> RowAdapter:
+        row = self.adapters.get(adapter)
+        if row is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown adapter {adapter[:70]!r}: upload it first")
+        return row
+
+    def upload(self, msg: pfl_pb2.UploadAdapterRequest) -> tuple[str, bool]:
+        try:
+            pieces = adapter_from_proto(msg, DEFAULT_LIMITS, max_factors=len(self.engine.shapes))
+        except InvalidPiece as exc:
+            raise _bad(str(exc)) from None
+        ident = adapter_id(pieces)
+        if self.adapters.get(ident) is not None:
+            return ident, False
+        from shared.methods.perpcs.pieces import combine
+        updates = {p.key: combine([p], [1.0]) for p in pieces}
+        self._checked(RowAdapter(updates, name="oppu"))  # alone first: shapes must fit
+        row = self._checked(RowAdapter(concat(self.stage1, updates), name="oppu"))
+        if not self.adapters.put(ident, row, _updates_bytes(updates)):
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               "the adapter is larger than the service's adapter cache")
+        return ident, True
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    row: RowAdapter | None
+    max_new_tokens: int
+    min_new_tokens: int
+    client: str
+    future: Future
+    queued_at: float
+
+
+class Batcher:
+    """Collects requests into batches: the first waits up to ``max_wait_ms`` for others (up
+    to ``max_batch`` rows), then the batch runs on the engine; one batch at a time."""
+
+    def __init__(self, engine: BatchedEngine, limits: ServeLimits):
+        self.engine, self.limits = engine, limits
+        self.queue: collections.deque[_Job] = collections.deque()
+        self.cond = threading.Condition()
+        self.in_flight: collections.Counter = collections.Counter()
+        self.pending = 0
+        self.closed = False
+        self.batches = 0
+        self.thread = threading.Thread(target=self._loop, name="pfl-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: list[int], row: RowAdapter | None, max_new_tokens: int,
+               client: str, min_new_tokens: int = 0) -> Future:
+        with self.cond:
+            if self.closed:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the service is stopping")
+            if self.pending >= self.limits.max_pending:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the service has {self.pending} requests in flight "
+                                   f"(limit {self.limits.max_pending}); retry later")
+            if self.in_flight[client] >= self.limits.max_per_client:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"this client has {self.in_flight[client]} requests in "
+                                   f"flight (limit {self.limits.max_per_client})")
+            job = _Job(prompt, row, max_new_tokens, min_new_tokens, client, Future(),
+                       time.perf_counter())
+            self.in_flight[client] += 1
+            self.pending += 1
+            self.queue.append(job)
+            self.cond.notify_all()
+        job.future.add_done_callback(lambda _: self._done(client))
+        return job.future
+
+    def _done(self, client: str) -> None:
+        with self.cond:
+            self.pending -= 1
+            self.in_flight[client] -= 1
+            if self.in_flight[client] <= 0:
+                del self.in_flight[client]
+
+    def _take(self) -> list[_Job]:
+        with self.cond:
+            while not self.queue and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                return []
+            deadline = self.queue[0].queued_at + self.limits.max_wait_ms / 1000
+            while len(self.queue) < self.limits.max_batch and not self.closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self.cond.wait(timeout=left)
+            n = min(len(self.queue), self.limits.max_batch)
+            return [self.queue.popleft() for _ in range(n)]
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if not jobs:
+                if self.closed:
+                    return
+                continue
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            # rows that differ in min_new_tokens run apart: a row's EOS must stay its own
+            groups: dict[int, list[_Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.min_new_tokens, []).append(job)
+            for group in groups.values():
+                self._run(group, len(jobs))
+
+    def _run(self, jobs: list[_Job], taken: int) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.generate(
+                [j.prompt for j in jobs], [j.row for j in jobs],
+                max_new_tokens=max(j.max_new_tokens for j in jobs),
+                min_new_tokens=jobs[0].min_new_tokens)
+        except Exception as exc:  # every row of the batch learns of it
+            log.exception("a batch of %d failed", len(jobs))
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - started
+        self.batches += 1
+        for job, tokens in zip(jobs, outputs):
+            # greedy: a shorter limit is a prefix of the longer run
+            job.future.set_result((tokens[: job.max_new_tokens], len(jobs),
+                                   started - job.queued_at, seconds))
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            left = list(self.queue)
+            self.queue.clear()
+            self.cond.notify_all()
+        for job in left:
+            job.future.set_exception(RequestError(grpc.StatusCode.UNAVAILABLE,
+                                                  "the service is stopping"))
+        self.thread.join(timeout=30)
+
+
+def _client_of(context) -> str:
+    """Who a request is from, for the per-client limit: its connection (the peer's address
+    and port). Many clients share an address behind a NAT or on one host, so the address
+    alone would throttle them together; a client that opens many connections to flood the
+    service meets ``max_pending``, the limit over all clients."""
+    return context.peer() or "unknown"
+
+
+class InferenceServicer(pfl_pb2_grpc.InferenceServicer):
+    """Generate and UploadAdapter over a :class:`Personalizer` and a :class:`Batcher`."""
+
+    def __init__(self, personalizer: Personalizer, batcher: Batcher, tokenizer,
+                 limits: ServeLimits):
+        self.personalizer, self.batcher = personalizer, batcher
+        self.tokenizer, self.limits = tokenizer, limits
+
+    @guard
+    def UploadAdapter(self, request, context):
+        try:
+            ident, created = self.personalizer.upload(request)
+        except RequestError as exc:
+            context.abort(exc.code, str(exc))
+        return pfl_pb2.UploadAdapterReply(adapter_id=ident, created=created)
+
+    @guard
+    def Generate(self, request, context):
+        try:
+            prompt, max_new, row = self._parse(request)
+            future = self.batcher.submit(prompt, row, max_new, _client_of(context),
+                                         min_new_tokens=request.min_new_tokens)
+        except RequestError as exc:
+            context.abort(exc.code, str(exc))
+        timeout = context.time_remaining()
+        try:
+            tokens, rows, queued, seconds = future.result(
+                timeout=None if timeout is None else max(0.0, timeout))
+        except TimeoutError:
+            future.cancel()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer within the deadline")
+        except RequestError as exc:
+            context.abort(exc.code, str(exc))
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return pfl_pb2.GenerateReply(text=text, new_tokens=len(tokens), batch_rows=rows,
+                                     queue_seconds=queued, compute_seconds=seconds)
+
+    def _parse(self, request) -> tuple[list[int], int, RowAdapter | None]:
+        limits = self.limits
+        max_new = request.max_new_tokens or limits.default_new_tokens
+        if max_new > limits.max_new_tokens:
+            raise _bad(f"max_new_tokens {max_new} exceeds the limit {limits.max_new_tokens}")
+        if request.min_new_tokens > max_new:
+            raise _bad(f"min_new_tokens {request.min_new_tokens} exceeds max_new_tokens "
+                       f"{max_new}")
+        if not request.prompt.strip():
+            raise _bad("empty prompt")
+        if len(request.prompt) > 8 * limits.max_prompt_tokens:  # before tokenizing it
+            raise _bad(f"prompt of {len(request.prompt)} characters is over the limit")
+        prompt = encode_prompt(self.tokenizer, request.prompt)
+        if len(prompt) > limits.max_prompt_tokens:
+            raise _bad(f"prompt of {len(prompt)} tokens exceeds the limit "
+                       f"{limits.max_prompt_tokens}")
+        return prompt, max_new, self.personalizer.row(request)
+
+
+class InferenceServer:
+    """A running inference service with TLS: ``.port``, ``.target``; stop with :meth:`stop`."""
+
+    def __init__(self, engine: BatchedEngine, personalizer: Personalizer, certs_dir, *,
+                 limits: ServeLimits, host: str = "127.0.0.1", port: int = 0,
+                 max_workers: int = 64, interceptors: Sequence = ()):
+        self.engine, self.personalizer, self.limits = engine, personalizer, limits
+        self.batcher = Batcher(engine, limits)
+        servicer = InferenceServicer(personalizer, self.batcher, engine.tokenizer, limits)
+        self.host = host
+        try:
+            self.server, self.port = tls_server(
+                lambda server: pfl_pb2_grpc.add_InferenceServicer_to_server(servicer, server),
+                certs_dir, host=host, port=port, max_workers=max_workers,
+                max_message_bytes=MAX_MESSAGE_BYTES, interceptors=interceptors)
+        except BaseException:
+            self.batcher.close()
+            raise
+
+    @property
+    def target(self) -> str:
+        return target_of(self.host, self.port)
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.server.stop(grace).wait(timeout=(grace or 0) + 5)
+        self.batcher.close()
+
+    def __enter__(self) -> "InferenceServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def load_collectives(loaded, arrays_path: str | Path | None) -> tuple[dict, object, str]:
+    """(stage-1 updates, PerFit stage 1 or None, PerFit positions) from a federation's
+    ``global_arrays.npz`` (None: neither, the raw base model)."""
+    if arrays_path is None:
+        return {}, None, "f7+l7"
+    from edge_client.phases import split_arrays
+    from shared.methods import collective
+    from shared.methods.base import Runtime
+    from shared.methods.oppu.core import stage1_updates
+    from shared.methods.perfit.core import perfit_config
+    from shared.tasks import SYNTHETIC
+
+    with np.load(arrays_path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    runtime = Runtime(loaded=loaded, task=SYNTHETIC, seed=0, progress=False)
+    parts = split_arrays(arrays)
+    for kind, part in parts.items():
+        collective(kind).install(runtime, part)
+    stage1 = stage1_updates(runtime) if "lora" in parts else {}
+    perfit = runtime.cache.get("perfit_stage1")
+    return stage1, (perfit[0] if perfit else None), perfit_config(runtime).positions
+
+
+def start_inference_server(certs_dir: str | Path, *, model: str | None = None,
+                           arrays: str | Path | None = None, pool_db: str | Path | None = None,
+                           limits: ServeLimits = ServeLimits(), host: str = "127.0.0.1",
+                           port: int = 0, device: str | None = None, cache=None,
+                           loaded=None) -> InferenceServer:
+    """Load the base model (once), the federation's collective arrays and the pool, and serve.
+
+    ``loaded``: an already loaded model to serve (tests); else ``model`` is loaded."""
+    from shared.models import load_model
+
+    loaded = loaded or load_model(model, device=device, cache=cache)
+    stage1, perfit_stage1, positions = load_collectives(loaded, arrays)
+    store = None
+    if pool_db is not None:
+        from cloud_server.pool_store import PoolStore
+        store = PoolStore(pool_db)
+    engine = BatchedEngine(loaded.model, loaded.tokenizer, max_rank=limits.max_rank)
+    try:
+        personalizer = Personalizer(engine, limits, stage1=stage1, perfit_stage1=perfit_stage1,
+                                    perfit_positions=positions,
+                                    pool=store.piece if store is not None else None)
+        server = InferenceServer(engine, personalizer, certs_dir, limits=limits, host=host,
+                                 port=port)
+    except BaseException:
+        engine.close()
+        if store is not None:
+            store.close()
+        raise
+    server.store = store
+    return server
+
+
+def serve(certs_dir, *, host: str = "127.0.0.1", port: int = 50071, **kwargs) -> int:
+    """Serve until SIGINT/SIGTERM (``pfl serve``); returns an exit status."""
+    server = start_inference_server(certs_dir, host=host, port=port, **kwargs)
+    stopping = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    engine = server.engine
+    print(f"pfl serve: {len(engine.shapes)} servable modules, stage 1 "
+          f"{'on' if server.personalizer.stage1 else 'off'}, PerFit "
+          f"{'on' if server.personalizer.perfit_stage1 is not None else 'off'}, pool "
+          f"{'on' if server.store is not None else 'off'}; listening on {server.target} (TLS)",
+          flush=True)
+    try:
+        while not stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(grace=2.0)
+        engine.close()
+        if server.store is not None:
+            server.store.close()
+    print("pfl serve: stopped", flush=True)
+    return 0

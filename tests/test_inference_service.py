@@ -1,0 +1,241 @@
+"""The inference service over real gRPC with TLS on 127.0.0.1: requests with every kind of
+personalization, from many clients at once, get the answers the device's own rows give, and
+hostile requests get a status and change nothing."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from cloud_server.inference_service import ServeLimits, start_inference_server
+from cloud_server.pool_store import PoolStore
+from edge_client.inference_client import InferenceClient, InferenceError
+from shared import crypto
+from shared.data import load_dataset
+from shared.files import save_npz
+from shared.methods import parse_method
+from shared.methods.base import PromptAugmentation, Runtime
+from shared.methods.oppu.config import personal_lora
+from shared.methods.perfit.core import perfit_to_arrays
+from shared.methods.perpcs.recipe import Recipe
+from shared.models import LoadedModel
+from shared.prompts import encode_prompt
+from shared.serialization import SignedPiece
+from shared.serving.engine import BatchedEngine
+from shared.serving.rows import lora_state_pieces
+
+METHODS = ("lora-c", "oppu", "perpcs", "perfit")
+NEW = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, tmp_path_factory):
+    """Personal states of two targets for each method (tiny model), the federation's arrays,
+    a real pool holding the sharers' pieces, and a running service on a float64 copy."""
+    root = tmp_path_factory.mktemp("serve")
+    dataset = load_dataset("synthetic", None, num_users=8, seed=0)
+    users = [dataset.user(i) for i in range(8)]
+    roles = {"targets": users[:2], "sharers": users[2:4], "collective": users[4:6]}
+    options = {"max_history": 6, "stage1": {"max_steps": 3, "lr": 2e-2},
+               "oppu": {"max_steps": 3, "lr": 2e-2}, "perfit": {"lr": 2e-2},
+               "perpcs": {"gate_steps": 2, "gate_lr": 1e-2}, "stage1_epochs": 1,
+               "personal_epochs": 1}
+    runtime = Runtime(loaded=tiny, task=dataset.task, seed=0, progress=False, options=options,
+                      roles=roles)
+    states = {}
+    for name in METHODS:
+        spec = parse_method(name)
+        core = spec.make_core()
+        core.prepare(runtime, dataset, spec.augmentation)
+        for user in roles["targets"]:
+            states[(name, user.id)] = (core, core.personalize(runtime, user,
+                                                              PromptAugmentation(), None))
+    # what the federation leaves: the collective arrays, and a pool of signed pieces
+    arrays = {f"lora.{k}": v.numpy() for k, v in runtime.cache["stage1_state"].items()}
+    arrays.update({f"perfit.{k}": v for k, v in
+                   perfit_to_arrays(*runtime.cache["perfit_stage1"]).items()})
+    save_npz(root / "global_arrays.npz", arrays)
+    store = PoolStore(root / "pool")
+    pool = runtime.cache["perpcs_pool"]
+    for sharer, pieces in pool.adapters.items():
+        key = crypto.generate_device_key()
+        store.submit([SignedPiece.sign(p, key, {"pool": True}) for p in pieces])
+    store.close()
+    certs = crypto.write_dev_certs(root / "certs").directory
+    model64 = copy.deepcopy(tiny.model).double().eval()
+    loaded64 = LoadedModel("tiny64", model64, tiny.tokenizer, torch.device("cpu"))
+    limits = ServeLimits(max_wait_ms=50, max_per_client=4, max_prompt_tokens=300,
+                         max_new_tokens=16, default_new_tokens=8)
+    server = start_inference_server(certs, loaded=loaded64, arrays=root / "global_arrays.npz",
+                                    pool_db=root / "pool", limits=limits)
+    prompts = [q.input for u in roles["targets"] for q in u.queries]
+    yield {"runtime": runtime, "states": states, "server": server, "certs": certs,
+           "prompts": prompts, "tokenizer": tiny.tokenizer, "tiny": tiny,
+           "targets": roles["targets"]}
+    server.stop()
+    server.engine.close()
+    server.store.close()
+
+
+def _client(setup, **kwargs):
+    return InferenceClient(setup["server"].target, setup["certs"], **kwargs)
+
+
+def _personalization(setup, client, name, uid):
+    """What a device sends for ``name``: nothing, its recipe, its stage 2, or its adapter."""
+    core, state = setup["states"][(name, uid)]
+    if name == "perpcs":
+        return {"recipe": state.payload}
+    if name == "perfit":
+        return {"perfit": state.payload}
+    if name == "oppu":
+        spec = personal_lora()
+        return {"adapter": client.upload(lora_state_pieces(state.payload,
+                                                           spec.alpha / spec.r))}
+    return {}
+
+
+def _expected(setup, requests):
+    """The device-side answers: each method's own serving row on a separate float64 copy."""
+    model64 = copy.deepcopy(setup["tiny"].model).double().eval()
+    runtime = setup["runtime"]
+    with BatchedEngine(model64, setup["tokenizer"]) as engine:
+        out = []
+        for name, uid, prompt in requests:
+            core, state = setup["states"][(name, uid)]
+            row = core.serving_adapter(runtime, state)
+            ids = encode_prompt(setup["tokenizer"], prompt)
+            tokens = engine.generate([ids], [row], max_new_tokens=NEW, min_new_tokens=NEW)[0]
+            out.append(setup["tokenizer"].decode(tokens, skip_special_tokens=True).strip())
+    return out
+
+
+def test_remote_answers_equal_the_devices_own_for_every_method_from_concurrent_clients(setup):
+    # every (method, user) on one shared prompt and on a prompt of its own: 16 requests,
+    # 32 in all, from 8 concurrent clients
+    combos = [(n, u.id) for n in METHODS for u in setup["targets"]]
+    requests = [(n, uid, setup["prompts"][0]) for n, uid in combos] + \
+        [(n, uid, setup["prompts"][1 + i % (len(setup["prompts"]) - 1)])
+         for i, (n, uid) in enumerate(combos)]
+    requests = requests * 2
+    expected = _expected(setup, requests)
+    barrier = threading.Barrier(8)
+    rows_seen = []
+
+    def ask(chunk):
+        with _client(setup) as client:
+            out = []
+            barrier.wait(timeout=60)
+            for name, uid, prompt in chunk:
+                kwargs = _personalization(setup, client, name, uid)
+                out.append(client.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW,
+                                          **kwargs))
+                rows_seen.append(client.last_reply.batch_rows)
+            return out
+
+    chunks = [requests[i::8] for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, chunks))
+    got = {}
+    for chunk, outs in zip(chunks, answers):
+        for request, text in zip(chunk, outs):
+            got.setdefault(request, []).append(text)
+    for request, text in zip(requests, expected):
+        assert set(got[request]) == {text}, request
+    assert max(rows_seen) > 1  # requests from different clients shared batches
+    shared_prompt = {text for (_, _, prompt), text in zip(requests, expected)
+                     if prompt == setup["prompts"][0]}
+    assert all(expected) and len(shared_prompt) > 1  # the personalization changes answers
+
+
+def test_hostile_requests_get_a_status_and_change_nothing(setup):
+    prompt = setup["prompts"][0]
+    uid = setup["targets"][0].id
+    with _client(setup) as client:
+        good = _personalization(setup, client, "perpcs", uid)
+        before = client.generate(prompt, max_new_tokens=NEW, **good)
+
+        def status(**kwargs) -> grpc.StatusCode:
+            with pytest.raises(InferenceError) as caught:
+                client.generate(prompt, max_new_tokens=NEW, **kwargs)
+            return caught.value.code
+
+        recipe = good["recipe"]
+        unknown = Recipe({key: [("f" * 64, 1.0)] for key in list(recipe.entries)[:1]})
+        assert status(recipe=unknown) == grpc.StatusCode.NOT_FOUND
+        # a recipe of another pool: real pieces' ids this pool never saw
+        other = Recipe({key: [(pid[::-1], w) for pid, w in items]
+                        for key, items in recipe.entries.items()})
+        assert status(recipe=other) == grpc.StatusCode.NOT_FOUND
+        assert status(adapter="0" * 64) == grpc.StatusCode.NOT_FOUND
+
+        perfit = setup["states"][("perfit", uid)][1].payload
+        params = client.request(prompt, perfit=perfit)
+        params.perfit.layers[0].w.data = np.full(
+            len(params.perfit.layers[0].w.data) // 4, np.nan, "<f4").tobytes()
+        import hashlib
+        params.perfit.layers[0].w.sha256 = hashlib.sha256(params.perfit.layers[0].w.data).hexdigest()
+        with pytest.raises(grpc.RpcError) as caught:
+            client._stub.Generate(params, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "non-finite" in caught.value.details()
+
+        # an adapter for another model: a width this model does not have
+        spec = personal_lora()
+        pieces = lora_state_pieces(setup["states"][("oppu", uid)][1].payload,
+                                   spec.alpha / spec.r)
+        from shared.methods.perpcs.pieces import Piece
+        wide = [Piece("x", p.layer, p.module, torch.zeros(p.rank, p.d_in + 1),
+                      p.B, p.scaling) for p in pieces[:1]]
+        with pytest.raises(InferenceError) as caught:
+            client.upload(wide)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        nowhere = [Piece("x", 999, "q_proj", p.A, p.B, p.scaling) for p in pieces[:1]]
+        with pytest.raises(InferenceError) as caught:
+            client.upload(nowhere)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+        with pytest.raises(InferenceError) as caught:
+            client.generate("word " * 400, max_new_tokens=NEW)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in \
+            caught.value.details
+        with pytest.raises(InferenceError) as caught:
+            client.generate(prompt, max_new_tokens=17)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+        assert client.generate(prompt, max_new_tokens=NEW, **good) == before
+
+
+def test_a_flood_from_one_client_is_refused_beyond_its_limit_and_others_are_served(setup):
+    prompt = setup["prompts"][1]
+    with _client(setup) as client:
+        expected = client.generate(prompt, max_new_tokens=NEW)
+
+        def one(_):
+            try:
+                return client.generate(prompt, max_new_tokens=NEW)
+            except InferenceError as exc:
+                return exc.code
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(one, range(48)))
+    refused = [r for r in results if r == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    answered = [r for r in results if isinstance(r, str)]
+    assert refused and answered and len(refused) + len(answered) == 48
+    assert set(answered) == {expected}
+    with _client(setup) as client:
+        assert client.generate(prompt, max_new_tokens=NEW) == expected
