@@ -4,6 +4,7 @@ users in the same batch, each request with its own personalization.
 A request (``GenerateRequest``) carries the prompt text and names its personalization:
 
 - nothing: the stage-1 model (the base plus the federation's stage-1 task LoRA, if any);
+  ``base``: the raw base model;
 - a PER-PCS recipe, resolved against the service's own piece pool; assembled adapters are
   kept in an LRU cache bounded in bytes;
 - PerFit stage-2 parameters, inline (a few KB), on top of the federation's PerFit stage 1;
@@ -166,6 +167,8 @@ class Personalizer:
         kind = request.WhichOneof("personalization")
         if kind is None:
             return self.base_row
+        if kind == "base":
+            return None
         if kind == "perpcs":
             return self._perpcs(request.perpcs)
         if kind == "perfit":

@@ -3,8 +3,10 @@
     pfl certs DIR --hosts localhost,127.0.0.1      dev CA (reused if present) + server cert
     pfl pool serve --db DIR --port P --certs DIR   serve the piece pool over TLS
     pfl pool check --db DIR                        re-hash every blob, verify signatures
+    pfl serve --certs DIR [--arrays F] [--pool-db DIR]   the inference service over TLS
 
-``simulations.cli`` calls :func:`add_certs_command` and :func:`add_pool_commands` on its
+``simulations.cli`` calls :func:`add_certs_command`, :func:`add_pool_commands` and
+:func:`add_serve_command` on its
 subparsers; each handler takes the parsed args and returns an exit status.
 """
 
@@ -98,3 +100,46 @@ def add_pool_commands(subparsers) -> None:
                             description=cmd_pool_check.__doc__)
     check.add_argument("--db", required=True, help="pool directory")
     check.set_defaults(func=cmd_pool_check)
+
+
+def cmd_serve(args) -> int:
+    """Serve personalized answers from one copy of the base model until interrupted: the
+    stage-1 model, PER-PCS recipes against the pool, inline PerFit stage 2 and uploaded OPPU
+    adapters, many users in each batch."""
+    from dataclasses import fields
+
+    from cloud_server.inference_service import ServeLimits, serve as serve_inference
+
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)
+                            if getattr(args, f.name, None) is not None})
+    return serve_inference(args.certs, host=args.host, port=args.port, model=args.model,
+                           arrays=args.arrays, pool_db=args.pool_db, limits=limits,
+                           device=args.device)
+
+
+def add_serve_command(subparsers) -> None:
+    """Register ``pfl serve`` (the inference service) on an argparse subparsers object."""
+    from dataclasses import fields
+
+    from cloud_server.inference_service import ServeLimits
+
+    serve_cmd = subparsers.add_parser(
+        "serve", help="the inference service: personalized answers over gRPC with TLS",
+        description=cmd_serve.__doc__)
+    serve_cmd.add_argument("--certs", required=True, help="certificate directory from `pfl certs`")
+    serve_cmd.add_argument("--port", type=int, default=50071,
+                           help="0 picks a free port (default %(default)s)")
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve_cmd.add_argument("--model", default=None, help="base model (default smollm2-135m)")
+    serve_cmd.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    serve_cmd.add_argument("--arrays", default=None,
+                           help="the federation's RUN_DIR/global_arrays.npz: stage 1 and PerFit "
+                                "stage 1 (without it: the raw base, no PerFit)")
+    serve_cmd.add_argument("--pool-db", default=None,
+                           help="the piece pool's directory, to resolve PER-PCS recipes")
+    defaults = ServeLimits()
+    for f in fields(ServeLimits):
+        serve_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                               type=type(getattr(defaults, f.name)), default=None,
+                               help=f"(default {getattr(defaults, f.name)})")
+    serve_cmd.set_defaults(func=cmd_serve)

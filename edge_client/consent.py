@@ -10,7 +10,8 @@ any of its keys. Every allowed upload has a *rule name* such as ``"upload.stage1
 
 Kinds of upload (:data:`KINDS`): ``stage1_lora``, ``perfit_stage1``, ``oppu_personal_lora``,
 ``perfit_stage2``, ``perpcs_pieces`` (further limited by ``[sharing]``), ``cluster_index``,
-``embeddings`` and ``metrics``.
+``embeddings``, ``metrics`` and ``inference_remote`` (a query answered by the cloud's inference
+service: its prompt text and the user's personal parameters leave the device).
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ KINDS: dict[str, tuple[str, str]] = {
     "cluster_index": ("upload", "cluster_index"),
     "embeddings": ("embeddings", "may_leave_device"),
     "metrics": ("metrics", "may_report"),
+    "inference_remote": ("inference", "remote"),
 }
 _SECTIONS = {"upload": {key for section, key in KINDS.values() if section == "upload"},
              "sharing": {"layers", "modules", "ratio"},
              "embeddings": {"may_leave_device"},
-             "metrics": {"may_report"}}
+             "metrics": {"may_report"},
+             "inference": {"remote"}}
 
 
 class ConsentDenied(PflError):
@@ -227,8 +230,9 @@ class ConsentPolicy:
         why = self._denial(kind, layer, module)
         section, key = KINDS[kind]
         if why is not None:
-            raise ConsentDenied(f"consent policy ({self.source}) does not allow uploading "
-                                f"{kind}: {why}", f"{section}.{key}")
+            raise ConsentDenied(f"consent policy ({self.source}) does not allow "
+                                f"{'uploading ' if section == 'upload' else ''}{kind} "
+                                f"(rule {section}.{key}): {why}", f"{section}.{key}")
         return f"{section}.{key}"
 
     def filter_pieces(self, pieces: Iterable, seed: int = 0) -> list:

@@ -54,6 +54,7 @@ class InferenceClient:
         self._stub = pfl_pb2_grpc.InferenceStub(channel)
         self.target, self.timeout = target, timeout
         self.last_reply: pfl_pb2.GenerateReply | None = None
+        self._uploaded: set[str] = set()
 
     def close(self) -> None:
         self._channel.close()
@@ -74,19 +75,37 @@ class InferenceClient:
         return reply.adapter_id
 
     def request(self, prompt: str, *, recipe=None, perfit=None, adapter: str | None = None,
-                max_new_tokens: int = 0, min_new_tokens: int = 0) -> pfl_pb2.GenerateRequest:
+                base: bool = False, max_new_tokens: int = 0,
+                min_new_tokens: int = 0) -> pfl_pb2.GenerateRequest:
         """The request :meth:`generate` sends (at most one personalization)."""
-        if sum(x is not None for x in (recipe, perfit, adapter)) > 1:
-            raise PflError("a request carries one personalization: recipe, perfit or adapter")
+        if sum(x is not None for x in (recipe, perfit, adapter)) + bool(base) > 1:
+            raise PflError("a request carries one personalization: base, recipe, perfit or "
+                           "adapter")
         request = pfl_pb2.GenerateRequest(prompt=prompt, max_new_tokens=int(max_new_tokens),
                                           min_new_tokens=int(min_new_tokens))
-        if recipe is not None:
+        if base:
+            request.base = True
+        elif recipe is not None:
             request.perpcs.CopyFrom(recipe_to_proto(recipe))
         elif perfit is not None:
             request.perfit.CopyFrom(perfit_stage_to_proto(perfit))
         elif adapter is not None:
             request.oppu_adapter = adapter
         return request
+
+    def answer(self, prompt: str, personalization: dict, **kwargs) -> str:
+        """:meth:`generate` with a core's ``remote_personalization``: an ``adapter_pieces``
+        entry is uploaded first (once per adapter on this client) and named by its id."""
+        personalization = dict(personalization)
+        pieces = personalization.pop("adapter_pieces", None)
+        if pieces is not None:
+            from shared.serialization import adapter_id
+
+            ident = adapter_id(pieces)
+            if ident not in self._uploaded:
+                self._uploaded.add(self.upload(pieces))
+            personalization["adapter"] = ident
+        return self.generate(prompt, **personalization, **kwargs)
 
     def generate(self, prompt: str, **kwargs) -> str:
         """The service's greedy answer to ``prompt`` with the given personalization (none:
@@ -97,3 +116,52 @@ class InferenceClient:
             raise InferenceError(exc.code(), exc.details()) from None
         self.last_reply = reply
         return reply.text
+
+
+def _tensors(messages: dict) -> dict:
+    import numpy as np
+
+    return {name: np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(tuple(t.shape))
+            for name, t in messages.items()}
+
+
+def inference_describer(policy):
+    """The audit ledger's ``describe_request_fn`` for the inference service, under a device's
+    consent ``policy``: every request needs ``inference.remote``; PerFit parameters also
+    ``upload.perfit_stage2`` and an adapter upload ``upload.oppu_personal_lora``. A request
+    the policy does not allow raises :class:`edge_client.consent.ConsentDenied`, so it is
+    neither recorded nor sent. The entry names the rule(s), describes every tensor sent, and
+    keeps the prompt's sha256 and length (the ledger holds no raw text)."""
+    import hashlib
+
+    def describe(method: str, request) -> dict:
+        name = method.rsplit("/", 1)[-1]
+        rules = [policy.require("inference_remote")]
+        if name == "UploadAdapter":
+            rules.append(policy.require("oppu_personal_lora"))
+            arrays = _tensors({f"{f.layer}.{f.module}/{x}": getattr(f, x.lower())
+                               for f in request.factors for x in ("A", "B")})
+            return {"arrays": arrays, "consent_rule": "+".join(rules),
+                    "extra": {"modules": len(request.factors)}}
+        if name != "Generate":
+            raise PflError(f"inference: no consent rule covers {name}")
+        kind = request.WhichOneof("personalization") or "stage1"
+        arrays = {}
+        extra = {"prompt": request.prompt, "personalization": kind,
+                 "max_new_tokens": request.max_new_tokens}
+        if kind == "perfit":
+            rules.append(policy.require("perfit_stage2"))
+            arrays = _tensors({f"{entry.layer}/{x}": getattr(entry, x.lower())
+                               for entry in request.perfit.layers for x in ("R", "W", "b")})
+        elif kind == "perpcs":
+            extra["recipe_pieces"] = sum(len(e.items) for e in request.perpcs.entries)
+        elif kind == "oppu_adapter":
+            extra["adapter_id"] = len(request.oppu_adapter)
+        data = request.prompt.encode("utf-8")
+        return {"arrays": arrays, "consent_rule": "+".join(rules), "extra": extra,
+                "meta": {"prompt_sha256": hashlib.sha256(data).hexdigest(),
+                         "prompt_bytes": len(data),
+                         **({"adapter_id": request.oppu_adapter}
+                            if kind == "oppu_adapter" else {})}}
+
+    return describe

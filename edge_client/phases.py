@@ -45,8 +45,8 @@ from shared.data import load_dataset
 from shared.embeddings import user_embedding
 from shared.errors import PflError
 from shared.generation import GenerationConfig
-from shared.methods import (Runtime, augmented_prompts, collective, collective_kinds,
-                            parse_method)
+from shared.methods import (PersonalState, Runtime, augmented_prompts, collective,
+                            collective_kinds, parse_method)
 from shared.methods.oppu import personal_train_config
 from shared.methods.perpcs import train_sharer_pieces
 from shared.methods.perpcs.core import PiecePool, perpcs_config
@@ -355,3 +355,46 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
         for key, value in metric_stats(task, predictions, golds).items():
             out[f"{name}/{key}"] = value
     return out
+
+
+# ------------------------------------------------------- answering a query (pfl generate)
+def answer_query(loaded, task, method: str, prompt: str, *, state_dir: Path | None,
+                 arrays: Mapping[str, np.ndarray], options: Mapping[str, Any] | None = None,
+                 pool: PoolPieces | None = None, remote=None,
+                 max_new_tokens: int | None = None) -> str:
+    """One user's greedy answer to ``prompt`` (the whole prompt text) with ``method``'s saved
+    state under ``state_dir`` (from the personalize phase), locally or, with ``remote`` (an
+    :class:`edge_client.inference_client.InferenceClient` whose interceptors hold the
+    device's ledger and consent), by the cloud's inference service.
+
+    Both ways run the same computation: the method's row (:meth:`Core.serving_adapter`) on
+    the frozen base model, as the service batches it; so the answers are the same."""
+    spec = parse_method(method)
+    if spec.augmentation.retrieval != "none" or spec.augmentation.profile:
+        raise PflError(f"{method}: give the core without +rag/+pag; put any retrieved items "
+                       "in the prompt itself")
+    runtime = device_runtime(loaded, task, options or {}, arrays)
+    if pool is not None:
+        runtime.cache["perpcs_source"] = pool
+    core = spec.make_core()
+    if core.uses_pool and pool is None:
+        raise PflError(f"{method} needs the piece pool to read its recipe (--pool)")
+    directory = _state_dir(Path(state_dir), spec.name) if state_dir is not None else None
+    if directory is not None and (directory / "state.json").is_file():
+        state = core.load(directory, runtime)
+    elif core.shared_model:  # no per-user state (nonpersonalized, lora-c, perfit-c)
+        state = PersonalState()
+    else:
+        raise PflError(f"no saved state for {method} under {state_dir}: personalize first")
+    limit = int(max_new_tokens or task.max_new_tokens)
+    if remote is not None:
+        return remote.answer(prompt, core.remote_personalization(runtime, state),
+                             max_new_tokens=limit)
+    from shared.prompts import encode_prompt
+    from shared.serving.engine import BatchedEngine
+
+    row = core.serving_adapter(runtime, state)
+    with BatchedEngine(loaded.model, loaded.tokenizer) as engine:
+        tokens = engine.generate([encode_prompt(loaded.tokenizer, prompt)], [row],
+                                 max_new_tokens=limit)[0]
+    return loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -34,7 +34,8 @@ def test_defaults_file_is_valid_toml_setting_every_key():
     assert data["upload"]["perpcs_pieces"] is False
     policy = ConsentPolicy.load(None)
     assert policy.source == "defaults"
-    assert set(policy.as_dict()) == {"upload", "sharing", "embeddings", "metrics"}
+    assert set(policy.as_dict()) == {"upload", "sharing", "embeddings", "metrics", "inference"}
+    assert data["inference"]["remote"] is False and policy.allows("inference_remote") is None
 
 
 def test_defaults_deny_pieces_and_embeddings_allow_collective_and_metrics():

@@ -239,3 +239,63 @@ def test_a_flood_from_one_client_is_refused_beyond_its_limit_and_others_are_serv
     assert set(answered) == {expected}
     with _client(setup) as client:
         assert client.generate(prompt, max_new_tokens=NEW) == expected
+
+
+def test_pfl_generate_answers_the_same_locally_and_remotely_under_consent(setup, tmp_path,
+                                                                          capsys):
+    """A device's saved state answered by `pfl generate` on the device and with --remote: the
+    same text for every method. Remote needs inference.remote (and the upload rule of what
+    it sends); each request is a ledger entry with the rule and the prompt's sha256."""
+    import hashlib
+    import json
+
+    from cloud_server.pool_service import start_pool_server
+    from edge_client.audit import AuditLedger
+    from simulations.cli import main
+
+    root = setup["server"].store.directory.parent
+    uid = setup["targets"][0].id
+    state_dir = tmp_path / "device"
+    for name in METHODS:
+        core, state = setup["states"][(name, uid)]
+        core.save(state, state_dir / "personal" / name)
+    consent = tmp_path / "consent.toml"
+    consent.write_text("version = 1\n[inference]\nremote = true\n[upload]\n"
+                       "perfit_stage2 = true\noppu_personal_lora = true\n")
+    tiny32 = LoadedModel("tiny", copy.deepcopy(setup["tiny"].model), setup["tokenizer"],
+                         torch.device("cpu"))
+    server = start_inference_server(setup["certs"], loaded=tiny32,
+                                    arrays=root / "global_arrays.npz", pool_db=root / "pool")
+    pool = start_pool_server(root / "pool", setup["certs"], open_enrolment=True)
+    query = "a pair of waterproof hiking boots, bought on sale"
+    common = ["generate", "--model", "tiny", "--prompt", query, "--state", str(state_dir),
+              "--arrays", str(root / "global_arrays.npz"), "--pool", pool.target,
+              "--ca", str(setup["certs"]), "--max-new-tokens", "6"]
+    try:
+        answers = {}
+        for name in METHODS:
+            for where in ("local", "remote"):
+                extra = ["--remote", server.target, "--consent", str(consent)] \
+                    if where == "remote" else []
+                assert main(common + ["--method", name] + extra) == 0, capsys.readouterr().err
+                answers[(name, where)] = capsys.readouterr().out.strip()
+            assert answers[(name, "local")] == answers[(name, "remote")], name
+        denied = main(common + ["--method", "perfit", "--remote", server.target])
+        err = capsys.readouterr().err
+    finally:
+        pool.stop()
+        server.stop()
+        server.engine.close()
+        server.store.close()
+    assert denied == 2 and "inference.remote" in err
+    entries = AuditLedger(state_dir / "ledger.jsonl").entries()
+    generates = [e for e in entries if e["message_type"].endswith("/Generate")]
+    uploads = [e for e in entries if e["message_type"].endswith("/UploadAdapter")]
+    assert len(generates) == len(METHODS) and len(uploads) == 1  # the denied one is absent
+    from shared.prompts import build_prompt
+    digest = hashlib.sha256(build_prompt(query, task=setup["runtime"].task).encode()).hexdigest()
+    assert all(e["meta"]["prompt_sha256"] == digest and
+               e["consent_rule"].startswith("inference.remote") for e in generates)
+    assert uploads[0]["consent_rule"] == "inference.remote+upload.oppu_personal_lora"
+    perfit = next(e for e in generates if "upload.perfit_stage2" in e["consent_rule"])
+    assert perfit["arrays"] and query not in json.dumps(entries)  # no raw text in the ledger

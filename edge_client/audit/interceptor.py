@@ -31,7 +31,8 @@ class AuditClientInterceptor(grpc.UnaryUnaryClientInterceptor,
     Every entry has the request's serialized size (``payload_bytes``) and sha256 (in
     ``meta``), and the method as ``message_type``. ``describe_request_fn(method, request)``
     may return a dict with ``arrays`` (a mapping for :func:`describe_arrays`),
-    ``consent_rule`` and ``extra`` (fields to summarize); it may also raise (e.g. a consent
+    ``consent_rule``, ``extra`` (fields to summarize) and ``meta`` (identifiers kept verbatim,
+    e.g. the sha256 of a prompt); it may also raise (e.g. a consent
     denial), and then nothing is recorded and nothing is sent. Use:
     ``grpc.intercept_channel(channel, AuditClientInterceptor(ledger, "pool-grpc", target))``.
     """
@@ -54,7 +55,8 @@ class AuditClientInterceptor(grpc.UnaryUnaryClientInterceptor,
             self.channel_name, self.destination, method, described.get("arrays"),
             described.get("consent_rule"), described.get("extra"), payload_bytes=len(data),
             meta={"request_bytes": len(data),
-                  "request_sha256": hashlib.sha256(data).hexdigest()})
+                  "request_sha256": hashlib.sha256(data).hexdigest(),
+                  **dict(described.get("meta") or {})})
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         """Record, then send."""

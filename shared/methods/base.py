@@ -137,6 +137,13 @@ class Core:
             return generate(model, runtime.tokenizer, prompts, generation, desc=desc,
                             progress=progress)
 
+    def remote_personalization(self, runtime: Runtime, state: PersonalState) -> dict:
+        """What a request to the cloud's inference service carries for this user
+        (:meth:`edge_client.inference_client.InferenceClient.answer`): ``base``, a ``recipe``,
+        ``perfit`` parameters, ``adapter_pieces`` to upload, or nothing (the stage-1 model).
+        Raises PflError for a method the service cannot answer."""
+        return {"base": True}
+
     def serving_adapter(self, runtime: Runtime, state: PersonalState):
         """This user's personalization as one row of a mixed batch on the *raw* base model
         (:class:`shared.serving.rows.RowAdapter`: low-rank updates and/or a PerFit

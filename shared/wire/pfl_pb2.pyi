@@ -202,20 +202,22 @@ class PerFitParams(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[_Union[InterventionLayer, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "perpcs", "perfit", "oppu_adapter", "min_new_tokens")
+    __slots__ = ("prompt", "max_new_tokens", "base", "perpcs", "perfit", "oppu_adapter", "min_new_tokens")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     PERPCS_FIELD_NUMBER: _ClassVar[int]
     PERFIT_FIELD_NUMBER: _ClassVar[int]
     OPPU_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
+    base: bool
     perpcs: Recipe
     perfit: PerFitParams
     oppu_adapter: str
     min_new_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., perpcs: _Optional[_Union[Recipe, _Mapping]] = ..., perfit: _Optional[_Union[PerFitParams, _Mapping]] = ..., oppu_adapter: _Optional[str] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., base: _Optional[bool] = ..., perpcs: _Optional[_Union[Recipe, _Mapping]] = ..., perfit: _Optional[_Union[PerFitParams, _Mapping]] = ..., oppu_adapter: _Optional[str] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
     __slots__ = ("text", "new_tokens", "batch_rows", "queue_seconds", "compute_seconds")

@@ -29,6 +29,9 @@ class LoraCollective(Core):
     def model_for(self, runtime, state):
         yield stage1_model(runtime)
 
+    def remote_personalization(self, runtime, state):
+        return {}  # the service's default row is the stage-1 model
+
     def serving_adapter(self, runtime, state):
         from shared.serving.rows import RowAdapter
 

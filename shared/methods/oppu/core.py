@@ -124,6 +124,15 @@ class PersonalLora(Core):
         with attach_lora(self._base(runtime), personal_lora(), state=state.payload) as model:
             yield model
 
+    def remote_personalization(self, runtime, state):
+        from shared.serving.rows import lora_state_pieces
+
+        if not self.on_stage1:
+            raise PflError(f"{self.name} is not served remotely: the service adds stage 1 to "
+                           "every uploaded adapter")
+        spec = personal_lora()
+        return {"adapter_pieces": lora_state_pieces(state.payload, spec.alpha / spec.r)}
+
     def serving_adapter(self, runtime, state):
         from shared.serving.rows import RowAdapter, concat, lora_state_updates
 

@@ -95,6 +95,9 @@ class CollectiveShift(Core):
         return answer_with(runtime, perfit_stage1(runtime)[1], prompts, generation, desc=desc,
                            progress=progress)
 
+    def remote_personalization(self, runtime, state):
+        return {"perfit": perfit_stage1(runtime)[1]}  # the shared stage 2, inline
+
     def serving_adapter(self, runtime, state):
         return serving_row(runtime, perfit_stage1(runtime)[1], self.name)
 
@@ -123,6 +126,9 @@ class PersonalShift(Core):
     def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
         return answer_with(runtime, state.payload, prompts, generation, desc=desc,
                            progress=progress)
+
+    def remote_personalization(self, runtime, state):
+        return {"perfit": state.payload}
 
     def serving_adapter(self, runtime, state):
         return serving_row(runtime, state.payload, self.name)

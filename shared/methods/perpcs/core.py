@@ -212,6 +212,9 @@ class PersonalPieces(Core):
         weights = sum(len(entries) for entries in recipe.entries.values())
         return PersonalState(params=weights, bytes=recipe.num_bytes, payload=recipe)
 
+    def remote_personalization(self, runtime, state):
+        return {"recipe": state.payload}  # piece ids and weights: the service has the pool
+
     def serving_adapter(self, runtime, state):
         from shared.serving.rows import RowAdapter, concat
 
