@@ -452,6 +452,22 @@ def cmd_bench_personalize(args) -> int:
     return _report(result, personalize_table, personalize_plot, args.out_dir, "personalize")
 
 
+def cmd_bench_serve(args) -> int:
+    """Generated tokens/s of the base model, of one user at a time and of mixed batches of
+    distinct users of each method, then a load test of the real inference service."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
+    from simulations.bench_serve import bench_serve, serve_plot, serve_table
+
+    result = bench_serve(args.model or "smollm2-135m", batch_sizes=args.batch_sizes,
+                         new_tokens=args.new_tokens, repeats=args.repeats, clients=args.clients,
+                         requests=args.requests, max_batch=args.max_batch,
+                         timeout=args.timeout, device=args.device,
+                         load_test=not args.no_load_test)
+    code = _report(result, serve_table, serve_plot, args.out_dir, "serve")
+    load = result.get("load_test")
+    return 1 if load and (load["failed"] or load["wrong_answers"]) else code
+
+
 def cmd_bench_traffic(args) -> int:
     """Uplink and downlink bytes per client and phase, read from the audit ledgers of a
     federation run folder (pfl simulate / pfl demo)."""
@@ -707,7 +723,8 @@ def add_data_command(commands) -> None:
 
 
 def add_bench_commands(commands) -> None:
-    """``pfl bench model | population | aggregation | storage | personalize | traffic``."""
+    """``pfl bench model | population | aggregation | storage | personalize | traffic |
+    serve``."""
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench_command", metavar="SUBCOMMAND", required=True)
     bm = bench.add_parser("model", help="forward / training tokens per second")
@@ -719,7 +736,7 @@ def add_bench_commands(commands) -> None:
     _model_options(bm)
     bm.set_defaults(func=cmd_bench_model)
     for add in (_add_bench_population, _add_bench_aggregation, _add_bench_storage,
-                _add_bench_personalize, _add_bench_traffic):
+                _add_bench_personalize, _add_bench_traffic, _add_bench_serve):
         add(bench)
 
 
@@ -784,6 +801,25 @@ def _add_bench_personalize(bench) -> None:
     bz.add_argument("--out-dir", default="results/bench",
                     help="personalize.json and personalize.png go here (default %(default)s)")
     bz.set_defaults(func=cmd_bench_personalize)
+
+
+def _add_bench_serve(bench) -> None:
+    bv = bench.add_parser("serve", help="inference: mixed batches of users, and a load test",
+                          description=cmd_bench_serve.__doc__)
+    bv.add_argument("--batch-sizes", type=_ints, default=[8, 32, 128],
+                    help="rows a batch (default 8,32,128)")
+    bv.add_argument("--new-tokens", type=int, default=16, help="decoded per request")
+    bv.add_argument("--repeats", type=int, default=2)
+    bv.add_argument("--clients", type=int, default=50, help="load test: concurrent clients")
+    bv.add_argument("--requests", type=int, default=1000, help="load test: requests in all")
+    bv.add_argument("--max-batch", type=int, default=32, help="load test: the service's batch")
+    bv.add_argument("--timeout", type=float, default=1800.0, help="load test: time bound (s)")
+    bv.add_argument("--no-load-test", action="store_true")
+    bv.add_argument("--model", default=None, help="smollm2-135m (default) or tiny")
+    bv.add_argument("--device", default=None)
+    bv.add_argument("--out-dir", default="results/bench",
+                    help="serve.json and serve.png go here (default %(default)s)")
+    bv.set_defaults(func=cmd_bench_serve)
 
 
 def _add_bench_traffic(bench) -> None:

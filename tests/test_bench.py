@@ -115,3 +115,26 @@ def test_patched_engine_loop_asks_only_nodes_with_queued_messages():
     assert sorted(state.asked) == [7, 42]  # asked once each, never the other 9,998 nodes
     delivered = sorted(queue.get().metadata.dst_node_id for _ in range(queue.qsize()))
     assert delivered == [7, 42]
+
+
+def test_bench_serve_prints_rates_and_its_load_test_checks_every_answer(tmp_path, capsys):
+    """`pfl bench serve` on the tiny model: every case at every batch size with its ratio to
+    the base model, one user at a time, and a load test whose answers all match the same
+    requests answered alone (a mismatch or a failed request makes the command fail)."""
+    import json
+
+    from simulations.cli import main
+
+    code = main(["bench", "serve", "--model", "tiny", "--batch-sizes", "2,4", "--new-tokens",
+                 "3", "--repeats", "1", "--clients", "6", "--requests", "30", "--max-batch",
+                 "4", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    result = json.loads((tmp_path / "serve.json").read_text())
+    cases = {(r["batch"], r["case"]) for r in result["rows"]}
+    for size in (2, 4):
+        assert {(size, c) for c in ("base", "lora-c", "oppu", "perpcs", "perfit", "mixed")} <= cases
+    assert (2, "one-at-a-time") in cases and (tmp_path / "serve.png").stat().st_size > 0
+    load = result["load_test"]
+    assert load["answered"] == 30 and load["failed"] == 0 and load["wrong_answers"] == 0
+    assert load["max_batch_rows"] > 1 and "load test: 6 clients, 30/30 answered" in out
