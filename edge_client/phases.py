@@ -326,10 +326,12 @@ def personalize(loaded, task, user, methods: Sequence[str], options: Mapping[str
 # ------------------------------------------------------------------- phase 5: evaluation
 def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, Any],
              arrays: Mapping[str, np.ndarray], state_dir: Path, *,
-             pool: PoolPieces | None = None) -> dict[str, float]:
+             pool: PoolPieces | None = None, remote=None) -> dict[str, float]:
     """Answer this user's queries with each method's saved state; return ``METHOD/STAT``
     additive statistics (:func:`shared.metrics.metric_stats`). ``pool``: where a method that
-    reads the piece pool (PER-PCS) takes the pieces its saved recipe names."""
+    reads the piece pool (PER-PCS) takes the pieces its saved recipe names. ``remote``: an
+    :class:`edge_client.inference_client.InferenceClient` (with the device's ledger and
+    consent): the queries are answered by the cloud's inference service instead."""
     golds = [q.gold for q in user.queries]
     if not golds or any(g is None for g in golds):
         raise PflError("this device has no held-out queries with gold outputs to evaluate")
@@ -351,7 +353,13 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
         profile_path = directory / "profile.txt"
         profile = profile_path.read_text() if profile_path.is_file() else None
         prompts = augmented_prompts(runtime, user, spec.augmentation, profile)
-        predictions = core.answer(runtime, state, prompts, generation)
+        if remote is not None:
+            personalization = core.remote_personalization(runtime, state)
+            predictions = [remote.answer(prompt, personalization,
+                                         max_new_tokens=task.max_new_tokens)
+                           for prompt in prompts]
+        else:
+            predictions = core.answer(runtime, state, prompts, generation)
         for key, value in metric_stats(task, predictions, golds).items():
             out[f"{name}/{key}"] = value
     return out

@@ -299,3 +299,49 @@ def test_pfl_generate_answers_the_same_locally_and_remotely_under_consent(setup,
     assert uploads[0]["consent_rule"] == "inference.remote+upload.oppu_personal_lora"
     perfit = next(e for e in generates if "upload.perfit_stage2" in e["consent_rule"])
     assert perfit["arrays"] and query not in json.dumps(entries)  # no raw text in the ledger
+
+
+def test_a_devices_evaluation_scores_the_same_locally_and_through_the_service(setup, tmp_path,
+                                                                            monkeypatch):
+    """The evaluation phase of a device, once with its own model and once through the
+    inference service (every query remote): the same statistics for every method."""
+    from edge_client.phases import evaluate
+
+    uid = setup["targets"][0].id
+    user = setup["targets"][0]
+    state_dir = tmp_path / "device"
+    for name in METHODS:
+        core, state = setup["states"][(name, uid)]
+        core.save(state, state_dir / "personal" / name)
+    root = setup["server"].store.directory.parent
+    with np.load(root / "global_arrays.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    model64 = setup["server"].engine.model  # the service's own float64 weights, not in use now
+    loaded64 = LoadedModel("tiny64", copy.deepcopy(model64), setup["tokenizer"],
+                           torch.device("cpu"))
+
+    class LocalPool:  # the pool as a device reads it, from the same store
+        def __init__(self, store):
+            self.store = store
+
+        def gates(self, modules):
+            return self.store.list_gates(modules=modules)
+
+        def fetch(self, ids):
+            return {pid: self.store.piece(pid) for pid in ids}
+
+    pool = LocalPool(setup["server"].store)
+    task = setup["runtime"].task
+    from edge_client import phases
+
+    answers = []
+    real = phases.metric_stats
+    monkeypatch.setattr(phases, "metric_stats", lambda task, predictions, golds: (
+        answers.append(list(predictions)), real(task, predictions, golds))[1])
+    local = evaluate(loaded64, task, user, list(METHODS), {}, arrays, state_dir, pool=pool)
+    with _client(setup) as client:
+        remote = evaluate(loaded64, task, user, list(METHODS), {}, arrays, state_dir,
+                          pool=pool, remote=client)
+    assert local == remote
+    n = len(METHODS)
+    assert answers[:n] == answers[n:] and len({tuple(a) for a in answers[:n]}) > 1
