@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -46,7 +45,7 @@ from typing import Callable, Sequence
 import grpc
 import numpy as np
 
-from cloud_server.rpc import guard, target_of, tls_server
+from cloud_server.rpc import guard, run_until_stopped, target_of, tls_server
 from shared.errors import PflError
 from shared.methods.perpcs.recipe import rebuild
 from shared.prompts import encode_prompt
@@ -525,24 +524,19 @@ def start_inference_server(certs_dir: str | Path, *, model: str | None = None,
 def serve(certs_dir, *, host: str = "127.0.0.1", port: int = 50071, **kwargs) -> int:
     """Serve until SIGINT/SIGTERM (``pfl serve``); returns an exit status."""
     server = start_inference_server(certs_dir, host=host, port=port, **kwargs)
-    stopping = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     engine = server.engine
-    print(f"pfl serve: {len(engine.shapes)} servable modules, stage 1 "
-          f"{'on' if server.personalizer.stage1 else 'off'}, PerFit "
-          f"{'on' if server.personalizer.perfit_stage1 is not None else 'off'}, pool "
-          f"{'on' if server.store is not None else 'off'}; listening on {server.target} (TLS)",
-          flush=True)
-    try:
-        while not stopping.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
+
+    def stop():
         server.stop(grace=2.0)
         engine.close()
         if server.store is not None:
             server.store.close()
+
+    run_until_stopped(stop, lambda: print(
+        f"pfl serve: {len(engine.shapes)} servable modules, stage 1 "
+        f"{'on' if server.personalizer.stage1 else 'off'}, PerFit "
+        f"{'on' if server.personalizer.perfit_stage1 is not None else 'off'}, pool "
+        f"{'on' if server.store is not None else 'off'}; listening on {server.target} (TLS)",
+        flush=True))
     print("pfl serve: stopped", flush=True)
     return 0

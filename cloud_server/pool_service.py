@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Sequence
 
 import grpc
 
 from cloud_server.pool_store import NotPermitted, PieceNotFound, PoolCorruption, PoolStore
-from cloud_server.rpc import guard, target_of, tls_server
+from cloud_server.rpc import guard, run_until_stopped, target_of, tls_server
 from shared import crypto
 from shared.errors import PflError
 from shared.serialization import (DEFAULT_LIMITS, Grant, InvalidPiece, SignedPiece,
@@ -231,24 +229,11 @@ def serve(db: str | Path, port: int, certs_dir: str | Path, host: str = "127.0.0
     """Serve the pool until SIGINT/SIGTERM; returns an exit status."""
     server = start_pool_server(db, certs_dir, port=port, host=host, model=model,
                                open_enrolment=open_enrolment, max_update_norm=max_update_norm)
-    stopping = threading.Event()
-
-    def _stop(signum, frame):
-        stopping.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop)
     mode = "open enrolment" if server.store.federation_key is None else "federation grants"
     shapes = f", pieces checked against {model}" if model else ""
-    print(f"pfl pool: serving {db} ({len(server.store)} pieces) on {server.target} (TLS, "
-          f"{mode}{shapes})", flush=True)
-    try:
-        while not stopping.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop(grace=2.0)
+    run_until_stopped(lambda: server.stop(grace=2.0), lambda: print(
+        f"pfl pool: serving {db} ({len(server.store)} pieces) on {server.target} (TLS, "
+        f"{mode}{shapes})", flush=True))
     print("pfl pool: stopped", flush=True)
     return 0
 

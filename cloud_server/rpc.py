@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import signal
+import threading
 from concurrent import futures
 from pathlib import Path
 from typing import Callable, Sequence
@@ -75,3 +77,19 @@ def tls_server(add_servicer: Callable[[grpc.Server], None], certs_dir: str | Pat
 def target_of(host: str, port: int) -> str:
     """``host:port`` for a client (IPv6 hosts in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run_until_stopped(stop: Callable[[], None], announce: Callable[[], None]) -> None:
+    """Block until SIGTERM or Ctrl-C, then ``stop()``. ``announce()`` runs once the SIGTERM
+    handler is in place (a process that says it is serving can be stopped cleanly at once)."""
+    stopping = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    announce()
+    try:
+        while not stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()

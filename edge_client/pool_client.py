@@ -54,16 +54,9 @@ class PoolClient:
         model (a layer it has, a module it has, that module's shape). ``server_name``
         overrides the TLS host name.
         """
-        if not isinstance(root_certificates, bytes):
-            root_certificates = crypto.load_root_certificate(root_certificates)
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        self._channel = grpc.secure_channel(target, credentials, options=options)
-        channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors \
-            else self._channel
+        self._channel, channel = crypto.tls_channel(
+            target, root_certificates, max_message_bytes=MAX_MESSAGE_BYTES,
+            server_name=server_name, interceptors=interceptors)
         self._stub = pfl_pb2_grpc.PiecePoolStub(channel)
         self.target = target
         self.timeout = timeout

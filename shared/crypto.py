@@ -17,7 +17,7 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from cryptography import x509
@@ -365,3 +365,24 @@ def key_from_array(values) -> bytes | None:
     if array.size != 32 or not np.all((array >= 0) & (array <= 255) & (array == np.round(array))):
         return None
     return bytes(array.astype(np.uint8).tolist())
+
+
+def tls_channel(target: str, root_certificates: bytes | str | Path, *,
+                max_message_bytes: int, server_name: str | None = None,
+                interceptors: Sequence = ()):
+    """``(channel, intercepted)``: a gRPC channel to ``target`` over TLS that trusts only
+    ``root_certificates`` (CA PEM bytes, a PEM file or a `pfl certs` directory), and the same
+    channel through ``interceptors`` (what stubs use). ``server_name`` overrides the TLS host
+    name. Close ``channel`` when done."""
+    import grpc
+
+    if not isinstance(root_certificates, bytes):
+        root_certificates = load_root_certificate(root_certificates)
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    channel = grpc.secure_channel(target, credentials, options=options)
+    return channel, (grpc.intercept_channel(channel, *interceptors) if interceptors
+                     else channel)

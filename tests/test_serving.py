@@ -26,12 +26,7 @@ from shared.serving.rows import RowAdapter, concat
 METHODS = ("nonpersonalized", "lora-c", "lora-p", "oppu", "perpcs", "perfit", "perfit-c")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ back) and must not be used by two threads at once (the service's batcher seriali
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -194,20 +195,12 @@ class BatchedEngine:
             return []
         if any(len(p) == 0 for p in prompts):
             raise PflError("an empty prompt cannot be continued")
-        for adapter in adapters:
-            self.check(adapter)
-        with self._lock:
-            batch = left_pad(prompts, self.pad_id, self.device)
+        with self._batch(prompts, adapters) as batch:
             width = batch["input_ids"].shape[1]
-            self._set_batch(adapters, [len(p) for p in prompts], width)
-            try:
-                output = self.model.generate(
-                    **batch, max_new_tokens=int(max_new_tokens),
-                    min_new_tokens=int(min_new_tokens), do_sample=False,
-                    temperature=None, top_k=None, top_p=None, pad_token_id=self.pad_id,
-                    eos_token_id=self.tokenizer.eos_token_id)
-            finally:
-                self._clear()
+            output = self.model.generate(
+                **batch, max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens),
+                do_sample=False, temperature=None, top_k=None, top_p=None,
+                pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
         results = []
         eos = self.tokenizer.eos_token_id
         for row in output[:, width:].tolist():
@@ -221,18 +214,24 @@ class BatchedEngine:
         adapter, in one batch (what the first greedy step reads; for tests and benchmarks)."""
         if len(prompts) != len(adapters) or not prompts:
             raise ValueError("give one adapter per prompt, and at least one prompt")
+        with self._batch(prompts, adapters) as batch:
+            position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(**batch, position_ids=position_ids).logits
+        return logits[:, -1].float()
+
+    @contextmanager
+    def _batch(self, prompts, adapters):
+        """The left-padded batch, with each row's updates and interventions in place for
+        the block (checked first; one batch at a time)."""
         for adapter in adapters:
             self.check(adapter)
         with self._lock:
             batch = left_pad(prompts, self.pad_id, self.device)
-            width = batch["input_ids"].shape[1]
-            self._set_batch(adapters, [len(p) for p in prompts], width)
+            self._set_batch(adapters, [len(p) for p in prompts], batch["input_ids"].shape[1])
             try:
-                position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(**batch, position_ids=position_ids).logits
+                yield batch
             finally:
                 self._clear()
-        return logits[:, -1].float()
 
     def _set_batch(self, adapters: Sequence[RowAdapter | None], lengths: Sequence[int],
                    width: int) -> None:
