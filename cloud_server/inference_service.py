@@ -47,12 +47,17 @@ import numpy as np
 
 from cloud_server.rpc import guard, run_until_stopped, target_of, tls_server
 from shared.errors import PflError
+from shared.methods import Runtime, collective, split_arrays
+from shared.methods.oppu.core import stage1_updates
+from shared.methods.perfit.core import perfit_config
+from shared.methods.perpcs.pieces import combine
 from shared.methods.perpcs.recipe import rebuild
 from shared.prompts import encode_prompt
 from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, adapter_from_proto, adapter_id,
                                   perfit_stage_from_proto, recipe_from_proto)
 from shared.serving.engine import BatchedEngine
 from shared.serving.rows import RowAdapter, RowIntervention, concat
+from shared.tasks import SYNTHETIC
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -242,7 +247,6 @@ class Personalizer:
         ident = adapter_id(pieces)
         if self.adapters.get(ident) is not None:
             return ident, False
-        from shared.methods.perpcs.pieces import combine
         updates = {p.key: combine([p], [1.0]) for p in pieces}
         self._checked(RowAdapter(updates, name="oppu"))  # alone first: shapes must fit
         row = self._checked(RowAdapter(concat(self.stage1, updates), name="oppu"))
@@ -471,13 +475,6 @@ def load_collectives(loaded, arrays_path: str | Path | None) -> tuple[dict, obje
     ``global_arrays.npz`` (None: neither, the raw base model)."""
     if arrays_path is None:
         return {}, None, "f7+l7"
-    from edge_client.phases import split_arrays
-    from shared.methods import collective
-    from shared.methods.base import Runtime
-    from shared.methods.oppu.core import stage1_updates
-    from shared.methods.perfit.core import perfit_config
-    from shared.tasks import SYNTHETIC
-
     with np.load(arrays_path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     runtime = Runtime(loaded=loaded, task=SYNTHETIC, seed=0, progress=False)
@@ -497,13 +494,13 @@ def start_inference_server(certs_dir: str | Path, *, model: str | None = None,
     """Load the base model (once), the federation's collective arrays and the pool, and serve.
 
     ``loaded``: an already loaded model to serve (tests); else ``model`` is loaded."""
-    from shared.models import load_model
+    from shared.models import load_model  # a caller that passes ``loaded`` needs no loader
 
     loaded = loaded or load_model(model, device=device, cache=cache)
     stage1, perfit_stage1, positions = load_collectives(loaded, arrays)
     store = None
     if pool_db is not None:
-        from cloud_server.pool_store import PoolStore
+        from cloud_server.pool_store import PoolStore  # SQLite only when there is a pool
         store = PoolStore(pool_db)
     engine = BatchedEngine(loaded.model, loaded.tokenizer, max_rank=limits.max_rank)
     try:

@@ -108,6 +108,7 @@ def cmd_serve(args) -> int:
     adapters, many users in each batch."""
     from dataclasses import fields
 
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from cloud_server.inference_service import ServeLimits, serve as serve_inference
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)
@@ -121,6 +122,7 @@ def add_serve_command(subparsers) -> None:
     """Register ``pfl serve`` (the inference service) on an argparse subparsers object."""
     from dataclasses import fields
 
+    # lazy: the service's module loads torch, which `pfl --help` must not
     from cloud_server.inference_service import ServeLimits
 
     serve_cmd = subparsers.add_parser(

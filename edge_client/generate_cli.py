@@ -20,6 +20,7 @@ def cmd_generate(args) -> int:
     """Answer a query with a method's saved personal state, on this device or remotely."""
     import numpy as np
 
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
     from edge_client.phases import PoolPieces, answer_query
     from shared.data import load_dataset
     from shared.models import load_model
@@ -48,6 +49,7 @@ def cmd_generate(args) -> int:
 
 
 def _remote_client(args):
+    # lazy: only a remote answer needs gRPC and the ledger
     from edge_client.audit import AuditClientInterceptor
     from edge_client.consent import ConsentPolicy
     from edge_client.inference_client import InferenceClient, inference_describer

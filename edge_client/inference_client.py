@@ -21,7 +21,8 @@ import grpc
 
 from shared import crypto
 from shared.errors import PflError
-from shared.serialization import (adapter_to_proto, perfit_stage_to_proto, recipe_to_proto)
+from shared.serialization import (adapter_id, adapter_to_proto, perfit_stage_to_proto,
+                                  recipe_to_proto)
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
@@ -92,8 +93,6 @@ class InferenceClient:
         personalization = dict(personalization)
         pieces = personalization.pop("adapter_pieces", None)
         if pieces is not None:
-            from shared.serialization import adapter_id
-
             ident = adapter_id(pieces)
             if ident not in self._uploaded:
                 self._uploaded.add(self.upload(pieces))

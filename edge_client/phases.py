@@ -46,30 +46,22 @@ from shared.embeddings import user_embedding
 from shared.errors import PflError
 from shared.generation import GenerationConfig
 from shared.methods import (PersonalState, Runtime, augmented_prompts, collective,
-                            collective_kinds, parse_method)
+                            parse_method, split_arrays)
 from shared.methods.oppu import personal_train_config
 from shared.methods.perpcs import train_sharer_pieces
 from shared.methods.perpcs.core import PiecePool, perpcs_config
 from shared.metrics import TASK_KINDS, metric_stats
 from shared.models import load_model
 from shared.profiles import generate_profiles
+from shared.prompts import encode_prompt
 from shared.serialization import Grant
+from shared.serving.engine import BatchedEngine
 from shared.types import recent_history
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------- the device
-def split_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """{collective kind: its arrays without the ``KIND.`` prefix} of one message."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in arrays.items():
-        kind, _, rest = key.partition(".")
-        if kind in collective_kinds() and rest:
-            out.setdefault(kind, {})[rest] = value
-    return out
-
-
 def device_runtime(loaded, task, options: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
                    *, pool: PiecePool | None = None) -> Runtime:
     """A :class:`~shared.methods.base.Runtime` for this device: the run's options and the
@@ -398,9 +390,6 @@ def answer_query(loaded, task, method: str, prompt: str, *, state_dir: Path | No
     if remote is not None:
         return remote.answer(prompt, core.remote_personalization(runtime, state),
                              max_new_tokens=limit)
-    from shared.prompts import encode_prompt
-    from shared.serving.engine import BatchedEngine
-
     row = core.serving_adapter(runtime, state)
     with BatchedEngine(loaded.model, loaded.tokenizer) as engine:
         tokens = engine.generate([encode_prompt(loaded.tokenizer, prompt)], [row],

@@ -550,7 +550,7 @@ def perfit_stage_from_proto(msg: pfl_pb2.PerFitParams, limits: Limits = DEFAULT_
     """Decode and validate inline PerFit parameters into a PerFitStage: per layer R and W
     (r, d), b (r,), one rank and width for all, finite and within the norm bound; an R that
     is not orthonormal is re-orthonormalized (as after FedAvg)."""
-    from shared.methods.perfit.model import PerFitStage
+    from shared.methods.perfit.model import PerFitStage  # cycle: perfit imports this module
 
     if not 1 <= len(msg.layers) <= max_layers:
         raise InvalidPiece(f"PerFit parameters need 1..{max_layers} layers, got "

@@ -36,12 +36,21 @@ from typing import Any, Sequence
 
 import torch
 
+from cloud_server.inference_service import InferenceServer, Personalizer, ServeLimits
+from cloud_server.pool_store import PoolStore
+from edge_client.inference_client import InferenceClient
+from shared import crypto
+from shared.data import load_dataset
 from shared.methods.oppu.config import personal_lora, stage1_lora
 from shared.methods.perfit.config import PerFitConfig
 from shared.methods.perfit.model import new_stages
 from shared.methods.perpcs.config import PerPcsConfig
 from shared.methods.perpcs.pieces import LoraUpdate, Piece, combine
-from shared.methods.perpcs.recipe import Recipe
+from shared.methods.perpcs.recipe import Recipe, rebuild
+from shared.models import load_model
+from shared.prompts import build_prompt, encode_prompt
+from shared.serialization import SignedPiece
+from shared.serving.engine import BatchedEngine
 from shared.serving.rows import RowAdapter, RowIntervention, concat, module_shapes
 
 KINDS = ("lora-c", "oppu", "perpcs", "perfit")
@@ -130,7 +139,6 @@ class _Users:
             return RowAdapter(concat(self.stage1, {p.key: combine([p], [1.0]) for p in payload}),
                               name=kind)
         if kind == "perpcs":
-            from shared.methods.perpcs.recipe import rebuild
             lookup = {p.piece_id: p for ps in self.pieces.values() for p in ps}
             return RowAdapter(concat(self.stage1, rebuild(payload, lookup)), name=kind)
         return RowAdapter(intervention=RowIntervention((self.perfit_stage1, payload),
@@ -143,9 +151,6 @@ class _Users:
 
 def _prompts(tokenizer, n: int, seed: int) -> tuple[list[str], list[list[int]]]:
     """``n`` real synthetic-task prompts: their texts (what a device sends) and token ids."""
-    from shared.data import load_dataset
-    from shared.prompts import build_prompt, encode_prompt
-
     dataset = load_dataset("synthetic", None, num_users=n, seed=seed, queries_per_user=1)
     texts = [build_prompt(dataset.user(i).queries[0].input, task=dataset.task)
              for i in range(n)]
@@ -163,9 +168,6 @@ def bench_serve(model: str = "smollm2-135m", *, batch_sizes: Sequence[int] = (8,
                 requests: int = 1000, max_batch: int = 32, sharers: int = 10,
                 timeout: float = 1800.0, device: str | None = None, seed: int = 0,
                 load_test: bool = True) -> dict[str, Any]:
-    from shared.models import load_model
-    from shared.serving.engine import BatchedEngine
-
     loaded = load_model(model, device=device, seed=seed)
     users = _Users(loaded.model, seed)
     for i in range(sharers):
@@ -213,16 +215,12 @@ def bench_serve(model: str = "smollm2-135m", *, batch_sizes: Sequence[int] = (8,
 def _load_test(loaded, users: _Users, texts, prompts, *, clients: int, requests: int,
                max_batch: int, new_tokens: int, timeout: float, seed: int) -> dict[str, Any]:
     """The real service on 127.0.0.1 (TLS): ``clients`` threads, ``requests`` in all."""
-    from cloud_server.inference_service import InferenceServer, Personalizer, ServeLimits
-    from cloud_server.pool_store import PoolStore
-    from shared import crypto
-    from shared.serialization import SignedPiece
-    from shared.serving.engine import BatchedEngine
-
     rng = random.Random(seed)
-    # a pool of distinct users: each request is one of them with one of the prompts
+    # 64 distinct users (16 of each method), each asking one of 4 prompts: 256 distinct
+    # requests, each answered alone first to check what the service answers
     people = [(kind, users.payload(kind)) for kind in KINDS for _ in range(16)]
-    asks = [(rng.randrange(len(people)), rng.randrange(len(prompts))) for _ in range(requests)]
+    choices = min(4, len(prompts))
+    asks = [(rng.randrange(len(people)), rng.randrange(choices)) for _ in range(requests)]
     with tempfile.TemporaryDirectory(prefix="pfl-bench-serve-") as tmp:
         tmp = Path(tmp)
         certs = crypto.write_dev_certs(tmp / "certs").directory
@@ -262,8 +260,6 @@ def _load_test(loaded, users: _Users, texts, prompts, *, clients: int, requests:
 
 def _drive(server, certs, people, asks, texts, expected, *, clients: int, new_tokens: int,
            timeout: float) -> dict[str, Any]:
-    from edge_client.inference_client import InferenceClient
-
     deadline = time.monotonic() + timeout
     latencies: list[float] = []
     rows: list[int] = []
@@ -340,7 +336,7 @@ def serve_table(result: dict[str, Any]) -> str:
 
 
 def serve_plot(result: dict[str, Any], path) -> Any:
-    from simulations.plots import new_figure, save_figure
+    from simulations.plots import new_figure, save_figure  # matplotlib only for a figure
 
     fig, axis = new_figure(size=(6, 4))
     cases = [c for c in ("base", "lora-c", "oppu", "perpcs", "perfit", "mixed")

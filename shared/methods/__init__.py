@@ -12,8 +12,10 @@ pieces``) imports nothing else.
 from shared.methods.base import (Collective, Core, MethodSpec, PersonalState,
                                  PromptAugmentation, Runtime, augmented_prompts, collective,
                                  collective_kinds, core_class, core_names, parse_method,
-                                 register_collective, register_core, user_examples)
+                                 register_collective, register_core, split_arrays,
+                                 user_examples)
 
 __all__ = ["Collective", "Core", "MethodSpec", "PersonalState", "PromptAugmentation", "Runtime",
            "augmented_prompts", "collective", "collective_kinds", "core_class", "core_names",
-           "parse_method", "register_collective", "register_core", "user_examples"]
+           "parse_method", "register_collective", "register_core", "split_arrays",
+           "user_examples"]

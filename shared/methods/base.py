@@ -307,6 +307,16 @@ def collective_kinds() -> list[str]:
     return sorted(_COLLECTIVES)
 
 
+def split_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """{collective kind: its arrays without the ``KIND.`` prefix} of one message."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        kind, _, rest = key.partition(".")
+        if kind in collective_kinds() and rest:
+            out.setdefault(kind, {})[rest] = value
+    return out
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A parsed method name: which core, which prompt augmentation."""

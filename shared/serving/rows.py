@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import torch
 
 from shared.errors import PflError
-from shared.methods.perpcs.pieces import Key, LoraUpdate
+from shared.methods.perpcs.pieces import Key, LoraUpdate, Piece, decoder_layers, get_module
 
 _MODULE_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
@@ -43,6 +43,7 @@ def lora_state_updates(state: Mapping[str, torch.Tensor], scaling: float
                        ) -> dict[Key, LoraUpdate]:
     """A flat LoRA state (``...q_proj.lora_A.weight`` / ``.lora_B.weight``, as OPPU and stage 1
     keep it) as updates, with ``scaling`` (alpha / r) folded into A."""
+    # cycle: the method packages' cores import this module
     from shared.methods.oppu.model import PEFT_PREFIX, lora_pairs
 
     updates = {}
@@ -57,8 +58,8 @@ def lora_state_pieces(state: Mapping[str, torch.Tensor], scaling: float,
                       owner: str = "upload") -> list:
     """A flat LoRA state (an OPPU adapter) as ungated pieces, one per module: the form in
     which a device uploads it to the inference service (``adapter_to_proto``)."""
+    # cycle: the method packages' cores import this module
     from shared.methods.oppu.model import PEFT_PREFIX, lora_pairs
-    from shared.methods.perpcs.pieces import Piece
 
     pieces = []
     for path, (A, B) in lora_pairs(state).items():
@@ -141,8 +142,6 @@ class RowAdapter:
 
 def module_shapes(model: torch.nn.Module, modules: Sequence[str]) -> dict[Key, tuple[int, int]]:
     """``{(layer, module): (d_out, d_in)}`` of every decoder layer's ``modules``."""
-    from shared.methods.perpcs.pieces import decoder_layers, get_module
-
     shapes = {}
     for layer in range(len(decoder_layers(model))):
         for module in modules:

@@ -33,7 +33,7 @@ class LoraCollective(Core):
         return {}  # the service's default row is the stage-1 model
 
     def serving_adapter(self, runtime, state):
-        from shared.serving.rows import RowAdapter
+        from shared.serving.rows import RowAdapter  # cycle: shared.serving imports the methods
 
         return RowAdapter(stage1_updates(runtime), name=self.name)
 

@@ -82,7 +82,7 @@ def stage1_model(runtime: Runtime):
 
 def stage1_updates(runtime: Runtime) -> dict:
     """The stage-1 task LoRA as per-row updates on the raw base (:mod:`shared.serving`)."""
-    from shared.serving.rows import lora_state_updates
+    from shared.serving.rows import lora_state_updates  # cycle: shared.serving imports the methods
 
     stage1_model(runtime)
     if "stage1_state" not in runtime.cache:
@@ -125,7 +125,7 @@ class PersonalLora(Core):
             yield model
 
     def remote_personalization(self, runtime, state):
-        from shared.serving.rows import lora_state_pieces
+        from shared.serving.rows import lora_state_pieces  # cycle: shared.serving imports the methods
 
         if not self.on_stage1:
             raise PflError(f"{self.name} is not served remotely: the service adds stage 1 to "
@@ -134,7 +134,7 @@ class PersonalLora(Core):
         return {"adapter_pieces": lora_state_pieces(state.payload, spec.alpha / spec.r)}
 
     def serving_adapter(self, runtime, state):
-        from shared.serving.rows import RowAdapter, concat, lora_state_updates
+        from shared.serving.rows import RowAdapter, concat, lora_state_updates  # cycle: shared.serving imports the methods
 
         spec = personal_lora()
         personal = lora_state_updates(state.payload, spec.alpha / spec.r)

@@ -73,7 +73,7 @@ def answer_with(runtime: Runtime, stage2, prompts, generation, *, desc: str, pro
 
 def serving_row(runtime: Runtime, stage2, name: str):
     """PerFit's collective stage 1 and ``stage2`` as one row of a mixed batch."""
-    from shared.serving.rows import RowAdapter, RowIntervention
+    from shared.serving.rows import RowAdapter, RowIntervention  # cycle: shared.serving imports the methods
 
     stage1, _ = perfit_stage1(runtime)
     return RowAdapter(intervention=RowIntervention((stage1, stage2),

@@ -216,7 +216,7 @@ class PersonalPieces(Core):
         return {"recipe": state.payload}  # piece ids and weights: the service has the pool
 
     def serving_adapter(self, runtime, state):
-        from shared.serving.rows import RowAdapter, concat
+        from shared.serving.rows import RowAdapter, concat  # cycle: shared.serving imports the methods
 
         updates = rebuild(state.payload, piece_pool(runtime).lookup)
         return RowAdapter(concat(stage1_updates(runtime), updates), name=self.name)
