@@ -340,3 +340,51 @@ def test_a_devices_evaluation_scores_the_same_locally_and_through_the_service(se
     assert local == remote
     n = len(METHODS)
     assert answers[:n] == answers[n:] and len({tuple(a) for a in answers[:n]}) > 1
+
+
+def test_pfl_serve_runs_as_a_process_answers_and_stops_on_sigterm(setup, tmp_path):
+    """`pfl serve` as its own process (tiny model, the federation's arrays and pool): it says
+    where it listens, answers a device over TLS, and stops cleanly on SIGTERM."""
+    import os
+    import re
+    import selectors
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = setup["server"].store.directory.parent
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "serve", "--model", "tiny", "--port", "0",
+         "--certs", str(setup["certs"]), "--arrays", str(root / "global_arrays.npz"),
+         "--pool-db", str(root / "pool")], cwd=repo, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    lines, target = [], None
+    try:
+        deadline = time.monotonic() + 120
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while target is None and time.monotonic() < deadline and proc.poll() is None:
+                if sel.select(timeout=1.0):
+                    lines.append(proc.stdout.readline())
+                    match = re.search(r"listening on (\S+:\d+) \(TLS\)", lines[-1])
+                    target = match.group(1) if match else None
+        assert target, "".join(lines)
+        assert "stage 1 on, PerFit on, pool on" in lines[-1]
+        uid = setup["targets"][0].id
+        with InferenceClient(target, setup["certs"]) as client:
+            for name in ("lora-c", "perpcs", "perfit"):
+                kwargs = _personalization(setup, client, name, uid)
+                assert client.generate(setup["prompts"][0], max_new_tokens=3,
+                                       min_new_tokens=3, **kwargs)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "pfl serve: stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
