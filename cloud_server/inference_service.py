@@ -44,19 +44,20 @@ from typing import Callable, Sequence
 
 import grpc
 import numpy as np
+import torch
 
 from cloud_server.rpc import guard, run_until_stopped, target_of, tls_server
 from shared.errors import PflError
-from shared.methods import Runtime, collective, split_arrays
-from shared.methods.oppu.core import stage1_updates
-from shared.methods.perfit.core import perfit_config
+from shared.methods import Runtime, split_arrays
+from shared.methods.oppu.config import stage1_lora
+from shared.methods.perfit.core import perfit_config, perfit_from_arrays
 from shared.methods.perpcs.pieces import combine
 from shared.methods.perpcs.recipe import rebuild
 from shared.prompts import encode_prompt
 from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, adapter_from_proto, adapter_id,
                                   perfit_stage_from_proto, recipe_from_proto)
 from shared.serving.engine import BatchedEngine
-from shared.serving.rows import RowAdapter, RowIntervention, concat
+from shared.serving.rows import RowAdapter, RowIntervention, concat, lora_state_updates
 from shared.tasks import SYNTHETIC
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
@@ -477,13 +478,17 @@ def load_collectives(loaded, arrays_path: str | Path | None) -> tuple[dict, obje
         return {}, None, "f7+l7"
     with np.load(arrays_path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
-    runtime = Runtime(loaded=loaded, task=SYNTHETIC, seed=0, progress=False)
     parts = split_arrays(arrays)
-    for kind, part in parts.items():
-        collective(kind).install(runtime, part)
-    stage1 = stage1_updates(runtime) if "lora" in parts else {}
-    perfit = runtime.cache.get("perfit_stage1")
-    return stage1, (perfit[0] if perfit else None), perfit_config(runtime).positions
+    stage1 = {}
+    if "lora" in parts:  # as factors, never merged: the service keeps one copy of the model
+        spec = stage1_lora()
+        stage1 = lora_state_updates({k: torch.from_numpy(np.array(v, dtype=np.float32))
+                                     for k, v in parts["lora"].items()}, spec.alpha / spec.r)
+    perfit = None
+    if "perfit" in parts:
+        perfit = perfit_from_arrays(parts["perfit"], device=loaded.device)[0]
+    runtime = Runtime(loaded=loaded, task=SYNTHETIC, seed=0, progress=False)
+    return stage1, perfit, perfit_config(runtime).positions
 
 
 def start_inference_server(certs_dir: str | Path, *, model: str | None = None,
