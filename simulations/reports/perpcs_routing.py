@@ -32,6 +32,7 @@ def main() -> int:
     import numpy as np
     from scipy.stats import spearmanr
 
+    # a script: the project is importable only after the sys.path line above
     from shared.data import load_dataset
     from shared.methods import parse_method
     from shared.methods.base import PromptAugmentation, Runtime
