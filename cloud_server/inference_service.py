@@ -40,7 +40,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import grpc
 import numpy as np
@@ -146,12 +146,12 @@ class Personalizer:
     """Turns a request's personalization into a :class:`RowAdapter` on the raw base model.
 
     ``stage1``: the stage-1 task LoRA's updates (empty: none); ``perfit_stage1``: PerFit's
-    collective stage (None: PerFit requests are refused); ``pool``: piece id -> Piece (the
-    service's pool; a missing id raises KeyError or the pool's not-found error)."""
+    collective stage (None: PerFit requests are refused); ``pool``: the service's piece pool
+    (a :class:`cloud_server.pool_store.PoolStore`: ``missing(ids)`` and ``piece(id)``)."""
 
     def __init__(self, engine: BatchedEngine, limits: ServeLimits, *, stage1=None,
                  perfit_stage1=None, perfit_positions: str = "f7+l7",
-                 pool: Callable | None = None):
+                 pool=None):
         self.engine, self.limits = engine, limits
         self.stage1 = dict(stage1 or {})
         self.perfit_stage1, self.perfit_positions = perfit_stage1, perfit_positions
@@ -195,26 +195,19 @@ class Personalizer:
         if not recipe.entries:
             raise _bad("recipe: no entries")
         ids = sorted(recipe.piece_ids())
-        missing = [pid for pid in ids if not self._has(pid)]
+        missing = self.pool.missing(ids)  # an index lookup: no blob is read for it
         if missing:
             raise RequestError(grpc.StatusCode.NOT_FOUND,
                                f"{len(missing)} piece(s) of the recipe are not in this pool "
                                f"(first: {missing[0][:12]}...): a recipe from another pool?")
         try:
-            updates = rebuild(recipe, self.pool)
+            updates = rebuild(recipe, self.pool.piece)
         except (PflError, ValueError) as exc:
             raise _bad(f"recipe: {exc}") from None
         self._checked(RowAdapter(updates, name="perpcs"))  # alone first: shapes must fit
         row = self._checked(RowAdapter(concat(self.stage1, updates), name="perpcs"))
         self.recipes.put(key, row, _updates_bytes(updates))
         return row
-
-    def _has(self, piece_id: str) -> bool:
-        try:
-            self.pool(piece_id)
-        except Exception:  # the pool's own not-found error, or a malformed id
-            return False
-        return True
 
     def _perfit(self, msg: pfl_pb2.PerFitParams) -> RowAdapter:
         if self.perfit_stage1 is None:
@@ -511,7 +504,7 @@ def start_inference_server(certs_dir: str | Path, *, model: str | None = None,
     try:
         personalizer = Personalizer(engine, limits, stage1=stage1, perfit_stage1=perfit_stage1,
                                     perfit_positions=positions,
-                                    pool=store.piece if store is not None else None)
+                                    pool=store)
         server = InferenceServer(engine, personalizer, certs_dir, limits=limits, host=host,
                                  port=port)
     except BaseException:

@@ -236,7 +236,7 @@ def _load_test(loaded, users: _Users, texts, prompts, *, clients: int, requests:
             personalizer = Personalizer(engine, limits, stage1=users.stage1,
                                         perfit_stage1=users.perfit_stage1,
                                         perfit_positions=users.perfit_config.positions,
-                                        pool=store.piece)
+                                        pool=store)
             # what each distinct (person, prompt) answers alone, on the same engine
             expected = {}
             for person, prompt in sorted(set(asks)):
