@@ -47,6 +47,7 @@ class MultiLoraLinear(nn.Module):
         self.rows: torch.Tensor | None = None  # (n,) batch rows that have an update here
         self.A: torch.Tensor | None = None  # (n, R, d_in)
         self.B: torch.Tensor | None = None  # (n, d_out, R)
+        self.last_row = -1  # the largest row with an update (a Python int: no device sync)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -67,12 +68,13 @@ class MultiLoraLinear(nn.Module):
             B[j, :, :r] = update.B.to(dtype)
         self.rows = torch.tensor(list(rows), dtype=torch.long, device=device)
         self.A, self.B = A.to(device), B.to(device)
+        self.last_row = max(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.rows is None:
             return y
-        if x.shape[0] <= int(self.rows.max()):
+        if x.shape[0] <= self.last_row:
             raise RuntimeError("the batch changed size under the engine (beams are not supported)")
         xs = x.index_select(0, self.rows).to(self.A.dtype)  # (n, seq, d_in)
         delta = torch.bmm(torch.bmm(xs, self.A.transpose(1, 2)), self.B.transpose(1, 2))
