@@ -51,7 +51,7 @@ from shared.errors import PflError
 from shared.methods import Runtime, split_arrays
 from shared.methods.oppu.config import stage1_lora
 from shared.methods.perfit.core import perfit_config, perfit_from_arrays
-from shared.methods.perpcs.pieces import combine
+from shared.methods.perpcs.pieces import piece_updates
 from shared.methods.perpcs.recipe import rebuild
 from shared.prompts import encode_prompt
 from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, adapter_from_proto, adapter_id,
@@ -241,7 +241,7 @@ class Personalizer:
         ident = adapter_id(pieces)
         if self.adapters.get(ident) is not None:
             return ident, False
-        updates = {p.key: combine([p], [1.0]) for p in pieces}
+        updates = piece_updates(pieces)
         self._checked(RowAdapter(updates, name="oppu"))  # alone first: shapes must fit
         row = self._checked(RowAdapter(concat(self.stage1, updates), name="oppu"))
         if not self.adapters.put(ident, row, _updates_bytes(updates)):

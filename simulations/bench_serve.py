@@ -45,7 +45,7 @@ from shared.methods.oppu.config import personal_lora, stage1_lora
 from shared.methods.perfit.config import PerFitConfig
 from shared.methods.perfit.model import new_stages
 from shared.methods.perpcs.config import PerPcsConfig
-from shared.methods.perpcs.pieces import LoraUpdate, Piece, combine
+from shared.methods.perpcs.pieces import LoraUpdate, Piece, piece_updates
 from shared.methods.perpcs.recipe import Recipe, rebuild
 from shared.models import load_model
 from shared.prompts import build_prompt, encode_prompt
@@ -136,8 +136,7 @@ class _Users:
         if kind == "lora-c":
             return RowAdapter(self.stage1, name=kind)
         if kind == "oppu":
-            return RowAdapter(concat(self.stage1, {p.key: combine([p], [1.0]) for p in payload}),
-                              name=kind)
+            return RowAdapter(concat(self.stage1, piece_updates(payload)), name=kind)
         if kind == "perpcs":
             lookup = {p.piece_id: p for ps in self.pieces.values() for p in ps}
             return RowAdapter(concat(self.stage1, rebuild(payload, lookup)), name=kind)

@@ -25,7 +25,8 @@ from typing import Mapping, Sequence
 import torch
 
 from shared.errors import PflError
-from shared.methods.perpcs.pieces import Key, LoraUpdate, Piece, decoder_layers, get_module
+from shared.methods.perpcs.pieces import (Key, LoraUpdate, Piece, decoder_layers, get_module,
+                                          piece_updates)
 
 _MODULE_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
@@ -42,16 +43,9 @@ def module_key(path: str) -> Key:
 def lora_state_updates(state: Mapping[str, torch.Tensor], scaling: float
                        ) -> dict[Key, LoraUpdate]:
     """A flat LoRA state (``...q_proj.lora_A.weight`` / ``.lora_B.weight``, as OPPU and stage 1
-    keep it) as updates, with ``scaling`` (alpha / r) folded into A."""
-    # cycle: the method packages' cores import this module
-    from shared.methods.oppu.model import PEFT_PREFIX, lora_pairs
-
-    updates = {}
-    for path, (A, B) in lora_pairs(state).items():
-        path = path[len(PEFT_PREFIX):] if path.startswith(PEFT_PREFIX) else path
-        updates[module_key(path)] = LoraUpdate(torch.as_tensor(A).float() * float(scaling),
-                                               torch.as_tensor(B).float())
-    return updates
+    keep it) as updates, with ``scaling`` (alpha / r) folded into A: the same updates the
+    service builds from the uploaded pieces."""
+    return piece_updates(lora_state_pieces(state, scaling))
 
 
 def lora_state_pieces(state: Mapping[str, torch.Tensor], scaling: float,

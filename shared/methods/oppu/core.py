@@ -87,8 +87,11 @@ def stage1_updates(runtime: Runtime) -> dict:
     stage1_model(runtime)
     if "stage1_state" not in runtime.cache:
         raise PflError("the stage-1 LoRA factors are not in this run (a merged model only)")
-    spec = stage1_lora()
-    return lora_state_updates(runtime.cache["stage1_state"], spec.alpha / spec.r)
+    if "stage1_updates" not in runtime.cache:  # once per run, shared by every user's row
+        spec = stage1_lora()
+        runtime.cache["stage1_updates"] = lora_state_updates(runtime.cache["stage1_state"],
+                                                             spec.alpha / spec.r)
+    return runtime.cache["stage1_updates"]
 
 
 class PersonalLora(Core):
@@ -205,6 +208,7 @@ class LoraStage1(Collective):
         runtime.cache["stage1"] = _MERGED[key]
         runtime.cache["stage1_state"] = {k: torch.from_numpy(np.array(v, dtype=np.float32))
                                          for k, v in arrays.items()}
+        runtime.cache.pop("stage1_updates", None)  # derived from the state just replaced
 
 
 for _core in (PersonalLora, PersonalLoraNoStage1):

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import torch
 
 from shared.methods.perpcs.config import PerPcsConfig
-from shared.methods.perpcs.pieces import Key, Piece, combine, updates_installed
+from shared.methods.perpcs.pieces import Key, Piece, piece_updates, updates_installed
 from shared.methods.perpcs.recipe import Recipe
 from shared.training import Example, batches, target_loss
 
@@ -62,10 +62,8 @@ def loss_scored_recipe(model: torch.nn.Module, pool: Sequence[Piece],
         raise ValueError("loss-scored selection needs a pool with pieces: it is empty")
     losses: dict[str, float] = {}
     for sharer, pieces in sharers.items():
-        updates: dict[Key, object] = {}
-        for piece in pieces:  # a sharer has at most one piece per (layer, module)
-            updates[piece.key] = combine([piece], [1.0], config.combination)
-        with updates_installed(model, updates):
+        # a sharer has at most one piece per (layer, module)
+        with updates_installed(model, piece_updates(pieces, config.combination)):
             losses[sharer] = history_loss(model, examples, pad_id, config.assembly_batch_size)
     best = min(losses, key=lambda s: (losses[s], s))
     entries: Mapping[Key, list[tuple[str, float]]] = {

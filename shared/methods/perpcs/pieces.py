@@ -270,6 +270,13 @@ def combine(pieces: Sequence[Piece], weights: Sequence[float],
                          f"{', '.join(COMBINATIONS)}") from None
 
 
+def piece_updates(pieces: Iterable[Piece], combination: str = "sum_of_products"
+                  ) -> dict[Key, LoraUpdate]:
+    """Each piece alone, at weight 1, as its module's update (one piece per module): a
+    sharer's or a user's whole adapter, installed as it was trained."""
+    return {piece.key: combine([piece], [1.0], combination) for piece in pieces}
+
+
 # ------------------------------------------------------------------ peft round trip
 def pieces_from_peft_state_dict(state_dict: Mapping[str, torch.Tensor],
                                 scaling: float | Mapping[str, float], sharer: str) -> list[Piece]:
