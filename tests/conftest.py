@@ -47,3 +47,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: every method the serving engine answers (shared.serving)
+SERVED_METHODS = ("nonpersonalized", "lora-c", "lora-p", "oppu", "perpcs", "perfit", "perfit-c")
+
+
+@pytest.fixture(scope="session")
+def small_world(tiny):
+    """A small world on the tiny model for the serving tests (test_serving,
+    test_inference_service), built once: 8 synthetic users (2 targets, 2 sharers, 2
+    collective), short training, every served method prepared and each target personalized.
+    ``(runtime, roles, {(method, user id): (core, state)})``; read it, do not change it."""
+    methods = SERVED_METHODS
+    from shared.data import load_dataset
+    from shared.methods import parse_method
+    from shared.methods.base import PromptAugmentation, Runtime
+
+    dataset = load_dataset("synthetic", None, num_users=8, seed=0)
+    users = [dataset.user(i) for i in range(8)]
+    roles = {"targets": users[:2], "sharers": users[2:4], "collective": users[4:6]}
+    options = {"max_history": 6, "stage1": {"max_steps": 3, "lr": 2e-2},
+               "oppu": {"max_steps": 3, "lr": 2e-2}, "perfit": {"lr": 2e-2},
+               "perpcs": {"gate_steps": 2, "gate_lr": 1e-2}, "stage1_epochs": 1,
+               "personal_epochs": 1}
+    runtime = Runtime(loaded=tiny, task=dataset.task, seed=0, progress=False, options=options,
+                      roles=roles)
+    states = {}
+    for name in methods:
+        spec = parse_method(name)
+        core = spec.make_core()
+        core.prepare(runtime, dataset, spec.augmentation)
+        for user in roles["targets"]:
+            states[(name, user.id)] = (core, core.personalize(runtime, user,
+                                                              PromptAugmentation(), None))
+    return runtime, roles, states

@@ -17,10 +17,7 @@ from cloud_server.inference_service import ServeLimits, start_inference_server
 from cloud_server.pool_store import PoolStore
 from edge_client.inference_client import InferenceClient, InferenceError
 from shared import crypto
-from shared.data import load_dataset
 from shared.files import save_npz
-from shared.methods import parse_method
-from shared.methods.base import PromptAugmentation, Runtime
 from shared.methods.oppu.config import personal_lora
 from shared.methods.perfit.core import perfit_to_arrays
 from shared.methods.perpcs.recipe import Recipe
@@ -38,27 +35,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def setup(tiny, tmp_path_factory):
+def setup(tiny, small_world, tmp_path_factory):
     """Personal states of two targets for each method (tiny model), the federation's arrays,
     a real pool holding the sharers' pieces, and a running service on a float64 copy."""
     root = tmp_path_factory.mktemp("serve")
-    dataset = load_dataset("synthetic", None, num_users=8, seed=0)
-    users = [dataset.user(i) for i in range(8)]
-    roles = {"targets": users[:2], "sharers": users[2:4], "collective": users[4:6]}
-    options = {"max_history": 6, "stage1": {"max_steps": 3, "lr": 2e-2},
-               "oppu": {"max_steps": 3, "lr": 2e-2}, "perfit": {"lr": 2e-2},
-               "perpcs": {"gate_steps": 2, "gate_lr": 1e-2}, "stage1_epochs": 1,
-               "personal_epochs": 1}
-    runtime = Runtime(loaded=tiny, task=dataset.task, seed=0, progress=False, options=options,
-                      roles=roles)
-    states = {}
-    for name in METHODS:
-        spec = parse_method(name)
-        core = spec.make_core()
-        core.prepare(runtime, dataset, spec.augmentation)
-        for user in roles["targets"]:
-            states[(name, user.id)] = (core, core.personalize(runtime, user,
-                                                              PromptAugmentation(), None))
+    runtime, roles, states = small_world
     # what the federation leaves: the collective arrays, and a pool of signed pieces
     arrays = {f"lora.{k}": v.numpy() for k, v in runtime.cache["stage1_state"].items()}
     arrays.update({f"perfit.{k}": v for k, v in

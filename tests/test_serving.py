@@ -13,43 +13,24 @@ import copy
 import pytest
 import torch
 
-from shared.data import load_dataset
 from shared.errors import PflError
-from shared.methods import parse_method
-from shared.methods.base import PromptAugmentation, Runtime
+from shared.methods.base import Runtime
 from shared.methods.perpcs.pieces import LoraUpdate
 from shared.models import LoadedModel
 from shared.prompts import encode_prompt
 from shared.serving.engine import BatchedEngine, MultiLoraLinear
 from shared.serving.rows import RowAdapter, concat
 
-METHODS = ("nonpersonalized", "lora-c", "lora-p", "oppu", "perpcs", "perfit", "perfit-c")
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def served(tiny):
+def served(tiny, small_world):
     """Every method personalized for two targets on the tiny model (float32, as trained),
     then each user's row adapter; plus a float64 copy of the model to serve them on."""
-    dataset = load_dataset("synthetic", None, num_users=8, seed=0)
-    users = [dataset.user(i) for i in range(8)]
-    roles = {"targets": users[:2], "sharers": users[2:4], "collective": users[4:6]}
-    options = {"max_history": 6, "stage1": {"max_steps": 3, "lr": 2e-2},
-               "oppu": {"max_steps": 3, "lr": 2e-2},
-               "perpcs": {"gate_steps": 2, "gate_lr": 1e-2, "top_k": 2},
-               "perfit": {"lr": 2e-2}, "stage1_epochs": 1, "personal_epochs": 1}
-    runtime = Runtime(loaded=tiny, task=dataset.task, seed=0, progress=False,
-                      options=options, roles=roles)
-    rows = {}
-    for name in METHODS:
-        spec = parse_method(name)
-        core = spec.make_core()
-        core.prepare(runtime, dataset, spec.augmentation)
-        for user in roles["targets"]:
-            state = core.personalize(runtime, user, PromptAugmentation(), None)
-            rows[(name, user.id)] = (core, state, core.serving_adapter(runtime, state))
+    runtime, roles, states = small_world
+    rows = {key: (core, state, core.serving_adapter(runtime, state))
+            for key, (core, state) in states.items()}
     model64 = copy.deepcopy(tiny.model).double().eval()
     prompts = [encode_prompt(tiny.tokenizer, q.input, 256) for u in roles["targets"]
                for q in u.queries]
