@@ -31,6 +31,8 @@ Where things come from:
   captured in this (pickled) ClientApp;
 - device settings (:data:`DEVICE_SETTINGS`) come from the node config only, never from the
   server's messages or the run config (a simulation sets them with :func:`device_settings_mod`);
+- how the device answers its queries: ``node_config["answer-backend"]`` (``torch``, default,
+  or ``onnx``, ``onnx-int8``, ``onnx-int4``: ONNX Runtime, :mod:`edge_client.ondevice`);
 - consent: the policy file in ``node_config["consent-policy"]`` (defaults when absent); an
   upload the policy does not allow is refused with an error reply, nothing is trained or sent;
 - audit: :func:`edge_client.audit.audit_mod` (outermost mod) writes every reply to the
@@ -78,7 +80,7 @@ log = logging.getLogger(__name__)
 #: partition. They are never read from the server's messages or the run config: the server
 #: must not choose what a device consents to, whom it trusts or where it writes.
 DEVICE_SETTINGS = ("ledger", "state-dir", "device-root", "consent-policy", "pool-ca",
-                   "device-key")
+                   "device-key", "answer-backend")
 
 
 def device_settings_mod(settings: Mapping[str, Any]):
@@ -353,7 +355,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         methods = _methods(options)
         source = _pool(options, context, loaded) if _needs_pool(methods) else None
         metrics = phases.evaluate(loaded, task, user, methods, options, arrays,
-                                  _device_dir(context), pool=source)
+                                  _device_dir(context), pool=source,
+                                  backend=str(context.node_config.get("answer-backend",
+                                                                      "torch")))
         if source is not None:  # what came down from the pool (gates and pieces)
             metrics["pool-download-bytes"] = float(source.received)
         return metrics, None, rule

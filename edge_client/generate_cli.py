@@ -3,6 +3,7 @@
     pfl generate --state RUN/clients/partition-00001 --arrays RUN/global_arrays.npz \\
         --method perfit --prompt "a pair of waterproof hiking boots, bought on sale"
     pfl generate ... --remote 10.0.0.5:50071 --ca certs/ --consent consent.toml
+    pfl generate ... --backend onnx          # ONNX Runtime on the exported graph
 
 Remote answering needs the consent rule ``inference.remote`` (off by default); each request
 is an entry of the device's audit ledger (``--ledger``, default STATE/ledger.jsonl) with the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_client.ondevice import BACKENDS
 from shared.errors import PflError
 
 
@@ -40,7 +42,7 @@ def cmd_generate(args) -> int:
     try:
         text = answer_query(loaded, task, args.method, prompt, state_dir=args.state,
                             arrays=arrays, pool=pool, remote=remote,
-                            max_new_tokens=args.max_new_tokens)
+                            max_new_tokens=args.max_new_tokens, backend=args.backend)
     finally:
         if remote is not None:
             remote.close()
@@ -93,4 +95,8 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--consent", default=None, help="the device's consent policy (TOML)")
     gen.add_argument("--ledger", default=None, help="the device's audit ledger")
     gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--backend", default="torch",
+                     choices=BACKENDS,
+                     help="answer locally with PyTorch (default) or ONNX Runtime on the "
+                          "exported graph (pfl export onnx), fp32 or weight-only quantized")
     gen.set_defaults(func=cmd_generate)

@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edge_client.consent import ConsentPolicy
+from edge_client.ondevice.runtime import answer_engine
 from edge_client.pool_client import PoolClient
 from shared import crypto
 from shared.config import options_from_message
@@ -318,16 +319,22 @@ def personalize(loaded, task, user, methods: Sequence[str], options: Mapping[str
 # ------------------------------------------------------------------- phase 5: evaluation
 def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, Any],
              arrays: Mapping[str, np.ndarray], state_dir: Path, *,
-             pool: PoolPieces | None = None, remote=None) -> dict[str, float]:
+             pool: PoolPieces | None = None, remote=None,
+             backend: str = "torch") -> dict[str, float]:
     """Answer this user's queries with each method's saved state; return ``METHOD/STAT``
     additive statistics (:func:`shared.metrics.metric_stats`). ``pool``: where a method that
     reads the piece pool (PER-PCS) takes the pieces its saved recipe names. ``remote``: an
     :class:`edge_client.inference_client.InferenceClient` (with the device's ledger and
-    consent): the queries are answered by the cloud's inference service instead."""
+    consent): the queries are answered by the cloud's inference service instead.
+    ``backend``: how this device answers locally (``torch``, or ``onnx`` / ``onnx-int8`` /
+    ``onnx-int4``: ONNX Runtime on the exported graph, :mod:`edge_client.ondevice`)."""
     golds = [q.gold for q in user.queries]
     if not golds or any(g is None for g in golds):
         raise PflError("this device has no held-out queries with gold outputs to evaluate")
     runtime = device_runtime(loaded, task, options, arrays)
+    engine = answer_engine(loaded, backend, progress=log.info)
+    if engine is not None:
+        runtime.cache["answer_engine"] = engine
     generation = GenerationConfig(max_new_tokens=task.max_new_tokens,
                                   batch_size=int(options.get("batch-size-eval", 8)),
                                   seed=runtime.seed)
@@ -361,14 +368,15 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
 def answer_query(loaded, task, method: str, prompt: str, *, state_dir: Path | None,
                  arrays: Mapping[str, np.ndarray], options: Mapping[str, Any] | None = None,
                  pool: PoolPieces | None = None, remote=None,
-                 max_new_tokens: int | None = None) -> str:
+                 max_new_tokens: int | None = None, backend: str = "torch") -> str:
     """One user's greedy answer to ``prompt`` (the whole prompt text) with ``method``'s saved
     state under ``state_dir`` (from the personalize phase), locally or, with ``remote`` (an
     :class:`edge_client.inference_client.InferenceClient` whose interceptors hold the
     device's ledger and consent), by the cloud's inference service.
 
     Both ways run the same computation: the method's row (:meth:`Core.serving_adapter`) on
-    the frozen base model, as the service batches it; so the answers are the same."""
+    the frozen base model, as the service batches it; so the answers are the same. Locally,
+    ``backend`` picks PyTorch or ONNX Runtime (:func:`evaluate`)."""
     spec = parse_method(method)
     if spec.augmentation.retrieval != "none" or spec.augmentation.profile:
         raise PflError(f"{method}: give the core without +rag/+pag; put any retrieved items "
@@ -391,7 +399,12 @@ def answer_query(loaded, task, method: str, prompt: str, *, state_dir: Path | No
         return remote.answer(prompt, core.remote_personalization(runtime, state),
                              max_new_tokens=limit)
     row = core.serving_adapter(runtime, state)
-    with BatchedEngine(loaded.model, loaded.tokenizer) as engine:
+    engine = answer_engine(loaded, backend, progress=log.info)
+    if engine is not None:
         tokens = engine.generate([encode_prompt(loaded.tokenizer, prompt)], [row],
                                  max_new_tokens=limit)[0]
+    else:
+        with BatchedEngine(loaded.model, loaded.tokenizer) as engine:
+            tokens = engine.generate([encode_prompt(loaded.tokenizer, prompt)], [row],
+                                     max_new_tokens=limit)[0]
     return loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from shared.errors import PflError
 from shared.prompts import encode_prompt, pad_token_id
 
 
@@ -72,5 +73,29 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             for row, tokens in zip(rows, new_tokens):
                 outputs[row] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            bar.update(len(rows))
+    return outputs
+
+
+def engine_generate(engine, tokenizer, row, prompts: Sequence[str],
+                    config: GenerationConfig = GenerationConfig(), *, desc: str = "generate",
+                    progress: bool = True) -> list[str]:
+    """:func:`generate` for one user whose personalization is ``row`` (a
+    :class:`shared.serving.rows.RowAdapter`, None: the base model), on ``engine``: anything
+    with :class:`shared.serving.engine.BatchedEngine`'s ``generate(prompts, adapters)``, such
+    as :class:`edge_client.ondevice.runtime.OnnxEngine`. Same prompt encoding, length order
+    and batches as :func:`generate`; greedy only."""
+    if config.sample:
+        raise PflError("an answer engine decodes greedily; sampling needs the PyTorch backend")
+    encoded = [encode_prompt(tokenizer, p, config.max_prompt_tokens) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(encoded)
+    with tqdm(total=len(encoded), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start: start + config.batch_size]
+            tokens = engine.generate([encoded[i] for i in rows], [row] * len(rows),
+                                     max_new_tokens=config.max_new_tokens)
+            for i, new in zip(rows, tokens):
+                outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
             bar.update(len(rows))
     return outputs

@@ -176,6 +176,12 @@ def build_tiny_model(vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Mo
     return model
 
 
+def load_tokenizer(cache: str | os.PathLike | None = None):
+    """SmolLM2's tokenizer alone (what both built-in models use), without any weights: for
+    a process that runs an exported graph instead of the PyTorch model."""
+    return _load_tokenizer(tokenizer_checkpoint(cache_dir(cache)))
+
+
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from cloud_server.pool_cli import add_certs_command, add_pool_commands, add_serve_command
 from edge_client.generate_cli import add_generate_command
+from edge_client.ondevice import BACKENDS
+from edge_client.ondevice.cli import add_export_command
 from edge_client.audit import add_audit_commands
 from edge_client.audit import summary as ledger_summary
 from shared.config import settings_keys
@@ -85,6 +87,7 @@ def eval_config(args):
                       cache_dir=args.cache_dir, min_history=args.min_history,
                       progress=not args.quiet, sample=args.sample, options=options,
                       recipe=args.recipe, reuse_trained=args.reuse_trained,
+                      backend=getattr(args, "backend", "torch"),
                       **{k: getattr(args, k) for k in ("sharers", "collective", "max_history",
                                                         "stage1_epochs", "personal_epochs")
                          if getattr(args, k, None) is not None})
@@ -363,6 +366,16 @@ def cmd_compare(args) -> int:
     from shared.report import comparison_pairs, comparisons_table
 
     results = _read_results(args.results)
+    for spec in args.also or ():
+        path, _, label = spec.partition("=")
+        other = _read_results(path)
+        label = label or Path(path).stem
+        if other.get("targets") != results.get("targets") or \
+                other.get("task") != results.get("task"):
+            raise PflError(f"{path}: other targets or task than {args.results}: a paired "
+                           "comparison needs the same users' queries")
+        for name, method in other.get("methods", {}).items():
+            results["methods"][f"{name}@{label}"] = method
     if (args.a is None) != (args.b is None):
         raise PflError("give two methods (A B), or none to compare each against --against")
     against = _csv(args.against) if args.against else REFERENCES
@@ -468,6 +481,19 @@ def cmd_bench_serve(args) -> int:
     return 1 if load and (load["failed"] or load["wrong_answers"]) else code
 
 
+def cmd_bench_device(args) -> int:
+    """Time to first token, decode tokens/s and peak memory of answering on a device:
+    PyTorch against ONNX Runtime (fp32, int8, int4 weight-only), each in its own process."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
+    from simulations.bench_device import bench_device, device_plot, device_table
+
+    result = bench_device(args.model or "smollm2-135m", batch_sizes=args.batch_sizes,
+                          new_tokens=args.new_tokens, repeats=args.repeats,
+                          threads=args.threads, backends=_csv(args.backends),
+                          cache=args.cache_dir)
+    return _report(result, device_table, device_plot, args.out_dir, "device")
+
+
 def cmd_bench_traffic(args) -> int:
     """Uplink and downlink bytes per client and phase, read from the audit ledgers of a
     federation run folder (pfl simulate / pfl demo)."""
@@ -545,6 +571,10 @@ def _eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", action="store_true",
                         help="sample (T=0.1, top-k 10, top-p 0.9) instead of greedy decoding")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--backend", default="torch",
+                        choices=BACKENDS,
+                        help="answer with PyTorch (default) or ONNX Runtime on the exported "
+                             "graph, fp32 or weight-only quantized (pfl export onnx)")
     _train_cache_option(parser)
     _model_options(parser)
 
@@ -699,6 +729,10 @@ def add_compare_command(commands) -> None:
                               f"{','.join(REFERENCES)})")
     compare.add_argument("--metrics", default=None,
                          help="comma-separated metrics (default: the task's first)")
+    compare.add_argument("--also", action="append", metavar="FILE[=LABEL]",
+                         help="add another results file of the same targets (say, another "
+                              "--backend); its methods are named METHOD@LABEL (default "
+                              "label: the file's name)")
     compare.set_defaults(func=cmd_compare)
 
 
@@ -724,7 +758,7 @@ def add_data_command(commands) -> None:
 
 def add_bench_commands(commands) -> None:
     """``pfl bench model | population | aggregation | storage | personalize | traffic |
-    serve``."""
+    serve | device``."""
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench_command", metavar="SUBCOMMAND", required=True)
     bm = bench.add_parser("model", help="forward / training tokens per second")
@@ -736,7 +770,8 @@ def add_bench_commands(commands) -> None:
     _model_options(bm)
     bm.set_defaults(func=cmd_bench_model)
     for add in (_add_bench_population, _add_bench_aggregation, _add_bench_storage,
-                _add_bench_personalize, _add_bench_traffic, _add_bench_serve):
+                _add_bench_personalize, _add_bench_traffic, _add_bench_serve,
+                _add_bench_device):
         add(bench)
 
 
@@ -822,6 +857,22 @@ def _add_bench_serve(bench) -> None:
     bv.set_defaults(func=cmd_bench_serve)
 
 
+def _add_bench_device(bench) -> None:
+    bd = bench.add_parser("device", help="on-device answers: PyTorch against ONNX Runtime "
+                          "fp32 / int8 / int4", description=cmd_bench_device.__doc__)
+    bd.add_argument("--batch-sizes", type=_ints, default=[1, 8], help="default 1,8")
+    bd.add_argument("--new-tokens", type=int, default=32, help="decoded per request")
+    bd.add_argument("--repeats", type=int, default=3)
+    bd.add_argument("--threads", type=int, default=2, help="threads of each backend")
+    bd.add_argument("--backends", default=",".join(BACKENDS),
+                    help="default %(default)s (the first is the reference of the ratios)")
+    bd.add_argument("--model", default=None, help="smollm2-135m (default) or tiny")
+    bd.add_argument("--cache-dir", default=None, help="where the exported graphs are kept")
+    bd.add_argument("--out-dir", default="results/bench",
+                    help="device.json and device.png go here (default %(default)s)")
+    bd.set_defaults(func=cmd_bench_device)
+
+
 def _add_bench_traffic(bench) -> None:
     bt = bench.add_parser("traffic", help="uplink/downlink bytes per client and phase, from "
                                           "the ledgers of a run", description=cmd_bench_traffic.__doc__)
@@ -841,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_demo_command, add_eval_command, add_study_command, add_simulate_command,
                 add_tune_command, add_compare_command, add_claims_command, add_data_command,
                 add_bench_commands, add_audit_commands, add_certs_command, add_pool_commands,
-                add_serve_command, add_generate_command):
+                add_serve_command, add_generate_command, add_export_command):
         add(commands)
     return parser
 

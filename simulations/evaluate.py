@@ -62,6 +62,7 @@ class EvalConfig:
     recipe: str = "tuned"  # "tuned", "paper" or a recipe file (shared.recipes)
     reuse_trained: bool = True  # keep stage 1s and PER-PCS sharer pieces in the cache dir
     sharer_slots: int | None = None  # room kept for sharers (collective users stay put)
+    backend: str = "torch"  # or onnx, onnx-int8, onnx-int4 (edge_client.ondevice.runtime)
 
 
 def sharer_store(cache: str | None) -> Path:
@@ -197,7 +198,8 @@ def run_settings(config: EvalConfig) -> dict:
             "seed": config.seed, "min_history": config.min_history,
             "sharers": config.sharers, "collective": config.collective,
             "sample": config.sample, "options": run_options(config)[1],
-            **({"sharer_slots": config.sharer_slots} if config.sharer_slots else {})}
+            **({"sharer_slots": config.sharer_slots} if config.sharer_slots else {}),
+            **({"backend": config.backend} if config.backend != "torch" else {})}
 
 
 def resumable_methods(config: EvalConfig, previous: dict, names: Sequence[str]) -> dict:
@@ -250,6 +252,13 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
                       progress=config.progress, options=options, roles=roles)
     if config.reuse_trained:
         use_stores(runtime, config.cache_dir)
+    if config.backend != "torch":
+        # lazy: onnxruntime is loaded only by runs that answer with it
+        from edge_client.ondevice.runtime import answer_engine
+
+        runtime.cache["answer_engine"] = answer_engine(
+            loaded, config.backend, cache=config.cache_dir,
+            progress=(lambda m: log.info("%s", m)) if not config.progress else print)
     generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens,
                                   batch_size=config.batch_size, sample=config.sample,
                                   seed=config.seed)
@@ -271,6 +280,7 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
         "queries": sum(len(u.queries) for u in targets),
         "data": config.data,
         "seed": config.seed,
+        "backend": config.backend,
         "targets": [u.id for u in targets],
         "metric_task": {"kind": dataset.task.kind, "labels": list(dataset.task.labels or ())},
         "recipe": {"name": recipe, "options": options},

@@ -277,10 +277,11 @@ def test_pfl_generate_answers_the_same_locally_and_remotely_under_consent(setup,
     assert perfit["arrays"] and query not in json.dumps(entries)  # no raw text in the ledger
 
 
-def test_a_devices_evaluation_scores_the_same_locally_and_through_the_service(setup, tmp_path,
-                                                                            monkeypatch):
-    """The evaluation phase of a device, once with its own model and once through the
-    inference service (every query remote): the same statistics for every method."""
+def test_a_devices_evaluation_scores_the_same_locally_through_the_service_and_on_onnx(
+        setup, tmp_path, monkeypatch):
+    """The evaluation phase of a device, with its own model (PyTorch), through the inference
+    service (every query remote) and with ONNX Runtime on the exported graph (``pfl
+    generate --backend onnx``'s path): the same answers and statistics for every method."""
     from edge_client.phases import evaluate
 
     uid = setup["targets"][0].id
@@ -318,9 +319,15 @@ def test_a_devices_evaluation_scores_the_same_locally_and_through_the_service(se
     with _client(setup) as client:
         remote = evaluate(loaded64, task, user, list(METHODS), {}, arrays, state_dir,
                           pool=pool, remote=client)
-    assert local == remote
+        cache = tmp_path / "cache"
+        monkeypatch.setenv("PFL_CACHE_DIR", str(cache))  # the export goes here
+        onnx = evaluate(loaded64, task, user, list(METHODS), {}, arrays, state_dir,
+                        pool=pool, backend="onnx")
+    assert list(cache.glob("onnx/tiny64-*/model.onnx"))
+    assert local == remote == onnx
     n = len(METHODS)
-    assert answers[:n] == answers[n:] and len({tuple(a) for a in answers[:n]}) > 1
+    assert answers[:n] == answers[n:2 * n] == answers[2 * n:]
+    assert len({tuple(a) for a in answers[:n]}) > 1
 
 
 def test_pfl_serve_runs_as_a_process_answers_and_stops_on_sigterm(setup, tmp_path):

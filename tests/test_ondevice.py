@@ -120,3 +120,29 @@ def test_rows_the_graph_cannot_carry_are_refused(tiny, graph):
             engine.last_logits([[1, 2, 3]], [bad])
         with pytest.raises(PflError, match="empty prompt"):
             engine.generate([[]], [None])
+
+
+@pytest.mark.slow
+def test_smollm2_graph_gives_pytorchs_tokens_for_every_kind_of_row(smollm2, tmp_path_factory):
+    """The real model: base, stage-1 (LoRA-C), OPPU, PER-PCS and PerFit rows (each method's
+    real shapes, random values) on real prompts, in one batch: the same greedy tokens as
+    the PyTorch engine, logits within the tolerance."""
+    from simulations.bench_serve import _prompts, _Users
+
+    users = _Users(smollm2.model, seed=0)
+    for i in range(3):
+        users.sharer(f"sharer-{i}")
+    kinds = ["base", "lora-c", "oppu", "perpcs", "perfit"]
+    rows = [users.row(kind, users.payload(kind)) for kind in kinds]
+    _, prompts = _prompts(smollm2.tokenizer, len(kinds), seed=0)
+    path = exported_graph(smollm2, cache=tmp_path_factory.mktemp("onnx-smollm2"),
+                          progress=lambda message: None)
+    with BatchedEngine(smollm2.model, smollm2.tokenizer) as torch_engine:
+        expected = torch_engine.generate(prompts, rows, max_new_tokens=12)
+        expected_logits = torch_engine.last_logits(prompts, rows).numpy()
+    with OnnxEngine(path, smollm2.tokenizer, threads=1) as engine:
+        got = engine.generate(prompts, rows, max_new_tokens=12)
+        logits = engine.last_logits(prompts, rows)
+    assert np.abs(logits - expected_logits).max() < 1e-3  # SmolLM2's logits reach ~30
+    assert got == expected
+    assert len({tuple(t) for t in got}) > 1  # the rows are answered differently

@@ -38,6 +38,9 @@ QUANTIZATIONS = ("fp32", "int8", "int4")
 #: Block size of the weight-only quantization (ONNX Runtime's MatMulNBits): per 32 weights of
 #: a column, one scale and zero point.
 QUANT_BLOCK = 32
+#: MatMulNBits' compute type: 4 = int8 activations (quantized per block on the fly) with
+#: the integer kernels, the fast path on x86 and ARM CPUs.
+ACCURACY_LEVEL = 4
 
 # which axes of each input are dynamic, and their names in the written graph
 _DYNAMIC_AXES = {
@@ -196,16 +199,19 @@ def describe(path: str | Path) -> dict:
 def quantize_graph(source: Path, target: Path, *, bits: int) -> None:
     """A weight-only quantized copy of ``source``: every MatMul with a constant weight (the
     linear layers; the per-row factors are inputs and stay float) becomes ONNX Runtime's
-    ``MatMulNBits`` with ``bits``-bit weights in blocks of :data:`QUANT_BLOCK`. Embeddings
-    and the tied lm head (a Gemm) stay float32."""
+    ``MatMulNBits`` with ``bits``-bit weights in blocks of :data:`QUANT_BLOCK` (symmetric),
+    computed with int8 activations (:data:`ACCURACY_LEVEL`). Embeddings and the tied lm head
+    (a Gemm) stay float32."""
     # lazy: the quantizer pulls in sympy and more, needed only here
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                   MatMulNBitsQuantizer)
 
     model = onnx.load(str(source))
-    config = DefaultWeightOnlyQuantConfig(block_size=QUANT_BLOCK, is_symmetric=True, bits=bits)
+    config = DefaultWeightOnlyQuantConfig(block_size=QUANT_BLOCK, is_symmetric=True, bits=bits,
+                                          accuracy_level=ACCURACY_LEVEL)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK,
-                                     is_symmetric=True, algo_config=config)
+                                     is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                     algo_config=config)
     quantizer.process()
     proto = quantizer.model.model
     for prop in proto.metadata_props:

@@ -29,11 +29,31 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edge_client.ondevice.export import describe
+from edge_client.ondevice import BACKENDS
+from edge_client.ondevice.export import describe, exported_graph
 from edge_client.ondevice.graph import PERFIT_STAGES
 from shared.errors import PflError
 from shared.methods.perfit.positions import intervention_mask
 from shared.serving.rows import RowAdapter
+
+
+def answer_engine(loaded, backend: str, *, cache=None, threads: int | None = None,
+                  progress=print) -> "OnnxEngine | None":
+    """The engine that answers for ``backend`` (None: PyTorch), on ``loaded``'s exported
+    graph (exported or quantized first if the cache does not hold it)."""
+    if backend not in BACKENDS:
+        raise PflError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "torch":
+        return None
+    quantization = "fp32" if backend == "onnx" else backend.split("-", 1)[1]
+    path = exported_graph(loaded, quantization=quantization, cache=cache, progress=progress)
+    key = (str(path), threads)
+    if key not in _ENGINES:  # one session per graph and process (sessions are thread-safe)
+        _ENGINES[key] = OnnxEngine(path, loaded.tokenizer, threads=threads)
+    return _ENGINES[key]
+
+
+_ENGINES: dict[tuple, "OnnxEngine"] = {}
 
 
 def _array(tensor) -> np.ndarray:

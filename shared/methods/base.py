@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from shared.errors import PflError
-from shared.generation import generate
+from shared.generation import engine_generate, generate
 from shared.prompts import build_prompt
 from shared.retrieval import BM25Retriever, random_k
 from shared.training import history_examples
@@ -132,7 +132,21 @@ class Core:
 
     def answer(self, runtime: Runtime, state: PersonalState, prompts: list[str],
                generation, *, desc: str = "generate", progress: bool = False) -> list[str]:
-        """Generate the answers to ``prompts`` for a user in ``state``."""
+        """Generate the answers to ``prompts`` for a user in ``state``: with the run's answer
+        engine when it has one (``runtime.cache["answer_engine"]``, e.g. ONNX Runtime on the
+        exported graph), which answers this core's :meth:`serving_adapter` row; else with
+        PyTorch (:meth:`answer_torch`). A core whose answers are not a model's (the
+        reference rows) overrides this method instead."""
+        engine = runtime.cache.get("answer_engine")
+        if engine is not None:
+            return engine_generate(engine, runtime.tokenizer, self.serving_adapter(runtime, state),
+                                   prompts, generation, desc=desc, progress=progress)
+        return self.answer_torch(runtime, state, prompts, generation, desc=desc,
+                                 progress=progress)
+
+    def answer_torch(self, runtime: Runtime, state: PersonalState, prompts: list[str],
+                     generation, *, desc: str = "generate", progress: bool = False) -> list[str]:
+        """:meth:`answer` with PyTorch, on :meth:`model_for`'s model."""
         with self.model_for(runtime, state) as model:
             return generate(model, runtime.tokenizer, prompts, generation, desc=desc,
                             progress=progress)

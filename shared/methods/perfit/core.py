@@ -91,7 +91,8 @@ class CollectiveShift(Core):
     def prepare(self, runtime, dataset, augmentation):
         perfit_stage1(runtime)
 
-    def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
+    def answer_torch(self, runtime, state, prompts, generation, *, desc="generate",
+                     progress=False):
         return answer_with(runtime, perfit_stage1(runtime)[1], prompts, generation, desc=desc,
                            progress=progress)
 
@@ -123,7 +124,8 @@ class PersonalShift(Core):
         return PersonalState(params=params, bytes=4 * params, payload=personal,
                              info={"steps": stats["steps"]})
 
-    def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
+    def answer_torch(self, runtime, state, prompts, generation, *, desc="generate",
+                     progress=False):
         return answer_with(runtime, state.payload, prompts, generation, desc=desc,
                            progress=progress)
 
