@@ -5,8 +5,9 @@ For each backend and batch size: the time to first token (the prompt's forward p
 first greedy token), the decode rate (new tokens per second after the first, over all rows),
 and the peak resident memory of the process. Each backend runs in a process of its own, so
 its peak memory is its own: the PyTorch process loads the model; an ONNX Runtime process
-loads only the graph, the tokenizer and the user's rows (its rows' builders import torch,
-whose libraries count in its memory, but no model weights).
+loads only the graph, the tokenizer and the user's rows, no model weights. Both import the
+same libraries first (the rows' builders use torch): ``baseline`` is the memory after the
+imports, before any weights, so ``peak - baseline`` is what the backend itself adds.
 
 Rows are a user's real OPPU personalization shapes (stage 1, rank 8 on q, k, v, plus the
 personal LoRA, rank 8 on q, v; random values: the cost does not depend on them), the same
@@ -45,6 +46,17 @@ def _rows(model_name: str, n: int, seed: int, model=None) -> list:
     return [users.row("oppu", users.payload("oppu")) for _ in range(n)]
 
 
+def _memory(field: str = "VmHWM") -> int:
+    """This process's peak (``VmHWM``) or current (``VmRSS``) resident memory in bytes.
+    VmHWM starts afresh at exec (getrusage's ru_maxrss would carry the parent's peak over a
+    fork and exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
+
+
 def measure(backend: str, model_name: str, batch_sizes: Sequence[int], new_tokens: int,
             repeats: int, threads: int, seed: int = 0) -> dict[str, Any]:
     """One backend's figures, in this process (see the module docstring)."""
@@ -54,19 +66,19 @@ def measure(backend: str, model_name: str, batch_sizes: Sequence[int], new_token
     from shared.models import load_model, load_tokenizer
     from simulations.bench_serve import _prompts
 
+    from edge_client.ondevice.runtime import OnnxEngine
+    from shared.serving.engine import BatchedEngine
+
     torch.set_num_threads(threads)
+    tokenizer = load_tokenizer()  # both backends' processes hold the tokenizer
+    baseline = _memory("VmRSS")  # the libraries, before any weights
     started = time.perf_counter()
     if backend == "torch":
-        from shared.serving.engine import BatchedEngine
-
         loaded = load_model(model_name, device="cpu", seed=seed)
         rows = _rows(model_name, max(batch_sizes), seed, loaded.model)
-        tokenizer = loaded.tokenizer
         engine = BatchedEngine(loaded.model, tokenizer)
     else:
-        from edge_client.ondevice.runtime import OnnxEngine
-
-        rows, tokenizer = _rows(model_name, max(batch_sizes), seed), load_tokenizer()
+        rows = _rows(model_name, max(batch_sizes), seed)
         quantization = "fp32" if backend == "onnx" else backend.split("-", 1)[1]
         path = os.environ["PFL_BENCH_GRAPH_" + quantization.upper()]
         engine = OnnxEngine(path, tokenizer, threads=threads)
@@ -89,9 +101,8 @@ def measure(backend: str, model_name: str, batch_sizes: Sequence[int], new_token
                     "prompt_tokens": sum(len(x) for x in p),
                     "decode_tokens_per_second": batch * (new_tokens - 1) / max(total - ttft,
                                                                                  1e-9)})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"backend": backend, "load_seconds": load_seconds, "peak_rss_bytes": peak,
-            "rows": out}
+    return {"backend": backend, "load_seconds": load_seconds, "peak_rss_bytes": _memory(),
+            "baseline_rss_bytes": baseline, "pid": os.getpid(), "rows": out}
 
 
 def bench_device(model: str = "smollm2-135m", *, batch_sizes: Sequence[int] = (1, 8),
@@ -138,12 +149,14 @@ def device_table(result: dict) -> str:
              f"{result['row']} rows, {result['new_tokens']} new tokens a request, median of "
              f"{result['repeats']}",
              f"{'backend':<10} {'batch':>5} {'TTFT s':>8} {'decode tok/s':>13} "
-             f"{'vs ' + result['results'][0]['backend']:>9} {'peak MB':>8} {'load s':>7}"]
+             f"{'vs ' + result['results'][0]['backend']:>9} {'peak MB':>8} "
+             f"{'- libs':>7} {'load s':>7}"]
     for r in result["results"]:
         for row in r["rows"]:
             lines.append(f"{r['backend']:<10} {row['batch']:>5} {row['ttft_seconds']:>8.3f} "
                          f"{row['decode_tokens_per_second']:>13.1f} "
                          f"{row['decode_vs_first']:>8.2f}x {r['peak_rss_bytes'] / 2**20:>8.0f} "
+                         f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / 2**20:>7.0f} "
                          f"{r['load_seconds']:>7.1f}")
     return "\n".join(lines)
 
@@ -160,7 +173,13 @@ def device_plot(result: dict, path) -> Any:
         axes[0].bar(xs, [x["ttft_seconds"] for x in rows], width, label=f"batch {batch}")
         axes[1].bar(xs, [x["decode_tokens_per_second"] for x in rows], width,
                     label=f"batch {batch}")
-    axes[2].bar(range(len(names)), [r["peak_rss_bytes"] / 2**20 for r in result["results"]])
+    axes[2].bar(range(len(names)), [r["baseline_rss_bytes"] / 2**20
+                                    for r in result["results"]], label="libraries")
+    axes[2].bar(range(len(names)), [(r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / 2**20
+                                    for r in result["results"]],
+                bottom=[r["baseline_rss_bytes"] / 2**20 for r in result["results"]],
+                label="model / graph and run")
+    axes[2].legend()
     for axis, title in zip(axes, ("time to first token (s)", "decode tokens/s",
                                   "peak resident memory (MB)")):
         axis.set_xticks([j + width * (len(result["batch_sizes"]) - 1) / 2
