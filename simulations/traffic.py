@@ -19,23 +19,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-from edge_client.audit import read_entries
+from edge_client.audit.ledger import PHASE_ORDER, entry_phases, read_entries
 from edge_client.state import ledger_paths
 from shared.errors import PflError
-
-PHASES = {"query.select": "selection", "train": "stage 1", "train.share": "share",
-          "train.personalize": "personalize", "evaluate": "evaluate"}
-ORDER = ("selection", "stage 1 (lora)", "stage 1 (perfit)", "share", "personalize",
-         "evaluate")
-
-
-def _phase(entry: dict) -> str:
-    phase = PHASES.get(entry["message_type"], entry["message_type"])
-    if phase == "stage 1":
-        names = " ".join(a["name"] for a in entry.get("arrays", []))
-        phase = "stage 1 (perfit)" if "stage1.layers" in names else "stage 1 (lora)"
-    return phase
-
 
 def _pool_download(entry: dict) -> int:
     for value in (entry.get("fields") or {}).values():
@@ -52,20 +38,19 @@ def ledger_traffic(run_dir: str | Path) -> dict[str, Any]:
         raise PflError(f"no device ledgers under {run_dir}/clients (is it a run folder?)")
     per_client: dict[str, dict[int, dict[str, int]]] = defaultdict(dict)
     for pid, path in paths.items():
-        pending_up = 0
-        for entry in read_entries(path):
-            if entry["channel"] != "flower":
-                pending_up += int(entry.get("payload_bytes") or 0)
+        entries = read_entries(path)
+        for entry, phase in zip(entries, entry_phases(entries)):
+            if phase is None:  # after the last Flower reply: not a federation phase
                 continue
-            phase = _phase(entry)
             totals = per_client[phase].setdefault(pid, {"up": 0, "down": 0, "messages": 0})
-            totals["up"] += int(entry.get("payload_bytes") or 0) + pending_up
-            totals["down"] += int((entry.get("meta") or {}).get("inbound_bytes") or 0) \
-                + _pool_download(entry)
-            totals["messages"] += 1
-            pending_up = 0
+            totals["up"] += int(entry.get("payload_bytes") or 0)
+            if entry["channel"] == "flower":
+                totals["down"] += int((entry.get("meta") or {}).get("inbound_bytes") or 0) \
+                    + _pool_download(entry)
+                totals["messages"] += 1
     phases = []
-    for phase in sorted(per_client, key=lambda p: ORDER.index(p) if p in ORDER else 99):
+    for phase in sorted(per_client,
+                        key=lambda p: PHASE_ORDER.index(p) if p in PHASE_ORDER else 99):
         clients = per_client[phase]
         ups = [c["up"] for c in clients.values()]
         downs = [c["down"] for c in clients.values()]

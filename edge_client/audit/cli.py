@@ -1,4 +1,4 @@
-"""``pfl audit show | summary | verify``: read a device's ledger."""
+"""``pfl audit show | summary | verify | report``: read a device's ledger."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 
 from edge_client.audit.ledger import read_entries, summary, verify
+from edge_client.audit.report import cmd_audit_report
 from shared.files import human_bytes
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def cmd_audit_verify(args) -> int:
 
 
 def add_audit_commands(subparsers) -> None:
-    """Register ``audit show | summary | verify`` on the ``pfl`` command's subparsers."""
+    """Register ``audit show | summary | verify | report`` on the ``pfl`` command's
+    subparsers."""
     audit = subparsers.add_parser(
         "audit", help="read, summarize and verify a device's audit ledger",
         description="Every payload a device sends is recorded in its hash-chained ledger.")
@@ -106,3 +108,14 @@ def add_audit_commands(subparsers) -> None:
                      help="a head hash noted earlier (from `audit summary`); it must still be "
                           "in the chain, which catches entries removed from the end")
     ver.set_defaults(func=cmd_audit_verify)
+
+    rep = commands.add_parser("report", help="one self-contained HTML page: what left, to "
+                              "whom, when, under which rule; verification; DP and SecAgg",
+                              description=cmd_audit_report.__doc__)
+    rep.add_argument("target", metavar="RUN_DIR_OR_LEDGER",
+                     help="a ledger file, or a run folder (every device's ledger)")
+    rep.add_argument("--out", default=None, help="the HTML file (default: LEDGER.html, or "
+                     "RUN_DIR/audit-report.html)")
+    rep.add_argument("--max-rows", type=int, default=2000,
+                     help="entries listed (the totals cover all; default %(default)s)")
+    rep.set_defaults(func=cmd_audit_report)

@@ -334,6 +334,39 @@ def verify(path: str | os.PathLike, head: str | None = None) -> VerifyResult:
     return VerifyResult(True, count, None, f"intact: {count} entries, head {prev}", prev)
 
 
+# ---------------------------------------------------------------------------- phases
+#: The federation phase of a Flower reply, by its message type.
+PHASES = {"query.select": "selection", "train": "stage 1", "train.share": "share",
+          "train.personalize": "personalize", "evaluate": "evaluate"}
+PHASE_ORDER = ("selection", "stage 1 (lora)", "stage 1 (perfit)", "share", "personalize",
+               "evaluate")
+
+
+def flower_phase(entry: Mapping[str, Any]) -> str:
+    """The phase of a Flower reply entry; stage 1 split by what was trained (the task LoRA,
+    or PerFit's stage 1)."""
+    phase = PHASES.get(entry["message_type"], entry["message_type"])
+    if phase == "stage 1":
+        names = " ".join(a["name"] for a in entry.get("arrays", []))
+        phase = "stage 1 (perfit)" if "stage1.layers" in names else "stage 1 (lora)"
+    return phase
+
+
+def entry_phases(entries: list[Mapping[str, Any]]) -> list[str | None]:
+    """Each entry's federation phase. A Flower reply has its own; another channel's entry (a
+    pool call) belongs to the phase of the next Flower reply in the ledger, since the device
+    made it while handling that message and the reply is written when the handler returns.
+    None for entries after the last reply (outside a federation phase: a remote answer,
+    say)."""
+    out: list[str | None] = [None] * len(entries)
+    current = None
+    for i in range(len(entries) - 1, -1, -1):
+        if entries[i].get("channel") == "flower":
+            current = flower_phase(entries[i])
+        out[i] = current
+    return out
+
+
 # --------------------------------------------------------------------------- summary
 def summary(path: str | os.PathLike) -> dict:
     """Totals of a ledger: entries and payload bytes overall, per channel and per message
