@@ -284,7 +284,8 @@ def cmd_simulate(args) -> int:
         args.clients, methods=",".join(methods), targets=args.targets, sharers=args.sharers,
         model=args.model, task=args.task, data_path=args.data, run_dir=args.run_dir,
         seed=args.seed, rounds=args.rounds, backend=args.backend, options=options,
-        num_cpus_per_client=args.cpus_per_client, verbose=args.verbose)
+        num_cpus_per_client=args.cpus_per_client, verbose=args.verbose,
+        answer_backend=args.answer_backend)
     print()
     print(format_results(summary))
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
@@ -668,6 +669,9 @@ def add_simulate_command(commands) -> None:
                      help="a method setting, as in pfl eval (repeatable)")
     sim.add_argument("--backend", choices=["ray", "inprocess"], default="ray",
                      help="Flower's simulation engine (ray, default) or an in-process grid")
+    sim.add_argument("--answer-backend", choices=BACKENDS, default="torch",
+                     help="how the devices answer their queries: PyTorch (default) or ONNX "
+                          "Runtime on the exported graph (a device setting)")
     sim.add_argument("--cpus-per-client", type=float, default=1.0,
                      help="Ray CPUs per virtual client: 1.0 runs one client per core")
     sim.add_argument("--model", default="tiny", help="tiny (default), smollm2-135m or a path")

@@ -266,6 +266,7 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
                               run_dir: str | Path = "runs/federation", seed: int = 0,
                               rounds: int = 1, backend: str = "inprocess",
                               consent_policy: str | Path | None = None,
+                              answer_backend: str = "torch",
                               options: dict[str, Any] | None = None,
                               num_cpus_per_client: float = 1.0,
                               node_configs: dict[int, dict[str, Any]] | None = None,
@@ -277,7 +278,9 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
     Starts the real piece-pool gRPC service with TLS on 127.0.0.1 (dev certificates under
     ``run_dir/certs``, the database under ``run_dir/pool``), runs the federation ServerApp
     with ``num_clients`` virtual devices (one user each) on ``backend``, stops the pool and
-    returns the server's summary plus ``ledgers`` ({partition: path}). ``node_configs``,
+    returns the server's summary plus ``ledgers`` ({partition: path}). ``answer_backend``:
+    how the devices answer their queries (a device setting, ``torch`` or ``onnx*``).
+    ``node_configs``,
     ``on_reply`` and ``unreachable`` go to :class:`LocalGrid` (in-process backend only).
     """
 
@@ -293,7 +296,8 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
         "num-clients": int(num_clients), "num-users-per-client": 1,
         "grant-key": str(grant_key)}
     device = {"device-root": str(run_dir), "pool-ca": str(certs.ca_cert),  # the devices' own
-              "consent-policy": str(consent_policy or SIMULATION_CONSENT)}
+              "consent-policy": str(consent_policy or SIMULATION_CONSENT),
+              "answer-backend": answer_backend}
     if data_path:
         config["data-path"] = str(data_path)
     config.update(options or {})
