@@ -7,7 +7,8 @@ and the peak resident memory of the process. Each backend runs in a process of i
 its peak memory is its own: the PyTorch process loads the model; an ONNX Runtime process
 loads only the graph, the tokenizer and the user's rows, no model weights. Both import the
 same libraries first (the rows' builders use torch): ``baseline`` is the memory after the
-imports, before any weights, so ``peak - baseline`` is what the backend itself adds.
+imports, before any weights, so ``peak - baseline`` is what the backend itself adds (the
+imports happen when the module loads, before :func:`measure` reads the baseline).
 
 Rows are a user's real OPPU personalization shapes (stage 1, rank 8 on q, k, v, plus the
 personal LoRA, rank 8 on q, v; random values: the cost does not depend on them), the same
@@ -26,19 +27,21 @@ import sys
 import time
 from typing import Any, Sequence
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from edge_client.ondevice.export import exported_graph
+from edge_client.ondevice.runtime import OnnxEngine
+from shared.models import load_model, load_tokenizer, model_config
+from shared.serving.engine import BatchedEngine
+from simulations.bench_serve import _prompts, _Users
+
 BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int4")
 
 
 def _rows(model_name: str, n: int, seed: int, model=None) -> list:
     """``n`` OPPU-shaped rows; without ``model``, shapes come from the model's config on the
     meta device (no weights in memory)."""
-    # lazy: the child process imports what its backend needs
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from shared.models import model_config
-    from simulations.bench_serve import _Users
-
     if model is None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config(model_name))
@@ -60,15 +63,6 @@ def _memory(field: str = "VmHWM") -> int:
 def measure(backend: str, model_name: str, batch_sizes: Sequence[int], new_tokens: int,
             repeats: int, threads: int, seed: int = 0) -> dict[str, Any]:
     """One backend's figures, in this process (see the module docstring)."""
-    # lazy: each backend's process loads only what that backend needs
-    import torch
-
-    from shared.models import load_model, load_tokenizer
-    from simulations.bench_serve import _prompts
-
-    from edge_client.ondevice.runtime import OnnxEngine
-    from shared.serving.engine import BatchedEngine
-
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer()  # both backends' processes hold the tokenizer
     baseline = _memory("VmRSS")  # the libraries, before any weights
@@ -109,10 +103,6 @@ def bench_device(model: str = "smollm2-135m", *, batch_sizes: Sequence[int] = (1
                  new_tokens: int = 32, repeats: int = 3, threads: int = 2,
                  backends: Sequence[str] = BACKENDS, cache=None, seed: int = 0) -> dict:
     """Every backend's figures, each measured in a fresh process."""
-    # lazy: the export needs torch and onnx; pfl --help loads neither
-    from edge_client.ondevice.export import exported_graph
-    from shared.models import load_model
-
     env = dict(os.environ)
     if any(b != "torch" for b in backends):
         loaded = load_model(model, device="cpu", seed=seed)

@@ -221,10 +221,10 @@ def render_html(report: dict[str, Any], *, max_rows: int = 2000) -> str:
         "</span></div>",
         f"<div class='card'>ledgers verified<b id='ledgers-intact' class="
         f"'{'ok' if not n_bad else 'bad'}'>{report['intact']} of {len(ledgers)}</b></div>",
-        f"<div class='card'>differential privacy<b id='dp-epsilon'>"
+        "<div class='card'>differential privacy<b id='dp-epsilon'>"
         + (f"ε = {report['dp_epsilon_max']:.3g}" if report["dp_epsilon_max"] is not None
            else "not recorded") + "</b></div>",
-        f"<div class='card'>secure aggregation<b id='secagg'>"
+        "<div class='card'>secure aggregation<b id='secagg'>"
         + ("on" if report["secagg"]["masked_uploads"] and not report["secagg"]["plain_uploads"]
            else "mixed" if report["secagg"]["masked_uploads"] else "off") + "</b></div>",
         "</div>",
