@@ -341,6 +341,28 @@ def write_federation_key(directory: str | Path) -> tuple[Path, Path]:
     return private, public
 
 
+def write_supernode_key(path: str | Path) -> tuple[Path, Path]:
+    """Create (or reuse) a SuperNode's authentication key: an EC P-384 key pair in OpenSSH
+    form, as flower-supernode ``--auth-supernode-private-key`` reads it, at ``path`` (mode
+    0600) and ``path.pub`` (what the operator registers with ``flwr supernode register``).
+    The device makes it; its private half never leaves the device."""
+    private = Path(path)
+    public = private.with_name(private.name + ".pub")
+    if private.is_file():
+        key = serialization.load_ssh_private_key(_read(private, "SuperNode key"), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PflError(f"{private}: not an EC private key")
+    else:
+        key = ec.generate_private_key(ec.SECP384R1())
+        write_atomic(private, key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.OpenSSH,
+                                                serialization.NoEncryption()), private=True)
+    write_atomic(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                       serialization.PublicFormat.OpenSSH)
+                 + b"\n")
+    return private, public
+
+
 def load_federation_public_key(path: str | Path) -> bytes:
     """The raw 32-byte public key in ``path`` (``federation.pub``)."""
     raw = _read(Path(path), "federation public key")

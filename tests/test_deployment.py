@@ -1,6 +1,8 @@
 """A real deployment on loopback: `pfl certs`, the pool service, flower-superlink and four
-flower-supernode processes, all with TLS, and `flwr run .`; every process is stopped by the
-test, even on failure."""
+flower-supernode processes, all with TLS and SuperNode authentication (each device's key
+made on the device with `pfl node-key`, registered with `flwr supernode register`; a fifth,
+unregistered SuperNode is refused), and `flwr run .`; every process is stopped by the test,
+even on failure."""
 
 from __future__ import annotations
 
@@ -81,25 +83,42 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
     link = processes([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
                       "--ssl-certfile", str(certs / "server.pem"),
                       "--ssl-keyfile", str(certs / "server.key"), "--host", "127.0.0.1",
-                      "--port", str(link_port), "--database", str(tmp_path / "link.db")],
+                      "--port", str(link_port), "--database", str(tmp_path / "link.db"),
+                      "--enable-supernode-auth"],  # only registered SuperNodes join
                      tmp_path / "superlink.log", env)
     _wait_port(link_port, link, tmp_path / "superlink.log")
-    policy = REPO / "simulations" / "consent_simulation.toml"
-    for pid in range(NODES):
-        device = tmp_path / f"device-{pid}"
-        device.mkdir()
-        node_config = (f'partition-id={pid} num-partitions={NODES} '
-                       f'ledger="{device / "ledger.jsonl"}" state-dir="{device}" '
-                       f'pool-ca="{ca}" consent-policy="{policy}"')
-        processes([str(BIN / "flower-supernode"), "--root-certificates", str(ca),
-                   "--superlink", f"127.0.0.1:{link_port}", "--port", str(_free_port()),
-                   "--node-config", node_config], tmp_path / f"supernode-{pid}.log", env)
-
     home = tmp_path / "flwr-home"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
         f'address = "127.0.0.1:{link_port}"\nroot-certificates = "{ca}"\n')
+    policy = REPO / "simulations" / "consent_simulation.toml"
+
+    def supernode(pid: int, key: Path, log: str):
+        device = tmp_path / f"device-{pid}"
+        device.mkdir(exist_ok=True)
+        node_config = (f'partition-id={pid} num-partitions={NODES} '
+                       f'ledger="{device / "ledger.jsonl"}" state-dir="{device}" '
+                       f'pool-ca="{ca}" consent-policy="{policy}"')
+        return processes([str(BIN / "flower-supernode"), "--root-certificates", str(ca),
+                          "--superlink", f"127.0.0.1:{link_port}", "--port", str(_free_port()),
+                          "--auth-supernode-private-key", str(key),
+                          "--node-config", node_config], tmp_path / log, env)
+
+    keys = []
+    for pid in range(NODES + 1):  # each device makes its own key; the last stays unregistered
+        key = tmp_path / f"device-keys/node-{pid}.key"
+        subprocess.run([str(BIN / "pfl"), "node-key", str(key)], check=True, env=env,
+                       capture_output=True)
+        keys.append(key)
+    for key in keys[:NODES]:  # the operator registers the public halves
+        done = subprocess.run([str(BIN / "flwr"), "supernode", "register",
+                               str(key.with_name(key.name + ".pub")), "deploy"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "registered" in done.stdout, done.stdout + done.stderr
+    intruder = supernode(NODES, keys[NODES], "supernode-unregistered.log")
+    for pid in range(NODES):
+        supernode(pid, keys[pid], f"supernode-{pid}.log")
     run_dir = tmp_path / "run"
     run_config = tmp_path / "run-config.toml"  # method settings: dotted keys
     run_config.write_text(
@@ -120,6 +139,15 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
     time.sleep(0.5)  # the file is written in one go; let the writer finish
     summary = json.loads(summary_path.read_text())
     assert summary["nodes"] == NODES and len(summary["evaluated_targets"]) == 1
+    # the unregistered SuperNode was refused and gave up; it answered nothing
+    intruder.wait(timeout=60)
+    refused = (tmp_path / "supernode-unregistered.log").read_text(errors="replace")
+    assert intruder.returncode != 0 and "Failed to activate SuperNode" in refused, refused
+    assert not (tmp_path / f"device-{NODES}" / "ledger.jsonl").exists()
+    listing = subprocess.run([str(BIN / "flwr"), "supernode", "list", "deploy", "--format",
+                              "json"], env=env, capture_output=True, text=True, timeout=60)
+    nodes = json.loads(listing.stdout[listing.stdout.index("{"):])["nodes"]
+    assert len(nodes) == NODES, listing.stdout  # only the registered ones exist
     for name in ("nonpersonalized", "oppu", "perpcs", "perfit"):
         assert "metrics" in summary["methods"][name], (name, summary["methods"][name], logs)
     assert sum(m["pieces-submitted"] for m in summary["shared"].values()) > 0
