@@ -251,6 +251,7 @@ def cmd_simulate(args) -> int:
             num_users_per_client=args.users_per_client, backend=args.backend,
             max_history=args.max_history, max_steps=args.max_steps,
             num_cpus_per_client=args.cpus_per_client, verbose=args.verbose,
+            num_gpus_per_client=args.client_gpus, ray_address=args.ray_address,
             options={"sample-per-round": args.sample_per_round, "task": args.task,
                      **({"data-path": args.data} if args.data else {})})
         losses = ", ".join(f"{x:.3f}" for x in summary.get("train_loss", []) if x is not None)
@@ -286,6 +287,7 @@ def cmd_simulate(args) -> int:
         model=args.model, task=args.task, data_path=args.data, run_dir=args.run_dir,
         seed=args.seed, rounds=args.rounds, backend=args.backend, options=options,
         num_cpus_per_client=args.cpus_per_client, verbose=args.verbose,
+        num_gpus_per_client=args.client_gpus, ray_address=args.ray_address,
         answer_backend=args.answer_backend)
     print()
     print(format_results(summary))
@@ -673,8 +675,15 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--answer-backend", choices=BACKENDS, default="torch",
                      help="how the devices answer their queries: PyTorch (default) or ONNX "
                           "Runtime on the exported graph (a device setting)")
-    sim.add_argument("--cpus-per-client", type=float, default=1.0,
+    sim.add_argument("--client-cpus", "--cpus-per-client", dest="cpus_per_client",
+                     type=float, default=1.0,
                      help="Ray CPUs per virtual client: 1.0 runs one client per core")
+    sim.add_argument("--client-gpus", type=float, default=0.0,
+                     help="Ray GPUs per virtual client; fractions share a GPU, e.g. 0.25 runs "
+                          "four clients on each (default 0)")
+    sim.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                     help="join this running Ray cluster (ray start --head) instead of "
+                          "starting a private one; 'auto' finds a local one")
     sim.add_argument("--model", default="tiny", help="tiny (default), smollm2-135m or a path")
     sim.add_argument("--run-dir", default="runs/simulate",
                      help="devices' folders and ledgers, pool, arrays (default %(default)s)")

@@ -135,8 +135,10 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def start_ray(attempts: int = 3) -> None:
-    """Start Ray for Flower's simulation engine, retrying a failed start.
+def start_ray(attempts: int = 3, address: str | None = None) -> None:
+    """Start Ray for Flower's simulation engine, retrying a failed start; with ``address``
+    (``HOST:PORT`` of a running cluster's head, or ``auto``), join that cluster instead of
+    starting a private one. Either way the workers get this process's ``sys.path``.
 
     Ray gives its raylet a fixed 30 s to register with the GCS; on a loaded machine a start
     now and then misses it ("The current node timed out during startup"). Flower would then
@@ -155,8 +157,12 @@ def start_ray(attempts: int = 3) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(include_dashboard=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+            if address:  # an existing cluster: it has its own dashboard settings
+                ray.init(address=address,
+                         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+            else:
+                ray.init(include_dashboard=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
             return
         except Exception as exc:  # Ray raises plain Exception / RuntimeError here
             log.warning("Ray did not start (attempt %d of %d): %s", attempt, attempts, exc)
@@ -165,28 +171,34 @@ def start_ray(attempts: int = 3) -> None:
             except Exception:  # pragma: no cover - best effort
                 pass
             if attempt == attempts:
-                raise PflError(f"Ray (Flower's simulation engine) did not start after "
+                where = f"join the Ray cluster at {address}" if address else "start"
+                raise PflError(f"Ray (Flower's simulation engine) did not {where} after "
                                f"{attempts} attempts: {exc}") from exc
             time.sleep(2.0)
 
 
 def run_on_engine(server_app, client_app, num_clients: int, *,
-                  num_cpus_per_client: float = 1.0, verbose: bool = False) -> None:
+                  num_cpus_per_client: float = 1.0, num_gpus_per_client: float = 0.0,
+                  ray_address: str | None = None, verbose: bool = False) -> None:
     """Run a ServerApp with ``num_clients`` virtual ClientApps on Flower's simulation engine
     (Ray), as every Ray run of this project does: the engine's message loop patched for large
     populations (:mod:`simulations.flower_patches`; ``PFL_FLOWER_PATCH=0`` keeps Flower's),
     Ray started first with retries (:func:`start_ray`), and an engine crash turned into a
-    :class:`PflError` that names its cause."""
+    :class:`PflError` that names its cause. ``ray_address``: join that running Ray cluster
+    (``ray start --head``) instead of starting a private one; each virtual client then takes
+    ``num_cpus_per_client`` CPUs and ``num_gpus_per_client`` GPUs (fractions let several
+    clients share one GPU) wherever the cluster places it."""
     from flwr.simulation import run_simulation
 
     if os.environ.get("PFL_FLOWER_PATCH", "1") != "0":
         patch_simulation_engine()
-    start_ray()
+    start_ray(address=ray_address)
     try:
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=int(num_clients),
-                       backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
-                                                            "num_gpus": 0.0}},
+                       backend_config={"client_resources": {
+                           "num_cpus": num_cpus_per_client,
+                           "num_gpus": num_gpus_per_client}},
                        verbose_logging=verbose)
     except RuntimeError as exc:  # Flower's "Simulation Runtime crashed" (e.g. Ray's start)
         cause = exc.__cause__.__cause__ if exc.__cause__ is not None else None
@@ -196,7 +208,8 @@ def run_on_engine(server_app, client_app, num_clients: int, *,
 
 def _run_server(backend: str, main, make_app, config: dict[str, Any], num_clients: int,
                 summary_path: Path, *, num_cpus_per_client: float, verbose: bool,
-                device: dict[str, Any], grid_options: dict[str, Any] | None = None
+                device: dict[str, Any], grid_options: dict[str, Any] | None = None,
+                num_gpus_per_client: float = 0.0, ray_address: str | None = None
                 ) -> dict[str, Any]:
     """Run a server phase function ``main(grid, config)`` over ``num_clients`` virtual devices:
     in this process on a :class:`LocalGrid` (``grid_options`` go to it), or as the ServerApp
@@ -205,10 +218,14 @@ def _run_server(backend: str, main, make_app, config: dict[str, Any], num_client
     own settings (``device-root``, ``consent-policy``, ``pool-ca``; see
     :func:`edge_client.client_app.device_settings_mod`), never sent by the server."""
     if backend == "inprocess":
+        if ray_address:
+            raise PflError("--ray-address needs the Ray backend (--backend ray)")
         return main(LocalGrid(make_client_app(device), int(num_clients),
                               **(grid_options or {})), config)
     run_on_engine(make_app(config), make_client_app(device), num_clients,
-                  num_cpus_per_client=num_cpus_per_client, verbose=verbose)
+                  num_cpus_per_client=num_cpus_per_client,
+                  num_gpus_per_client=num_gpus_per_client, ray_address=ray_address,
+                  verbose=verbose)
     if not summary_path.is_file():
         raise PflError(f"the simulation ended without a summary in {summary_path.parent} "
                        "(see the log above)")
@@ -222,6 +239,7 @@ def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: in
                           num_cpus_per_client: float = 1.0, local_epochs: float | None = None,
                           max_steps: int | None = None, max_history: int | None = None,
                           options: dict[str, Any] | None = None,
+                          num_gpus_per_client: float = 0.0, ray_address: str | None = None,
                           verbose: bool = False) -> dict[str, Any]:
     """Run stage 1 (FedAvg of the task LoRA or of PerFit stage 1) over ``num_clients`` virtual
     clients on synthetic users; return the server's summary plus the client ledgers.
@@ -250,6 +268,7 @@ def run_stage1_simulation(method: str = "lora", num_clients: int = 2, rounds: in
     started = time.perf_counter()
     summary = _run_server(backend, run_stage1, make_server_app, config, num_clients,
                           summary_path, num_cpus_per_client=num_cpus_per_client,
+                          num_gpus_per_client=num_gpus_per_client, ray_address=ray_address,
                           verbose=verbose, device={"device-root": str(run_dir)})
     summary["backend"] = backend
     summary["wall_seconds"] = time.perf_counter() - started
@@ -269,6 +288,8 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
                               answer_backend: str = "torch",
                               options: dict[str, Any] | None = None,
                               num_cpus_per_client: float = 1.0,
+                              num_gpus_per_client: float = 0.0,
+                              ray_address: str | None = None,
                               node_configs: dict[int, dict[str, Any]] | None = None,
                               on_reply: Callable[[Message], None] | None = None,
                               unreachable: Iterable[int] = (),
@@ -312,7 +333,9 @@ def run_federation_simulation(num_clients: int = 6, *, methods: str = "nonperson
         summary = _run_server(backend, run_federation,
                               lambda cfg: make_federation_app(cfg, print_results=False), config,
                               num_clients, summary_path,
-                              num_cpus_per_client=num_cpus_per_client, verbose=verbose,
+                              num_cpus_per_client=num_cpus_per_client,
+                              num_gpus_per_client=num_gpus_per_client,
+                              ray_address=ray_address, verbose=verbose,
                               device=device, grid_options={"node_configs": node_configs,
                                             "on_reply": on_reply,
                                             "unreachable": unreachable})
