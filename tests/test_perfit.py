@@ -321,3 +321,16 @@ def test_a_layer_call_without_position_ids_fails_loudly(tiny):
         with pytest.raises(RuntimeError, match="not given position_ids"):
             layer(hidden, position_embeddings=rotary)
     assert not layer._forward_hooks
+
+
+def test_the_prefix_cache_is_built_only_when_training_reads_examples_more_than_once():
+    from shared.methods.perfit.model import prefix_pays
+
+    config = PerFitConfig()
+    # a federated round capped at 2 steps of 4 reads 8 of 11 examples: no cache
+    assert not prefix_pays(config.train_config(max_steps=2, batch_size=4), 11)
+    # two epochs read each example twice: the cache pays
+    assert prefix_pays(config.train_config(epochs=2, batch_size=4), 11)
+    # one epoch reads each example once: computing the prefix in the batches costs the same
+    assert not prefix_pays(config.train_config(epochs=1, batch_size=4), 12)
+    assert prefix_pays(config.train_config(max_steps=4, batch_size=2), 5)  # the test above

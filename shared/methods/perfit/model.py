@@ -17,7 +17,8 @@
   base model stays frozen (and in eval mode); only intervention parameters train.
 - Speed: everything up to and including the first intervened layer is frozen and sees only the
   input, so :class:`PrefixCache` computes that layer's output once per example and training
-  replays it, running only the layers above (``cache_prefix=True``).
+  replays it, running only the layers above (``cache_prefix=True``), when training reads the
+  examples more than once (:func:`prefix_pays`).
 
 Hooks live on the (shared) model while a context is open: one intervened context per model at
 a time, not thread-safe.
@@ -26,6 +27,7 @@ a time, not thread-safe.
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Mapping, Sequence
 
@@ -440,13 +442,25 @@ class _TrainingView(nn.Module):
             return decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
+def prefix_pays(train_config: TrainConfig, num_examples: int) -> bool:
+    """Whether :class:`PrefixCache` saves work: it runs the frozen prefix once for every
+    example, so it pays only when training reads examples more than once in all (more
+    example-passes than examples: several epochs). A capped update that reads fewer (a
+    federated round of two steps, say) computes the prefix inside its own batches instead."""
+    steps = math.ceil(math.ceil(num_examples / train_config.batch_size) * train_config.epochs)
+    if train_config.max_steps is not None:
+        steps = min(steps, train_config.max_steps)
+    return max(1, steps) * train_config.batch_size > num_examples
+
+
 def _train(model, examples, stage1, stage2, trainable, config: PerFitConfig,
            train_config: TrainConfig | None, pad_id: int, cache_prefix: bool, desc: str,
            progress: bool) -> dict:
     train_config = train_config or config.train_config()
     controller_layers = sorted(set(stage1.layers) | set(stage2.layers))
     prefix = (PrefixCache(model, examples, controller_layers[0], pad_id,
-                          batch_size=train_config.batch_size) if cache_prefix else None)
+                          batch_size=train_config.batch_size)
+              if cache_prefix and prefix_pays(train_config, len(examples)) else None)
     with intervened(model, stage1, stage2, config.positions) as controller:
         view = _TrainingView(model, controller, _PromptIndex(examples), prefix)
         params = [p for stage in trainable for p in stage.parameters()]
