@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import PflError
+from shared.files import write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +86,6 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _write_atomically(target: Path, write) -> None:
-    """Write a directory with ``write(tmpdir)``, then rename it into place (safe under races)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def from_pretrained_complete(path: Path, **kwargs) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` that raises when any weight of the model was
     not found in the files (transformers would leave it randomly initialised, with a log line
@@ -142,7 +126,7 @@ def smollm2_checkpoint(cache: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _write_atomically(target, write)
+    write_dir_atomically(target, write)
     return target
 
 
@@ -157,7 +141,7 @@ def tokenizer_checkpoint(cache: Path) -> Path:
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    _write_atomically(target, lambda tmp: AutoTokenizer.from_pretrained(
+    write_dir_atomically(target, lambda tmp: AutoTokenizer.from_pretrained(
         gguf.parent, gguf_file=gguf.name).save_pretrained(tmp))
     return target
 

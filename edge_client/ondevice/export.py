@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +24,7 @@ import torch
 from edge_client.ondevice.graph import (DEFAULT_MODULES, OUTPUT_NAMES, DecoderStep,
                                         example_inputs, input_names)
 from shared.errors import PflError
+from shared.files import write_dir_atomically
 from shared.methods.store import model_digest
 from shared.models import cache_dir
 from shared.serving.rows import module_shapes
@@ -93,27 +92,13 @@ def exported_graph(loaded, *, modules: Sequence[str] | None = None,
     if not graph_file(folder).is_file():
         progress(f"exporting {loaded.name} to ONNX (once; kept in {folder})")
         started = time.monotonic()
-        _write_folder(folder, lambda tmp: export_graph(loaded, tmp / "model.onnx", modules,
-                                                           digest))
+        write_dir_atomically(folder, lambda tmp: export_graph(
+            loaded, tmp / "model.onnx", modules, digest))
         progress(f"exported in {time.monotonic() - started:.0f} s")
     if quantization != "fp32":
         progress(f"quantizing {loaded.name}'s graph to {quantization} (weight-only, once)")
         quantize_graph(graph_file(folder), target, bits=8 if quantization == "int8" else 4)
     return target
-
-
-def _write_folder(folder: Path, write) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        write(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first: keep theirs
-            if not graph_file(folder).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_graph(loaded, path: Path, modules: Sequence[str], digest: str) -> dict:
