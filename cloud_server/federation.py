@@ -440,7 +440,7 @@ def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
         with np.load(summary["final_arrays"]) as data:
             arrays.update({f"{kind}.{k}": data[k] for k in data.files})
         stage1[kind] = {k: summary[k] for k in ("rounds", "train_loss", "replies", "params",
-                                                "bytes_per_update")}
+                                                "bytes_per_update", "dp")}
         seconds[f"stage1-{kind}"] = time.perf_counter() - t0
     return arrays, stage1
 

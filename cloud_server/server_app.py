@@ -42,6 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from cloud_server.aggregation import Reply, average_metrics, delta_norm, fedavg
+from cloud_server.privacy import CentralDP
 from shared.config import RunConfig
 from shared.files import save_npz, write_json
 from shared.methods import collective
@@ -104,7 +105,7 @@ class Stage1FedAvg(FedAvg):
 
     def __init__(self, method: str, *, fraction_train: float = 1.0, min_train_nodes: int = 1,
                  min_available_nodes: int = 1, round_dir: Path | None = None,
-                 max_examples: float | None = None) -> None:
+                 max_examples: float | None = None, dp: CentralDP | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=0,
                          min_available_nodes=min_available_nodes)
@@ -114,10 +115,14 @@ class Stage1FedAvg(FedAvg):
         self.history: list[dict[str, Any]] = []
         self._current: dict[str, np.ndarray] | None = None
         self._sampled = 0
+        self.dp = dp  # central DP (cloud_server.privacy): clipped, equal-weight, noised
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._current = from_array_record(arrays)  # the reference every reply must match
+        if self.dp is not None:  # the devices learn the round's DP terms (their ledgers keep them)
+            config = ConfigRecord({**dict(config),
+                                   **self.dp.round_config(self.min_train_nodes)})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sampled = len(messages)
         return messages
@@ -126,12 +131,16 @@ class Stage1FedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         usable, failed = split_replies(replies, server_round)
-        result = fedavg(usable, self._current, max_examples=self.max_examples)
+        if self.dp is None:
+            result = fedavg(usable, self._current, max_examples=self.max_examples)
+        else:
+            result = self.dp.aggregate(usable, self._current)
         entry: dict[str, Any] = {
             "round": server_round, "sampled": self._sampled, "replies": len(replies),
             "accepted": len(result.accepted), "errors": failed,
             "dropped": [{"node": str(node), "reason": why} for node, why in result.dropped],
-            "num_examples": result.total_examples}
+            "num_examples": result.total_examples,
+            **({"dp_epsilon": self.dp.epsilon} if self.dp is not None else {})}
         if failed or result.dropped or len(replies) < self._sampled:
             log.warning("round %d: %d of %d sampled clients replied, %d usable",
                         server_round, len(replies), self._sampled, len(result.accepted))
@@ -212,9 +221,13 @@ def run_stage1(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[st
                             device=config.device or None, options=config.run_config())
     save_npz(run_dir / "rounds" / "round-000.npz", arrays)
     wanted, fraction = sampling(config)
+    dp = (CentralDP(config.dp_noise_multiplier, config.dp_clipping_norm, config.dp_delta,
+                    population=max(wanted, config.num_clients))
+          if config.dp_noise_multiplier > 0 else None)
     strategy = Stage1FedAvg(config.method, fraction_train=fraction, min_train_nodes=wanted,
                             min_available_nodes=max(1, config.num_clients),
-                            round_dir=run_dir / "rounds", max_examples=max_examples(config))
+                            round_dir=run_dir / "rounds", max_examples=max_examples(config),
+                            dp=dp)
     client_config = ConfigRecord({key: config[key] for key in CLIENT_KEYS
                                   if config.get(key) not in (None, "")})
     log.info("stage 1 (%s): %d rounds, %s clients, %d sampled per round, run dir %s",
@@ -248,6 +261,7 @@ def stage1_summary(config: RunConfig, strategy: Stage1FedAvg, final: Mapping[str
         "replies": [h["replies"] for h in history],
         "accepted": [h["accepted"] for h in history],
         "history": history,
+        "dp": strategy.dp.describe() if strategy.dp is not None else None,
         **strategy.collective.describe(final),  # e.g. PerFit's orthonormality error
     }
 

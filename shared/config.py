@@ -37,6 +37,11 @@ DECLARED_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Config keys the server sends with each round of DP stage 1 (cloud_server.privacy); a
+#: device's ledger keeps them as meta with underscores (edge_client.audit).
+DP_ROUND_KEYS = ("dp-clipping-norm", "dp-noise-multiplier", "dp-epsilon", "dp-delta")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every key of a federation's run config (dashed in the run config: ``fraction_train``
@@ -82,6 +87,9 @@ class RunConfig:
     collective_rank: int = 0  # PerFit's collective rank (0: the method's default)
     personal_rank: int = 0  # PerFit's personal rank (0: the method's default)
     max_examples: float = 0.0  # cap on one client's FedAvg weight (0: from the run)
+    dp_noise_multiplier: float = 0.0  # stage-1 central DP: Gaussian noise multiplier (0: off)
+    dp_clipping_norm: float = 1.0  # stage-1 DP: each update clipped to this L2 norm
+    dp_delta: float = 1e-5  # stage-1 DP: the delta epsilon is reported at
     method: str = "lora"  # the collective kind of a stage-1 phase (set by the server)
     output_dir: str = ""  # where a stage-1 phase writes ("": run-dir; set by the server)
     #: method settings from the dotted keys: {section: {field: value}}
@@ -128,6 +136,10 @@ class RunConfig:
             raise PflError(f"sample-per-round must be >= 0, got {self.sample_per_round}")
         if self.targets < 1:
             raise PflError("need at least one target")
+        if self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0 or \
+                not 0 < self.dp_delta < 1:
+            raise PflError("dp-noise-multiplier must be >= 0, dp-clipping-norm > 0 and "
+                           "dp-delta in (0, 1)")
         if self.selection not in ("kmeans", "most-active"):
             raise PflError(f"selection must be kmeans or most-active, got {self.selection!r}")
 

@@ -4,10 +4,12 @@ leaves (:mod:`edge_client.audit.ledger` holds the format)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Callable
 
 from edge_client.audit.ledger import AuditLedger
+from shared.config import DP_ROUND_KEYS
 from shared.errors import FAILED, NOT_CONFIGURED, device_error_reason
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,22 @@ def message_bytes(msg) -> int:
     return int(message_to_proto(msg).ByteSize())
 
 
+def announced_privacy(msg) -> dict[str, float]:
+    """The DP terms the server announced for the round this message belongs to (config keys
+    ``dp-noise-multiplier``, ``dp-clipping-norm``, ``dp-delta``, ``dp-epsilon``), as the
+    ledger's meta keys (``dp_noise_multiplier`` ...): numbers only, at most these four."""
+    out: dict[str, float] = {}
+    if not msg.has_content():
+        return out
+    for record in msg.content.config_records.values():
+        for key in DP_ROUND_KEYS:
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    math.isfinite(float(value)):
+                out[key.replace("-", "_")] = float(value)
+    return out
+
+
 def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
               channel: str = "flower",
               consent_rule_fn: Callable[[Any, Any], str | None] | None = None):
@@ -106,7 +124,8 @@ def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
                           meta={"run_id": meta.run_id, "node_id": context.node_id,
                                 "group_id": meta.group_id,
                                 "reply_to": meta.reply_to_message_id,
-                                "inbound_bytes": message_bytes(msg)})
+                                "inbound_bytes": message_bytes(msg),
+                                **announced_privacy(msg)})
         except Exception:  # a ledger that cannot be written: send nothing it would not show
             log.exception("the audit ledger %s cannot be written", path)
             return error(FAILED)

@@ -12,8 +12,10 @@ line that does not parse is counted and skipped (the ledger is then shown as not
 and at most ``max_rows`` entries are listed (the totals cover all of them).
 
 Privacy fields are read from an entry's ``meta`` (identifiers only, see
-:class:`edge_client.audit.ledger.AuditLedger`): :data:`DP_KEYS` when the upload was clipped
-and noised, :data:`SECAGG_KEY` true when it left masked for secure aggregation.
+:class:`edge_client.audit.ledger.AuditLedger`): :data:`DP_KEYS`, the differential-privacy
+terms the server announced for the round the upload answered (``cloud_server.privacy``:
+clipping norm, noise multiplier, delta, and the epsilon the run will have spent after that
+round), and :data:`SECAGG_KEY` true when the upload left masked for secure aggregation.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from typing import Any
 
 from edge_client.audit.ledger import PHASE_ORDER, _lines, entry_phases, verify
 from edge_client.state import ledger_paths
+from shared.config import DP_ROUND_KEYS
 from shared.errors import PflError
 from shared.files import human_bytes
 
 #: meta keys of a differentially private upload (clipping norm, noise multiplier, and the
 #: (epsilon, delta) spent by the run so far, as the accountant reported it)
-DP_KEYS = ("dp_clipping_norm", "dp_noise_multiplier", "dp_epsilon", "dp_delta")
+DP_KEYS = tuple(key.replace("-", "_") for key in DP_ROUND_KEYS)
 #: meta key set true on an upload that left masked (SecAgg+)
 SECAGG_KEY = "secagg"
 OUTSIDE = "outside a federation phase"
