@@ -63,6 +63,7 @@ from shared.errors import PflError
 from shared.methods import core_class, core_names, parse_method
 from shared.methods.perpcs import select_sharers_from_clusters
 from shared.metrics import TASK_KINDS, add_stats, check_stats, metrics_from_stats
+from shared.statistics import users_interval
 from shared.models import canonical_name
 from shared.recipes import over_recipe, resolve_recipe
 from shared.records import to_array_record
@@ -470,6 +471,7 @@ def method_results(name: str, task, evaluated: Mapping[int, Message],
     """One method's row: the targets' metric statistics summed (a device whose statistics
     do not check out is left out) and their mean costs."""
     stats: dict[str, float] = {}
+    per_user: list[dict[str, float]] = []
     costs: dict[str, list[float]] = {"params": [], "bytes": [], "seconds": []}
     for node, reply in evaluated.items():
         user_stats = {k.split("/", 1)[1]: v for k, v in _metrics(reply).items()
@@ -480,13 +482,17 @@ def method_results(name: str, task, evaluated: Mapping[int, Message],
                         problem)
             continue
         add_stats(stats, user_stats)
+        per_user.append(user_stats)
         personal = _metrics(personalized[node])
         for cost in costs:
             costs[cost].append(_finite_cost(personal.get(f"{name}/{cost}", 0.0)))
     if not stats:
         return {"error": "no target evaluated this method"}
     n = max(1, len(costs["params"]))
-    return {"metrics": metrics_from_stats(task, stats), "users": len(costs["params"]),
+    metrics = metrics_from_stats(task, stats)
+    return {"metrics": metrics, "users": len(costs["params"]),
+            # 95% bootstrap intervals over the targets (one user each)
+            "intervals": {m: users_interval(task, per_user, m) for m in metrics},
             "queries": int(stats.get("n", 0)),
             **{f"{cost}_per_user": sum(values) / n for cost, values in costs.items()}}
 

@@ -70,7 +70,13 @@ def _bootstrap(statistic, n_users: int, seed: int) -> tuple[float, float] | None
 def metric_interval(task, queries: Sequence[dict], metric: str, *,
                     seed: int = 0) -> dict:
     """``{"value", "low", "high"}``: the metric over all queries and its 95% interval."""
-    per_user = list(user_stats(queries).values())
+    return users_interval(task, list(user_stats(queries).values()), metric, seed=seed)
+
+
+def users_interval(task, per_user: Sequence[dict], metric: str, *, seed: int = 0) -> dict:
+    """:func:`metric_interval` from each user's summed statistics (what a federation's
+    devices report) instead of per-query records."""
+    per_user = list(per_user)
     statistic = _metric_of(task, per_user, metric)
     interval = _bootstrap(statistic, len(per_user), seed)
     value = statistic(range(len(per_user)))
