@@ -566,6 +566,12 @@ def format_results(summary: Mapping[str, Any]) -> str:
     head = (f"federation: task {summary['task']} | model {summary['model']} | "
             f"{summary['nodes']} nodes, {len(summary['evaluated_targets'])} targets evaluated, "
             f"{len(summary['sharers'])} sharers, {len(summary['collective'])} collective")
+    for kind, part in (summary.get("stage1") or {}).items():
+        dp = part.get("dp") if isinstance(part, Mapping) else None
+        if dp:
+            head += (f"\nstage 1 ({kind}) with differential privacy: epsilon {dp['epsilon']:.3f} "
+                     f"at delta {dp['delta']:g} (noise multiplier {dp['noise_multiplier']:g}, "
+                     f"clipping norm {dp['clipping_norm']:g}, {dp['releases']} releases)")
     return head + "\n" + methods_table(dict(summary["methods"]))
 
 

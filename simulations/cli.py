@@ -227,6 +227,14 @@ STAGE1_KIND = {"lora": "lora", "lora-c": "lora", "oppu": "lora", "perpcs": "lora
                "perfit": "perfit"}
 
 
+def _dp_options(args) -> dict:
+    """Stage 1's run-config DP keys from ``pfl simulate``'s flags (none when DP is off)."""
+    if not args.dp_noise_multiplier:
+        return {}
+    return {"dp-noise-multiplier": args.dp_noise_multiplier,
+            "dp-clipping-norm": args.dp_clipping_norm, "dp-delta": args.dp_delta}
+
+
 def cmd_simulate(args) -> int:
     """A federation of virtual devices on one machine, on Flower's simulation engine (Ray) or
     an in-process grid: every phase (sharer selection, collective stage 1, sharing to the TLS
@@ -253,11 +261,17 @@ def cmd_simulate(args) -> int:
             num_cpus_per_client=args.cpus_per_client, verbose=args.verbose,
             num_gpus_per_client=args.client_gpus, ray_address=args.ray_address,
             options={"sample-per-round": args.sample_per_round, "task": args.task,
+                     **_dp_options(args),
                      **({"data-path": args.data} if args.data else {})})
         losses = ", ".join(f"{x:.3f}" for x in summary.get("train_loss", []) if x is not None)
         print(f"stage 1 ({kind}) over {args.clients} clients, {summary['rounds']} rounds "
               f"in {summary['wall_seconds']:.1f} s ({summary['backend']})")
         print(f"replies per round: {summary.get('replies')}; train loss per round: {losses}")
+        if summary.get("dp"):
+            dp = summary["dp"]
+            print(f"differential privacy: epsilon {dp['epsilon']:.3f} at delta {dp['delta']:g} "
+                  f"(noise multiplier {dp['noise_multiplier']:g}, clipping norm "
+                  f"{dp['clipping_norm']:g}, {dp['releases']} releases)")
         print(f"global arrays: {summary['final_arrays']}")
         print(f"client ledgers: {len(summary.get('ledgers', {}))} under {args.run_dir} "
               "(read them with pfl audit show LEDGER)")
@@ -279,6 +293,7 @@ def cmd_simulate(args) -> int:
                                     else args.sample_per_round)}
     if args.max_steps is not None:
         options["max-steps"] = args.max_steps
+    options.update(_dp_options(args))
     print(f"pfl simulate: {args.clients} virtual devices ({args.targets} targets, "
           f"{args.sharers} sharers), methods {','.join(methods)}, model {args.model}, "
           f"backend {args.backend}; run folder {args.run_dir}", flush=True)
@@ -678,6 +693,13 @@ def add_simulate_command(commands) -> None:
     sim.add_argument("--client-cpus", "--cpus-per-client", dest="cpus_per_client",
                      type=float, default=1.0,
                      help="Ray CPUs per virtual client: 1.0 runs one client per core")
+    sim.add_argument("--dp-noise-multiplier", type=float, default=0.0,
+                     help="stage 1 with central differential privacy: the Gaussian noise "
+                          "multiplier (default 0: off)")
+    sim.add_argument("--dp-clipping-norm", type=float, default=1.0,
+                     help="DP: each stage-1 update is clipped to this L2 norm (default 1.0)")
+    sim.add_argument("--dp-delta", type=float, default=1e-5,
+                     help="DP: the delta at which epsilon is reported (default 1e-5)")
     sim.add_argument("--client-gpus", type=float, default=0.0,
                      help="Ray GPUs per virtual client; fractions share a GPU, e.g. 0.25 runs "
                           "four clients on each (default 0)")
