@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -399,12 +400,9 @@ def answer_query(loaded, task, method: str, prompt: str, *, state_dir: Path | No
         return remote.answer(prompt, core.remote_personalization(runtime, state),
                              max_new_tokens=limit)
     row = core.serving_adapter(runtime, state)
-    engine = answer_engine(loaded, backend, progress=log.info)
-    if engine is not None:
+    onnx = answer_engine(loaded, backend, progress=log.info)  # kept for the process
+    with nullcontext(onnx) if onnx is not None else \
+            BatchedEngine(loaded.model, loaded.tokenizer) as engine:
         tokens = engine.generate([encode_prompt(loaded.tokenizer, prompt)], [row],
                                  max_new_tokens=limit)[0]
-    else:
-        with BatchedEngine(loaded.model, loaded.tokenizer) as engine:
-            tokens = engine.generate([encode_prompt(loaded.tokenizer, prompt)], [row],
-                                     max_new_tokens=limit)[0]
     return loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip()

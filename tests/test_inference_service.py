@@ -219,8 +219,8 @@ def test_a_flood_from_one_client_is_refused_beyond_its_limit_and_others_are_serv
 
 def test_pfl_generate_answers_the_same_locally_and_remotely_under_consent(setup, tmp_path,
                                                                           capsys):
-    """A device's saved state answered by `pfl generate` on the device and with --remote: the
-    same text for every method. Remote needs inference.remote (and the upload rule of what
+    """A device's saved state answered by `pfl generate` on the device (PyTorch, and ONNX
+    Runtime with --backend onnx) and with --remote: the same text for every method. Remote needs inference.remote (and the upload rule of what
     it sends); each request is a ledger entry with the rule and the prompt's sha256."""
     import hashlib
     import json
@@ -250,12 +250,14 @@ def test_pfl_generate_answers_the_same_locally_and_remotely_under_consent(setup,
     try:
         answers = {}
         for name in METHODS:
-            for where in ("local", "remote"):
-                extra = ["--remote", server.target, "--consent", str(consent)] \
-                    if where == "remote" else []
-                assert main(common + ["--method", name] + extra) == 0, capsys.readouterr().err
+            for where in ("local", "remote", "onnx"):
+                extra = {"local": [], "onnx": ["--backend", "onnx"],  # ONNX Runtime locally
+                         "remote": ["--remote", server.target, "--consent", str(consent)]}
+                assert main(common + ["--method", name] + extra[where]) == 0, \
+                    capsys.readouterr().err
                 answers[(name, where)] = capsys.readouterr().out.strip()
-            assert answers[(name, "local")] == answers[(name, "remote")], name
+            assert answers[(name, "local")] == answers[(name, "remote")] == \
+                answers[(name, "onnx")], name
         denied = main(common + ["--method", "perfit", "--remote", server.target])
         err = capsys.readouterr().err
     finally:
