@@ -16,8 +16,8 @@ the graph's inputs at each step:
 - the prompt runs in one step on a left-padded batch, then one token a step with the KV cache
   the graph returns.
 
-No PyTorch is needed to run it: numpy and onnxruntime (the adapters' tensors are read as
-numpy arrays).
+The model's work is ONNX Runtime's; PyTorch is still imported, since the rows are built by
+the methods' own code (:meth:`Core.serving_adapter`) and their tensors read as numpy arrays.
 """
 
 from __future__ import annotations
@@ -45,15 +45,19 @@ def answer_engine(loaded, backend: str, *, cache=None, threads: int | None = Non
         raise PflError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "torch":
         return None
-    quantization = "fp32" if backend == "onnx" else backend.split("-", 1)[1]
-    path = exported_graph(loaded, quantization=quantization, cache=cache, progress=progress)
-    key = (str(path), threads)
-    if key not in _ENGINES:  # one session per graph and process (sessions are thread-safe)
-        _ENGINES[key] = OnnxEngine(path, loaded.tokenizer, threads=threads)
-    return _ENGINES[key]
+    # one session per (frozen, memoized) model, graph and process: sessions are thread-safe,
+    # and finding the graph hashes every weight, which a device's every phase need not redo
+    key = (id(loaded.model), backend, str(cache), threads)
+    if key not in _ENGINES:
+        quantization = "fp32" if backend == "onnx" else backend.split("-", 1)[1]
+        path = exported_graph(loaded, quantization=quantization, cache=cache,
+                              progress=progress)
+        # the model is kept beside its engine, so that its id cannot be reused meanwhile
+        _ENGINES[key] = (loaded.model, OnnxEngine(path, loaded.tokenizer, threads=threads))
+    return _ENGINES[key][1]
 
 
-_ENGINES: dict[tuple, "OnnxEngine"] = {}
+_ENGINES: dict[tuple, tuple] = {}
 
 
 def _array(tensor) -> np.ndarray:
@@ -106,9 +110,10 @@ class OnnxEngine:
             return
         outside = sorted({m for (_, m) in adapter.updates} - set(self.modules))
         if outside:
+            wanted = ",".join(sorted(set(self.modules) | set(outside)))
             raise PflError(f"{adapter.name or 'adapter'}: the graph takes updates on "
                            f"{', '.join(self.modules)}, not {', '.join(outside)}; export "
-                           f"again with --modules {','.join(sorted(set(self.modules) | set(outside)))}")
+                           f"again with --modules {wanted}")
         adapter.check(self.shapes, self.num_layers, self.hidden_size, max_rank=self.max_rank)
         if adapter.intervention is not None and len(adapter.intervention.stages) > PERFIT_STAGES:
             raise PflError(f"{adapter.name or 'adapter'}: the graph takes at most "
@@ -166,7 +171,7 @@ class OnnxEngine:
             raise ValueError("give one adapter per prompt, and at least one prompt")
         if any(len(p) == 0 for p in prompts):
             raise PflError("an empty prompt cannot be continued")
-        for adapter in adapters:
+        for adapter in {id(a): a for a in adapters}.values():  # a row once, not per prompt
             self.check(adapter)
         if self.session is None:
             raise PflError("the engine is closed")
