@@ -441,7 +441,7 @@ def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
         with np.load(summary["final_arrays"]) as data:
             arrays.update({f"{kind}.{k}": data[k] for k in data.files})
         stage1[kind] = {k: summary[k] for k in ("rounds", "train_loss", "replies", "params",
-                                                "bytes_per_update", "dp")}
+                                                "bytes_per_update", "dp", "secagg")}
         seconds[f"stage1-{kind}"] = time.perf_counter() - t0
     return arrays, stage1
 
@@ -572,6 +572,11 @@ def format_results(summary: Mapping[str, Any]) -> str:
             head += (f"\nstage 1 ({kind}) with differential privacy: epsilon {dp['epsilon']:.3f} "
                      f"at delta {dp['delta']:g} (noise multiplier {dp['noise_multiplier']:g}, "
                      f"clipping norm {dp['clipping_norm']:g}, {dp['releases']} releases)")
+        secure = part.get("secagg") if isinstance(part, Mapping) else None
+        if secure:
+            head += (f"\nstage 1 ({kind}) under secure aggregation: SecAgg+, "
+                     f"{secure['devices_per_round']} devices per round, {secure['shares']} "
+                     f"shares, threshold {secure['threshold']}")
     return head + "\n" + methods_table(dict(summary["methods"]))
 
 

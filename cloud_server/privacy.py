@@ -109,15 +109,24 @@ class CentralDP:
             clipped.append(Reply(dict(zip(names, arrays)), 1.0, reply.node, reply.metrics))
         averaged = fedavg(clipped, reference, max_examples=None, clip_factor=None,
                           max_update_ratio=None).arrays
-        noisy = [np.array(averaged[k], np.float32) for k in names]
-        stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, len(clipped))
-        add_gaussian_noise_inplace(noisy, stdv)
-        self.accountant.compose(self._event(len(clipped)))
-        self.samples.append(len(clipped))
-        log.info("DP round: %d updates clipped to %g, noise std %.4g, epsilon %.4g at "
-                 "delta %g", len(clipped), self.clipping_norm, stdv, self.epsilon, self.delta)
         # the example counts stay what the clients reported (metrics, not the weights)
-        return Aggregate(dict(zip(names, noisy)), list(checked.accepted), checked.dropped)
+        return Aggregate(self.release(averaged, len(clipped)), list(checked.accepted),
+                         checked.dropped)
+
+    def release(self, averaged: Mapping[str, Any], count: int) -> dict[str, np.ndarray]:
+        """The equal-weight average of ``count`` updates clipped to the clipping norm, plus
+        Gaussian noise of std z·C/count; the release is composed into the accountant. Used
+        here (clipped by the server) and under secure aggregation (clipped by each device
+        with Flower's ``fixedclipping_mod``, :mod:`cloud_server.secagg`)."""
+        names = sorted(averaged)
+        noisy = [np.array(averaged[k], np.float32) for k in names]
+        stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, count)
+        add_gaussian_noise_inplace(noisy, stdv)
+        self.accountant.compose(self._event(count))
+        self.samples.append(count)
+        log.info("DP round: %d updates clipped to %g, noise std %.4g, epsilon %.4g at "
+                 "delta %g", count, self.clipping_norm, stdv, self.epsilon, self.delta)
+        return dict(zip(names, noisy))
 
     def describe(self) -> dict[str, float]:
         """For the summary and the results JSON."""

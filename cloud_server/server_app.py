@@ -21,8 +21,10 @@ Run config (``context.run_config``, or :func:`make_server_app` overrides; parsed
 ``method``, ``rounds``, ``fraction-train``, ``model``, ``num-users-per-client``, ``seed``,
 ``run-dir``, ``num-clients`` (0: as many as are connected), ``round-timeout``, ``task``,
 ``data-path``, ``sample-per-round`` (clients per round, exact; 0: ``fraction-train`` decides),
-``output-dir`` (where the server's files go; default ``run-dir``) and the client
-training knobs in :data:`CLIENT_KEYS`.
+``output-dir`` (where the server's files go; default ``run-dir``), the privacy keys
+(``dp-*``: :mod:`cloud_server.privacy`; ``secagg`` and ``secagg-*``: the rounds run under
+SecAgg+, :mod:`cloud_server.secagg`, and the server sees only the sum of the updates) and
+the client training knobs in :data:`CLIENT_KEYS`.
 
 Output in ``run-dir``: ``global_arrays.npz`` (final), ``rounds/round-000.npz`` (initial) ..
 ``round-NNN.npz``, and ``summary.json`` (:func:`run_stage1`'s return value).
@@ -41,8 +43,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from cloud_server.aggregation import Reply, average_metrics, delta_norm, fedavg
+from cloud_server.aggregation import Aggregate, Reply, average_metrics, delta_norm, fedavg
 from cloud_server.privacy import CentralDP
+from cloud_server.secagg import run_secure_rounds, secagg_summary
 from shared.config import RunConfig
 from shared.files import save_npz, write_json
 from shared.methods import collective
@@ -117,6 +120,16 @@ class Stage1FedAvg(FedAvg):
         self._sampled = 0
         self.dp = dp  # central DP (cloud_server.privacy): clipped, equal-weight, noised
 
+    @property
+    def current(self) -> dict[str, np.ndarray] | None:
+        """The global arrays the round in progress started from."""
+        return self._current
+
+    def start_round(self, current: Mapping[str, np.ndarray], sampled: int) -> None:
+        """A round starts from ``current`` with ``sampled`` clients (here, or under secure
+        aggregation, :mod:`cloud_server.secagg`)."""
+        self._current, self._sampled = dict(current), int(sampled)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._current = from_array_record(arrays)  # the reference every reply must match
@@ -124,7 +137,7 @@ class Stage1FedAvg(FedAvg):
             config = ConfigRecord({**dict(config),
                                    **self.dp.round_config(self.min_train_nodes)})
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sampled = len(messages)
+        self.start_round(self._current, len(messages))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -135,15 +148,26 @@ class Stage1FedAvg(FedAvg):
             result = fedavg(usable, self._current, max_examples=self.max_examples)
         else:
             result = self.dp.aggregate(usable, self._current)
+        arrays, metrics = self.record_round(server_round, len(replies), failed, result)
+        if arrays is None:
+            return None, None
+        return to_array_record(arrays), MetricRecord(metrics)
+
+    def record_round(self, server_round: int, replies: int, failed: list, result: Aggregate
+                     ) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
+        """Finish a round from its aggregate (here, or secure aggregation's): make the
+        arrays valid again (PerFit's R), log, save the round's arrays and add its history
+        entry. Returns (the new global arrays, or None when no reply was usable; the
+        averaged metrics with ``num-examples``)."""
         entry: dict[str, Any] = {
-            "round": server_round, "sampled": self._sampled, "replies": len(replies),
+            "round": server_round, "sampled": self._sampled, "replies": replies,
             "accepted": len(result.accepted), "errors": failed,
             "dropped": [{"node": str(node), "reason": why} for node, why in result.dropped],
             "num_examples": result.total_examples,
             **({"dp_epsilon": self.dp.epsilon} if self.dp is not None else {})}
-        if failed or result.dropped or len(replies) < self._sampled:
+        if failed or result.dropped or replies < self._sampled:
             log.warning("round %d: %d of %d sampled clients replied, %d usable",
-                        server_round, len(replies), self._sampled, len(result.accepted))
+                        server_round, replies, self._sampled, len(result.accepted))
         arrays = result.arrays
         if arrays is None:
             log.warning("round %d: no usable reply; the global arrays stay as they were",
@@ -165,9 +189,8 @@ class Stage1FedAvg(FedAvg):
                  "n/a" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}",
                  entry["delta_norm"])
         if result.arrays is None:
-            return None, None
-        return to_array_record(arrays), MetricRecord({**metrics,
-                                                 "num-examples": result.total_examples})
+            return None, {}
+        return arrays, {**metrics, "num-examples": result.total_examples}
 
 
 # ---------------------------------------------------------------------------- the phase
@@ -233,10 +256,15 @@ def run_stage1(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[st
     log.info("stage 1 (%s): %d rounds, %s clients, %d sampled per round, run dir %s",
              config.method, config.rounds, config.num_clients or "all connected", wanted,
              run_dir)
-    result = strategy.start(grid=grid, initial_arrays=to_array_record(arrays),
-                            num_rounds=config.rounds, timeout=config.round_timeout,
-                            train_config=client_config)
-    final = from_array_record(result.arrays) if len(result.arrays) else arrays
+    if config.secagg:  # the server sees only sums (cloud_server.secagg)
+        final, _ = run_secure_rounds(grid, config, strategy, arrays, dict(client_config),
+                                     sample=wanted,
+                                     max_weight=1.0 if dp is not None else max_examples(config))
+    else:
+        result = strategy.start(grid=grid, initial_arrays=to_array_record(arrays),
+                                num_rounds=config.rounds, timeout=config.round_timeout,
+                                train_config=client_config)
+        final = from_array_record(result.arrays) if len(result.arrays) else arrays
     summary = stage1_summary(config, strategy, final, run_dir, wanted, fraction)
     summary["seconds"] = time.perf_counter() - started
     write_json(run_dir / "summary.json", summary, indent=2)
@@ -262,6 +290,7 @@ def stage1_summary(config: RunConfig, strategy: Stage1FedAvg, final: Mapping[str
         "accepted": [h["accepted"] for h in history],
         "history": history,
         "dp": strategy.dp.describe() if strategy.dp is not None else None,
+        "secagg": secagg_summary(config, wanted) if config.secagg else None,
         **strategy.collective.describe(final),  # e.g. PerFit's orthonormality error
     }
 

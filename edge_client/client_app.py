@@ -35,6 +35,8 @@ Where things come from:
   or ``onnx``, ``onnx-int8``, ``onnx-int4``: ONNX Runtime, :mod:`edge_client.ondevice`);
 - consent: the policy file in ``node_config["consent-policy"]`` (defaults when absent); an
   upload the policy does not allow is refused with an error reply, nothing is trained or sent;
+- secure aggregation: the ``train`` handler's mod :func:`edge_client.secagg.secagg_mod`
+  answers SecAgg+'s protocol messages and masks the handler's reply (run config ``secagg``);
 - audit: :func:`edge_client.audit.audit_mod` (outermost mod) writes every reply to the
   device's ledger: ``node_config["ledger"]`` when set, else
   ``DEVICE_ROOT/clients/partition-NNNNN/ledger.jsonl`` (:mod:`edge_client.state`); a device
@@ -61,6 +63,7 @@ from edge_client import phases
 from edge_client.audit import AuditClientInterceptor, audit_mod, note_consent_rule
 from edge_client.consent import ConsentDenied, ConsentPolicy
 from edge_client.pool_client import describe_request
+from edge_client.secagg import secagg_mod
 from edge_client.state import ClientState, ledger_path
 from shared.errors import (BAD_REQUEST, CONSENT_DENIED, FAILED, NOT_CONFIGURED, PflError,
                            device_error_reason)
@@ -379,7 +382,7 @@ def make_client_app(device: Mapping[str, Any] | None = None) -> ClientApp:
     if device:
         mods.insert(0, device_settings_mod(device))  # changes no reply: outside the audit
     client_app = ClientApp(mods=mods)
-    client_app.train()(train)
+    client_app.train(mods=[secagg_mod])(train)  # SecAgg+ rounds (edge_client.secagg)
     client_app.query("select")(select)
     client_app.train("share")(share)
     client_app.train("personalize")(personalize)

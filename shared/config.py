@@ -40,6 +40,11 @@ DECLARED_SETTINGS: dict[str, dict[str, Any]] = {
 #: Config keys the server sends with each round of DP stage 1 (cloud_server.privacy); a
 #: device's ledger keeps them as meta with underscores (edge_client.audit).
 DP_ROUND_KEYS = ("dp-clipping-norm", "dp-noise-multiplier", "dp-epsilon", "dp-delta")
+#: Fit-config keys of a securely aggregated stage-1 round (cloud_server.secagg, read by
+#: edge_client.secagg): the arrays' names in the order of the legacy parameter list, and the
+#: most examples a device may weigh (SecAgg+'s max weight).
+SECAGG_NAMES_KEY = "array-names"
+SECAGG_WEIGHT_KEY = "max-examples"
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,10 @@ class RunConfig:
     dp_noise_multiplier: float = 0.0  # stage-1 central DP: Gaussian noise multiplier (0: off)
     dp_clipping_norm: float = 1.0  # stage-1 DP: each update clipped to this L2 norm
     dp_delta: float = 1e-5  # stage-1 DP: the delta epsilon is reported at
+    secagg: bool = False  # stage-1 secure aggregation (SecAgg+): the server sees only sums
+    secagg_num_shares: int = 0  # SecAgg+ neighbours per device (0: every sampled device)
+    secagg_threshold: int = 0  # shares that rebuild a secret (0: a majority of the shares)
+    secagg_clipping_range: float = 8.0  # SecAgg+ quantizes values in [-range, range]
     method: str = "lora"  # the collective kind of a stage-1 phase (set by the server)
     output_dir: str = ""  # where a stage-1 phase writes ("": run-dir; set by the server)
     #: method settings from the dotted keys: {section: {field: value}}
@@ -140,6 +149,10 @@ class RunConfig:
                 not 0 < self.dp_delta < 1:
             raise PflError("dp-noise-multiplier must be >= 0, dp-clipping-norm > 0 and "
                            "dp-delta in (0, 1)")
+        if self.secagg_num_shares < 0 or self.secagg_threshold < 0 or \
+                self.secagg_clipping_range <= 0:
+            raise PflError("secagg-num-shares and secagg-threshold must be >= 0 and "
+                           "secagg-clipping-range > 0")
         if self.selection not in ("kmeans", "most-active"):
             raise PflError(f"selection must be kmeans or most-active, got {self.selection!r}")
 

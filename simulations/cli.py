@@ -9,6 +9,7 @@
     pfl bench storage     server and per-user storage vs number of users
     pfl bench personalize personalization time per user vs history length
     pfl bench traffic     uplink/downlink bytes per client and phase (audit ledgers)
+    pfl bench privacy     stage-1 round time and bytes with and without SecAgg+ and DP
     pfl simulate    a federation of virtual devices (Flower simulation engine or in-process)
     pfl tune        choose a training recipe on validation users (never on targets)
     pfl compare     paired comparisons of methods (95% intervals) in a pfl eval results file
@@ -228,11 +229,16 @@ STAGE1_KIND = {"lora": "lora", "lora-c": "lora", "oppu": "lora", "perpcs": "lora
 
 
 def _dp_options(args) -> dict:
-    """Stage 1's run-config DP keys from ``pfl simulate``'s flags (none when DP is off)."""
-    if not args.dp_noise_multiplier:
-        return {}
-    return {"dp-noise-multiplier": args.dp_noise_multiplier,
-            "dp-clipping-norm": args.dp_clipping_norm, "dp-delta": args.dp_delta}
+    """Stage 1's run-config privacy keys from ``pfl simulate``'s flags: DP (none when off)
+    and secure aggregation."""
+    out: dict = {}
+    if args.secagg:
+        out.update({"secagg": True, "secagg-num-shares": args.secagg_num_shares,
+                    "secagg-threshold": args.secagg_threshold})
+    if args.dp_noise_multiplier:
+        out.update({"dp-noise-multiplier": args.dp_noise_multiplier,
+                    "dp-clipping-norm": args.dp_clipping_norm, "dp-delta": args.dp_delta})
+    return out
 
 
 def cmd_simulate(args) -> int:
@@ -267,6 +273,10 @@ def cmd_simulate(args) -> int:
         print(f"stage 1 ({kind}) over {args.clients} clients, {summary['rounds']} rounds "
               f"in {summary['wall_seconds']:.1f} s ({summary['backend']})")
         print(f"replies per round: {summary.get('replies')}; train loss per round: {losses}")
+        if summary.get("secagg"):
+            sa = summary["secagg"]
+            print(f"secure aggregation: SecAgg+, {sa['devices_per_round']} devices per round, "
+                  f"{sa['shares']} shares, threshold {sa['threshold']}")
         if summary.get("dp"):
             dp = summary["dp"]
             print(f"differential privacy: epsilon {dp['epsilon']:.3f} at delta {dp['delta']:g} "
@@ -513,6 +523,21 @@ def cmd_bench_device(args) -> int:
     return _report(result, device_table, device_plot, args.out_dir, "device")
 
 
+def cmd_bench_privacy(args) -> int:
+    """Stage-1 round time and bytes per device with and without secure aggregation
+    (SecAgg+) and DP, at each number of simulated devices (in-process grid, real rounds)."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
+    from simulations.bench_privacy import bench_privacy, privacy_plot, privacy_table
+
+    result = bench_privacy(args.devices, model=args.model or "tiny", method=args.method,
+                           rounds=args.rounds, max_steps=args.max_steps,
+                           settings=_csv(args.settings),
+                           secagg_num_shares=args.secagg_num_shares, repeats=args.repeats,
+                           on_row=lambda partial: write_json(
+                               str(Path(args.out_dir) / "privacy.json"), partial, indent=2))
+    return _report(result, privacy_table, privacy_plot, args.out_dir, "privacy")
+
+
 def cmd_bench_traffic(args) -> int:
     """Uplink and downlink bytes per client and phase, read from the audit ledgers of a
     federation run folder (pfl simulate / pfl demo)."""
@@ -700,6 +725,14 @@ def add_simulate_command(commands) -> None:
                      help="DP: each stage-1 update is clipped to this L2 norm (default 1.0)")
     sim.add_argument("--dp-delta", type=float, default=1e-5,
                      help="DP: the delta at which epsilon is reported (default 1e-5)")
+    sim.add_argument("--secagg", action="store_true",
+                     help="stage 1 under secure aggregation (SecAgg+): the server sees only "
+                          "the sum of the devices' updates (at least 3 devices per round)")
+    sim.add_argument("--secagg-num-shares", type=int, default=0,
+                     help="SecAgg+: neighbours each device shares its secrets with "
+                          "(default 0: every sampled device)")
+    sim.add_argument("--secagg-threshold", type=int, default=0,
+                     help="SecAgg+: shares that rebuild a secret (default 0: a majority)")
     sim.add_argument("--client-gpus", type=float, default=0.0,
                      help="Ray GPUs per virtual client; fractions share a GPU, e.g. 0.25 runs "
                           "four clients on each (default 0)")
@@ -807,7 +840,7 @@ def add_bench_commands(commands) -> None:
     bm.set_defaults(func=cmd_bench_model)
     for add in (_add_bench_population, _add_bench_aggregation, _add_bench_storage,
                 _add_bench_personalize, _add_bench_traffic, _add_bench_serve,
-                _add_bench_device):
+                _add_bench_device, _add_bench_privacy):
         add(bench)
 
 
@@ -907,6 +940,26 @@ def _add_bench_device(bench) -> None:
     bd.add_argument("--out-dir", default="results/bench",
                     help="device.json and device.png go here (default %(default)s)")
     bd.set_defaults(func=cmd_bench_device)
+
+
+def _add_bench_privacy(bench) -> None:
+    bp = bench.add_parser("privacy", help="stage-1 round time and bytes per device with and "
+                          "without SecAgg+ and DP", description=cmd_bench_privacy.__doc__)
+    bp.add_argument("--devices", type=_ints, default=[5, 20, 100],
+                    help="devices per round (default 5,20,100)")
+    bp.add_argument("--settings", default="plain,dp,secagg,secagg+dp",
+                    help="default %(default)s")
+    bp.add_argument("--method", choices=("lora", "perfit"), default="lora",
+                    help="the collective kind (default lora)")
+    bp.add_argument("--rounds", type=int, default=2)
+    bp.add_argument("--max-steps", type=int, default=1, help="local steps per device")
+    bp.add_argument("--repeats", type=int, default=3, help="runs per row (medians)")
+    bp.add_argument("--secagg-num-shares", type=int, default=0,
+                    help="SecAgg+ neighbours per device (default 0: every device)")
+    bp.add_argument("--model", default=None, help="tiny (default) or smollm2-135m")
+    bp.add_argument("--out-dir", default="results/bench",
+                    help="privacy.json and privacy.png go here (default %(default)s)")
+    bp.set_defaults(func=cmd_bench_privacy)
 
 
 def _add_bench_traffic(bench) -> None:

@@ -104,8 +104,13 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def _deliver(self, message: Message) -> Message:
+        from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
         meta = message.metadata
-        incoming = Message(message.content, metadata=Metadata(
+        # each device gets its own copy, as from the wire (a server may send one RecordDict
+        # to many devices, and a device's mods may change what they received: SecAgg+ does)
+        content = recorddict_from_proto(recorddict_to_proto(message.content))
+        incoming = Message(content, metadata=Metadata(
             run_id=self._run.run_id, message_id=uuid.uuid4().hex, src_node_id=SUPERLINK_NODE_ID,
             dst_node_id=meta.dst_node_id, reply_to_message_id="", group_id=meta.group_id,
             created_at=time.time(), ttl=meta.ttl, message_type=meta.message_type))

@@ -166,3 +166,29 @@ def test_bench_device_measures_each_backend_in_its_own_process(tmp_path, capsys)
     assert len(pids) == 3 and os.getpid() not in pids
     assert (tmp_path / "device.png").stat().st_size > 0
     assert "onnx-int4" in out and "TTFT" in out
+
+
+def test_bench_privacy_runs_every_setting_and_counts_what_each_device_sent(tmp_path, capsys):
+    """`pfl bench privacy` on the tiny model, 3 devices: plain, DP, SecAgg+ and both; every
+    round accepted all 3 devices; DP rows report epsilon; under SecAgg+ a device sends more
+    (keys, shares, and masked vectors of 64-bit integers instead of float32 arrays)."""
+    import json
+
+    from simulations.cli import main
+
+    code = main(["bench", "privacy", "--devices", "3", "--rounds", "1", "--repeats", "1",
+                 "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    result = json.loads((tmp_path / "privacy.json").read_text())
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert set(rows) == {"plain", "dp", "secagg", "secagg+dp"}
+    assert all(r["accepted"] == [3] and r["devices"] == 3 for r in rows.values())
+    assert rows["plain"]["epsilon"] is None and rows["dp"]["epsilon"] > 0
+    assert rows["secagg+dp"]["epsilon"] == rows["dp"]["epsilon"]
+    assert rows["secagg"]["secagg"]["threshold"] == 2 and rows["plain"]["secagg"] is None
+    up = {k: r["up_bytes_per_device_round"] for k, r in rows.items()}
+    assert up["plain"] > 0 and up["secagg"] > 1.5 * up["plain"]
+    assert rows["secagg"]["down_bytes_per_device_round"] > \
+        rows["plain"]["down_bytes_per_device_round"]
+    assert "secagg+dp" in out and (tmp_path / "privacy.png").stat().st_size > 0

@@ -1,8 +1,8 @@
-"""A real deployment on loopback: `pfl certs`, the pool service, flower-superlink and four
+"""A real deployment on loopback: `pfl certs`, the pool service, flower-superlink and five
 flower-supernode processes, all with TLS and SuperNode authentication (each device's key
 made on the device with `pfl node-key`, registered with `flwr supernode register`; a fifth,
-unregistered SuperNode is refused), and `flwr run .`; every process is stopped by the test,
-even on failure."""
+unregistered SuperNode is refused), and `flwr run .` with stage 1 under secure aggregation
+(SecAgg+); every process is stopped by the test, even on failure."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from edge_client import audit
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-NODES = 4
+NODES = 5  # 1 target, 1 sharer, 3 collective (SecAgg+ needs 3 a round)
 
 
 def _free_port() -> int:
@@ -126,7 +126,8 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
         f'num-clients = {NODES}\nmax-steps = 2\nrun-dir = "{run_dir}"\n'
         f'pool-address = "127.0.0.1:{pool_port}"\nmax-history = 6\npersonal-epochs = 1\n'
         f'perpcs.gate_steps = 3\nperfit.epochs = 1\n'
-        f'grant-key = "{certs / "federation.key"}"\n')  # the server signs sharer grants
+        f'grant-key = "{certs / "federation.key"}"\n'  # the server signs sharer grants
+        f'secagg = true\n')  # stage 1 under SecAgg+: the server sees only sums
     flwr = processes([str(BIN / "flwr"), "run", str(REPO), "deploy", "--stream",
                       "--run-config", str(run_config)], tmp_path / "flwr-run.log", env)
     deadline = time.monotonic() + 420
@@ -162,3 +163,12 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
     types = {e["message_type"] for e in entries}
     assert {"query.select", "train", "train.share", "train.personalize", "evaluate"} <= types
     assert any(t.endswith("SubmitPieces") for t in types)
+    # stage 1 ran under SecAgg+ over the real SuperLink: the collective devices' uploads
+    # left as masked vectors only, every stage-1 entry is marked as part of the protocol
+    for kind, part in summary["stage1"].items():
+        assert part["secagg"]["devices_per_round"] == NODES - 2, (kind, part)
+    stage1 = [e for e in entries if e["message_type"] == "train"]
+    masked = [e for e in stage1 if e["meta"].get("secagg_stage") == "collect_masked_vectors"]
+    assert stage1 and all(e["meta"].get("secagg") is True for e in stage1)
+    assert len(masked) == (NODES - 2) * len(summary["stage1"])
+    assert all(a["name"].startswith("masked/") for e in masked for a in e["arrays"])

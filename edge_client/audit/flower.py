@@ -76,6 +76,35 @@ def announced_privacy(msg) -> dict[str, float]:
     return out
 
 
+def _secagg_names() -> tuple[str, str, str]:
+    """SecAgg+'s config record, stage key and masked-vector key (Flower's names)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    return RECORD_KEY_CONFIGS, Key.STAGE, Key.MASKED_PARAMETERS
+
+
+def announced_protocol(msg) -> dict[str, Any]:
+    """``{"secagg": True, "secagg_stage": STAGE}`` for a SecAgg+ message, else empty."""
+    if not msg.has_content():
+        return {}
+    record_key, stage_key, _ = _secagg_names()
+    record = msg.content.config_records.get(record_key)
+    stage = record.get(stage_key) if record is not None else None
+    return {"secagg": True, "secagg_stage": stage} if isinstance(stage, str) else {}
+
+
+def masked_vectors(fields: dict[str, Any]) -> dict[str, bytes]:
+    """The masked vectors of a SecAgg+ reply (raw bytes, described like arrays), moved out
+    of ``fields`` (``config/secaggplus_configs``)."""
+    record_key, _, masked_key = _secagg_names()
+    record = fields.get(f"config/{record_key}")
+    if not isinstance(record, dict) or masked_key not in record:
+        return {}
+    vectors = record.pop(masked_key)
+    return {f"masked/{i}": bytes(v) for i, v in enumerate(vectors or [])
+            if isinstance(v, (bytes, bytearray))}
+
+
 def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
               channel: str = "flower",
               consent_rule_fn: Callable[[Any, Any], str | None] | None = None):
@@ -96,6 +125,9 @@ def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
         def error(code):
             return Message(Error(code=code, reason=device_error_reason(code)), reply_to=msg)
 
+        inbound = message_bytes(msg)  # before a mod unpacks it (SecAgg+ does)
+        protocol = announced_protocol(msg)
+        privacy = announced_privacy(msg)
         try:
             reply = call_next(msg, context)
         except Exception:  # never let Flower send a traceback: a code, and the ledger sees it
@@ -112,6 +144,8 @@ def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
         meta = reply.metadata
         if reply.has_content():
             arrays, fields = describe_record_dict(reply.content)
+            if protocol:  # the masked vectors are what left in place of the arrays
+                arrays.update(masked_vectors(fields))
         else:
             arrays = {}
             fields = {"error": {"code": reply.error.code, "reason": reply.error.reason or ""}}
@@ -124,8 +158,7 @@ def audit_mod(ledger_path_fn: Callable[[Any, Any], str | os.PathLike | None], *,
                           meta={"run_id": meta.run_id, "node_id": context.node_id,
                                 "group_id": meta.group_id,
                                 "reply_to": meta.reply_to_message_id,
-                                "inbound_bytes": message_bytes(msg),
-                                **announced_privacy(msg)})
+                                "inbound_bytes": inbound, **privacy, **protocol})
         except Exception:  # a ledger that cannot be written: send nothing it would not show
             log.exception("the audit ledger %s cannot be written", path)
             return error(FAILED)
