@@ -58,9 +58,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from cloud_server.server_app import run_stage1
 from shared import crypto
-from shared.config import RunConfig, options_to_message
+from shared.config import ARRAYS_DIGEST_KEY, KEPT_METRIC, RunConfig, options_to_message
 from shared.errors import PflError
 from shared.methods import core_class, core_names, parse_method
+from shared.methods.oppu.core import arrays_digest
 from shared.methods.perpcs import select_sharers_from_clusters
 from shared.metrics import TASK_KINDS, add_stats, check_stats, metrics_from_stats
 from shared.statistics import users_interval
@@ -181,17 +182,20 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Mapping,
              arrays: Mapping[str, np.ndarray] | None, timeout: float, phase: str, *,
-             per_node: Mapping[int, Mapping] | None = None) -> dict[int, Message]:
+             per_node: Mapping[int, Mapping] | None = None,
+             holding: Iterable[int] = ()) -> dict[int, Message]:
     """Send one message per node, wait for the replies; return the good ones by node.
-    ``per_node[node]`` adds settings for that node only (e.g. its sharer grant).
-    Error replies and missing nodes are logged and left out."""
+    ``per_node[node]`` adds settings for that node only (e.g. its sharer grant); nodes in
+    ``holding`` already keep ``arrays`` (by their digest, :data:`ARRAYS_DIGEST_KEY`) and
+    get the digest only. Error replies and missing nodes are logged and left out."""
     record = to_array_record(arrays) if arrays else None
+    holding = set(holding)
 
     def content(node: int) -> RecordDict:
         settings = {**config, **((per_node or {}).get(node) or {})}
         out = RecordDict({"config": ConfigRecord({k: v for k, v in settings.items()
                                                   if v not in (None, "")})})
-        if record is not None:
+        if record is not None and node not in holding:
             out["arrays"] = record
         return out
 
@@ -537,11 +541,15 @@ def personalize_and_evaluate(grid: Grid, plan: Plan, targets: Sequence[int],
         config["pool-sharers"] = json.dumps(pool_sharers, sort_keys=True)
     timeout = plan.config.phase_timeout
     t0 = time.perf_counter()
+    if arrays:  # a device keeps the collective arrays by digest between the two phases
+        config[ARRAYS_DIGEST_KEY] = arrays_digest(arrays)
     personalized = exchange(grid, targets, "train.personalize", config, arrays, timeout,
                             "personalize")
     seconds["personalize"], t0 = time.perf_counter() - t0, time.perf_counter()
+    holding = [node for node, reply in personalized.items()
+               if _metrics(reply).get(KEPT_METRIC) == 1.0]
     evaluated = exchange(grid, sorted(personalized), "evaluate", config, arrays, timeout,
-                         "evaluate")
+                         "evaluate", holding=holding)
     seconds["evaluate"] = time.perf_counter() - t0
     return personalized, evaluated
 

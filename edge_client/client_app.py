@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -65,9 +66,12 @@ from edge_client.consent import ConsentDenied, ConsentPolicy
 from edge_client.pool_client import describe_request
 from edge_client.secagg import secagg_mod
 from edge_client.state import ClientState, ledger_path
+from shared.config import ARRAYS_DIGEST_KEY, KEPT_METRIC
 from shared.errors import (BAD_REQUEST, CONSENT_DENIED, FAILED, NOT_CONFIGURED, PflError,
                            device_error_reason)
+from shared.files import save_npz
 from shared.methods import collective, core_class, parse_method
+from shared.methods.oppu.core import arrays_digest
 from shared.methods.perpcs.core import perpcs_config
 from shared.models import load_model
 from shared.records import from_array_record, to_array_record
@@ -224,7 +228,36 @@ def _phase_setup(msg: Message, context: Context, kind: str):
     policy = consent_policy(context)
     arrays = (from_array_record(msg.content["arrays"])
               if "arrays" in msg.content.array_records else {})
+    digest = options.get(ARRAYS_DIGEST_KEY)
+    if not arrays and digest:  # the server knows this device kept them: use its own copy
+        arrays = _kept_arrays(context, str(digest))
     return options, policy, rule, arrays
+
+
+#: Where a device keeps the collective arrays between personalization and evaluation.
+KEPT_ARRAYS = Path("arrays") / "collective.npz"
+
+
+def _keep_arrays(context: Context, arrays: Mapping[str, np.ndarray]) -> bool:
+    """Keep ``arrays`` in the device's folder for the next phase; True when kept."""
+    directory = _device_dir(context, required=False)
+    if directory is None or not arrays:
+        return False
+    save_npz(directory / KEPT_ARRAYS, {k: np.asarray(v) for k, v in arrays.items()})
+    return True
+
+
+def _kept_arrays(context: Context, digest: str) -> dict[str, np.ndarray]:
+    """The collective arrays this device kept, if their digest is ``digest``."""
+    directory = _device_dir(context, required=False)
+    path = None if directory is None else directory / KEPT_ARRAYS
+    if path is None or not path.is_file():
+        raise Refusal(BAD_REQUEST, "the server sent a digest, but this device kept no arrays")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    if arrays_digest(arrays) != digest:
+        raise Refusal(BAD_REQUEST, "the kept arrays are not the ones the server names")
+    return arrays
 
 
 def _device_user(options: Mapping[str, Any], context: Context, *, model: bool = True):
@@ -278,11 +311,14 @@ def _needs_pool(methods: Sequence[str]) -> bool:
 
 def _pool(options: Mapping[str, Any], context: Context, loaded) -> phases.PoolPieces:
     """The pool service as this device reads it: its own CA, the sharers the server named,
-    pieces that fit this model, every call audited."""
+    pieces that fit this model, every call audited, fetched pieces kept on the device."""
     target, ca, interceptors = _pool_access(options, context)
+    directory = _device_dir(context, required=False)
     return phases.PoolPieces(target, ca, interceptors=interceptors,
                              trusted_keys=phases.trusted_sharers(options),
-                             shapes=ModelShapes.of(loaded.model))
+                             shapes=ModelShapes.of(loaded.model),
+                             # pieces kept by content id: evaluation reuses personalization's
+                             cache_dir=None if directory is None else directory / "pieces")
 
 
 def _reply(msg: Message, context: Context, rule: str, metrics: Mapping[str, float],
@@ -335,14 +371,18 @@ def personalize(msg: Message, context: Context) -> Message:
     def work(options, policy, rule, arrays):
         loaded, task, user = _device_user(options, context)
         methods = _methods(options)
-        pool = None
+        pool, source = None, None
         if _needs_pool(methods):
             source = _pool(options, context, loaded)
             modules = perpcs_config(phases.device_runtime(loaded, task, options, {})) \
                 .target_modules
-            pool = source.pool(modules)
-        metrics = phases.personalize(loaded, task, user, methods, options, arrays,
-                                     _device_dir(context), pool=pool)
+            # the gates first; assembly fetches the pieces it selects, on one connection
+            pool = source.pool(modules, lazy=True)
+        with source.session() if source is not None else nullcontext():
+            metrics = phases.personalize(loaded, task, user, methods, options, arrays,
+                                         _device_dir(context), pool=pool)
+        if options.get(ARRAYS_DIGEST_KEY) and _keep_arrays(context, arrays):
+            metrics[KEPT_METRIC] = 1.0  # evaluation may send the digest alone
         if pool is not None:  # what came down from the pool (tensor bytes of the pieces)
             metrics["pool-download-bytes"] = float(source.received)
         return metrics, None, rule

@@ -31,10 +31,10 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -46,6 +46,7 @@ from shared.config import options_from_message
 from shared.data import load_dataset
 from shared.embeddings import user_embedding
 from shared.errors import PflError
+from shared.files import write_atomic
 from shared.generation import GenerationConfig
 from shared.methods import (PersonalState, Runtime, augmented_prompts, collective,
                             parse_method, split_arrays)
@@ -56,7 +57,8 @@ from shared.metrics import TASK_KINDS, metric_stats
 from shared.models import load_model
 from shared.profiles import generate_profiles
 from shared.prompts import encode_prompt
-from shared.serialization import Grant
+from shared.serialization import Grant, SignedPiece, is_piece_id
+from shared.wire import pfl_pb2
 from shared.serving.engine import BatchedEngine
 from shared.types import recent_history
 
@@ -247,31 +249,93 @@ class PoolPieces:
     model. ``received`` adds up the tensor bytes that came down."""
 
     def __init__(self, target: str, ca: str | Path, *, interceptors: Sequence = (),
-                 trusted_keys: Mapping[str, bytes] | None = None, shapes=None):
+                 trusted_keys: Mapping[str, bytes] | None = None, shapes=None,
+                 cache_dir: str | Path | None = None):
         self.target, self.ca, self.interceptors = target, ca, interceptors
         self.trusted, self.shapes = trusted_keys, shapes
         self.received = 0
+        self._open: PoolClient | None = None
+        self._pieces: dict = {}  # fetched pieces by content id (this phase)
+        # signed pieces kept on the device by content id, checked again when read back
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+
+    def _client(self) -> PoolClient:
+        return PoolClient(self.target, self.ca, interceptors=self.interceptors,
+                          trusted_keys=self.trusted, shapes=self.shapes)
 
     def _call(self, work):
-        with PoolClient(self.target, self.ca, interceptors=self.interceptors,
-                        trusted_keys=self.trusted, shapes=self.shapes) as client:
+        if self._open is not None:  # inside session(): one connection for every call
+            return work(self._open)
+        with self._client() as client:
             out = work(client)
         self.received += client.received_bytes
         return out
+
+    @contextmanager
+    def session(self) -> Iterator["PoolPieces"]:
+        """One connection for every call made inside (assembly fetches layer by layer)."""
+        with self._client() as client:
+            self._open = client
+            try:
+                yield self
+            finally:
+                self._open = None
+                self.received += client.received_bytes
 
     def gates(self, modules: Sequence[str]) -> list:
         return self._call(lambda c: c.list_gates(modules=list(modules),
                                                  sharers=sorted(self.trusted or ())))
 
     def fetch(self, ids: Sequence[str]) -> dict:
-        return self._call(lambda c: c.fetch_pieces(ids))
+        """{id: Piece}; a piece fetched before (in this phase, or kept in ``cache_dir``) is
+        not fetched again."""
+        missing = [pid for pid in dict.fromkeys(ids) if pid not in self._pieces]
+        if missing and self.cache_dir is not None:
+            checker = self._client()  # its checks only (a channel opens on first call)
+            try:
+                for pid in list(missing):
+                    signed = self._cached(pid, checker)
+                    if signed is not None:
+                        self._pieces[pid] = signed.piece
+                        missing.remove(pid)
+            finally:
+                checker.close()
+        if missing:
+            fetched = self._call(lambda c: c.fetch(missing))
+            for signed in fetched:
+                self._pieces[signed.piece_id] = signed.piece
+                self._keep(signed)
+        return {pid: self._pieces[pid] for pid in ids}
 
-    def pool(self, modules: Sequence[str]) -> PiecePool:
-        """Every gated piece for ``modules``, as the PER-PCS cores read them."""
-        pieces = self.fetch([g.piece_id for g in self.gates(modules)])
-        if not pieces:
+    def _cached(self, piece_id: str, checker: PoolClient):
+        """The signed piece kept under ``piece_id``, checked as from the pool; None when
+        absent or when it fails a check (then it is fetched again)."""
+        if not is_piece_id(piece_id):
+            return None
+        path = self.cache_dir / f"{piece_id}.piece"
+        if not path.is_file():
+            return None
+        try:
+            return checker.check(SignedPiece.from_proto(pfl_pb2.Piece.FromString(
+                path.read_bytes())), piece_id)
+        except Exception:  # damaged or replaced on disk: fetch it again
+            log.warning("cached piece %s failed its checks; fetching it again", piece_id[:12])
+            return None
+
+    def _keep(self, signed) -> None:
+        if self.cache_dir is not None:
+            write_atomic(self.cache_dir / f"{signed.piece_id}.piece",
+                                   signed.to_proto().SerializeToString())
+
+    def pool(self, modules: Sequence[str], *, lazy: bool = False) -> PiecePool:
+        """The pool for ``modules`` as the PER-PCS cores read them: every gated piece, or
+        with ``lazy`` the gates only, each piece fetched when assembly selects it."""
+        gates = self.gates(modules)
+        if not gates:
             raise PflError(f"the piece pool at {self.target} has no pieces for {list(modules)}")
-        return PiecePool.of(pieces)
+        if lazy:
+            return PiecePool(pool=gates, lookup={}, fetch=self.fetch)
+        return PiecePool.of(self.fetch([g.piece_id for g in gates]))
 
 
 def fetch_pool(pool_target: str, pool_ca: str | Path, modules: Sequence[str], *,

@@ -63,7 +63,8 @@ class PoolClient:
         self.limits = limits
         self.trusted_keys = None if trusted_keys is None else dict(trusted_keys)
         self.shapes = shapes
-        #: tensor bytes (A, B, gate) of every piece fetched so far: the device's pool downlink
+        #: tensor bytes of every gate listed and piece (A, B, gate) fetched so far: the
+        #: device's pool downlink
         self.received_bytes = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -126,6 +127,7 @@ class PoolClient:
                 self._check_key(gate.sharer, gate.public_key)
                 if self.shapes is not None:
                     self._check_gate_shape(gate)
+                self.received_bytes += gate.gate.numel() * gate.gate.element_size()
                 gates.append(gate)
         except grpc.RpcError as exc:
             raise PoolError(exc.code(), exc.details()) from None
@@ -146,16 +148,23 @@ class PoolClient:
             if len(received) != len(chunk):
                 raise InvalidPiece(f"asked for {len(chunk)} pieces, got {len(received)}")
             for asked, signed in zip(chunk, received):
-                if signed.piece_id != asked:
-                    raise InvalidPiece(f"asked for piece {asked[:12]} but its content hashes "
-                                       f"to {signed.piece_id[:12]}")
-                signed.verify()
-                self._check_key(signed.piece.sharer, signed.public_key)
-                if self.shapes is not None:
-                    self.shapes.check(signed.piece)
+                self.check(signed, asked)
                 self.received_bytes += signed.piece.num_bytes
             out.extend(received)
         return out
+
+    def check(self, signed: SignedPiece, asked: str) -> SignedPiece:
+        """Refuse a piece that is not ``asked`` (its content hashes to another id), whose
+        signature fails, whose sharer is not trusted or that does not fit the model: what
+        every piece from the pool, or from a device's own cache of them, must pass."""
+        if signed.piece_id != asked:
+            raise InvalidPiece(f"asked for piece {asked[:12]} but its content hashes "
+                               f"to {signed.piece_id[:12]}")
+        signed.verify()
+        self._check_key(signed.piece.sharer, signed.public_key)
+        if self.shapes is not None:
+            self.shapes.check(signed.piece)
+        return signed
 
     def fetch_pieces(self, piece_ids: Iterable[str]) -> dict[str, Piece]:
         """{piece id: Piece} for a recipe rebuild (``recipe.rebuild(recipe, mapping)``)."""

@@ -397,6 +397,11 @@ class Gate:
     signature: bytes = b""
     public_key: bytes = b""
 
+    @property
+    def key(self) -> tuple[int, str]:
+        """(layer, module), as :attr:`Piece.key`: a gate stands for its piece in assembly."""
+        return self.layer, self.module
+
     def verify(self) -> "Gate":
         """Check the sharer's signature over (piece id, sharer); returns self."""
         crypto.verify_piece(self.public_key, self.piece_id, self.sharer, self.signature)

@@ -305,6 +305,14 @@ def test_traffic_per_phase_from_the_ledgers(federation):
     # targets download the pool for PER-PCS (reported by the device, kept in its ledger)
     assert phases["personalize"]["clients"] == len(summary["evaluated_targets"])
     assert phases["personalize"]["down_median"] > phases["personalize"]["up_median"]
+    # at evaluation a target has what it needs: the collective arrays it kept (the server
+    # sends their digest only) and the pieces of its recipe (kept by content id)
+    collective = sum(summary["stage1"][k]["bytes_per_update"] for k in ("lora", "perfit"))
+    assert phases["evaluate"]["down_max"] < collective / 2
+    for node in summary["evaluated_targets"]:
+        folder = run_dir / "clients" / f"partition-{node - LocalGrid.FIRST_NODE_ID:05d}"
+        assert (folder / "arrays" / "collective.npz").is_file()
+        assert list((folder / "pieces").glob("*.piece"))
     assert "stage 1 (lora)" in traffic_table(result)
 
 

@@ -19,6 +19,7 @@ from shared.methods.perpcs.pieces import (ATTENTION_MODULES, LoraUpdate, Piece, 
                                         pieces_from_peft_state_dict, pieces_installed,
                                         updates_installed)
 from shared.models import build_tiny_model
+from shared.serialization import Gate
 from shared.tasks import SYNTHETIC
 from shared.training import TrainConfig, batches, history_examples, train
 
@@ -329,6 +330,36 @@ def test_assembly_is_autoregressive(tiny, pad_id):
     assert torch.equal(seen[("ar", 0, "q_proj")], seen[("flat", 0, "q_proj")])
     # Inside a layer too: o_proj sees attention built with the assembled q, k, v.
     assert not torch.allclose(seen[("ar", 0, "o_proj")], seen[("flat", 0, "o_proj")], atol=1e-4)
+
+
+def test_assembly_from_gates_fetches_only_the_selected_pieces_and_gives_the_same_recipe(
+        tiny, pad_id):
+    """A device lists the gates, then fetches a piece when a layer first selects it: the
+    recipe is the one of the whole pool, and only the recipe's pieces come down, each
+    once. A piece whose gate is not the one it was scored with is refused."""
+    pool = [p for s in range(4) for p in random_pieces(tiny.model, f"s{s}", seed=40 + s)]
+    target = user_examples(tiny.tokenizer, 5, n=6)
+    config = PerPcsConfig(top_k=2, assembly_batch_size=2)  # several batches
+    whole = assemble(tiny.model, pool, target, pad_id, config)
+    gates = [Gate(p.piece_id, p.sharer, p.layer, p.module, p.rank, p.gate) for p in pool]
+    lookup = {p.piece_id: p for p in pool}
+    asked: list[str] = []
+
+    def fetch(ids):
+        asked.extend(ids)
+        return {pid: lookup[pid] for pid in ids}
+
+    lazy = assemble(tiny.model, gates, target, pad_id, config, fetch=fetch)
+    assert lazy == whole and lazy.to_bytes() == whole.to_bytes()
+    assert len(asked) == len(set(asked)) and set(asked) == set(whole.piece_ids())
+    assert len(asked) < len(pool)  # the point: most pieces never come down
+    # a pool that lists one gate and serves a piece with another is caught
+    chosen = sorted(whole.piece_ids())[0]
+    other = next(p for p in pool if p.piece_id != chosen)
+    with pytest.raises(ValueError, match="does not match the gate"):
+        assemble(tiny.model, gates, target, pad_id, config,
+                 fetch=lambda ids: {pid: (other if pid == chosen else lookup[pid])
+                                    for pid in ids})
 
 
 def test_scoring_positions():

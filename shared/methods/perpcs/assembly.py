@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ from shared.training import Example, batches, target_positions
 
 #: on_score(layer, module, inputs (N, d_in), alphas (m,), candidate piece ids) for tracing.
 ScoreCallback = Callable[[int, str, torch.Tensor, torch.Tensor, list[str]], None]
+#: fetch(piece ids) -> {piece id: Piece}: where a pool of gates gets the pieces it selects
+Fetch = Callable[[Sequence[str]], Mapping[str, Piece]]
 
 
 def group_candidates(pool: Sequence[Piece],
@@ -89,8 +91,15 @@ def select_pieces(alphas: torch.Tensor, piece_ids: Sequence[str], top_k: int,
 @torch.no_grad()
 def assemble(model: torch.nn.Module, pool: Sequence[Piece], examples: Sequence[Example],
              pad_id: int, config: PerPcsConfig | None = None, *,
-             on_score: ScoreCallback | None = None, progress: bool = False) -> Recipe:
+             on_score: ScoreCallback | None = None, progress: bool = False,
+             fetch: Fetch | None = None) -> Recipe:
     """Assemble a target's adapter from ``pool`` on its history ``examples``; no training.
+
+    With ``fetch`` the pool may hold gates only (anything with ``piece_id``, ``sharer``,
+    ``layer``, ``module``, ``gate``, e.g. :class:`shared.serialization.Gate`): a piece's
+    factors are fetched (``fetch(ids) -> {id: Piece}``, once each) when a layer first
+    selects it, and its gate must equal the one it was scored with. The recipe is the same
+    as with the whole pool (``tests/test_perpcs.py``); a device downloads only what it uses.
 
     ``model`` is the (stage-1) model; it is left exactly as it was. Returns the recipe (piece
     ids and averaged weights per layer and module); :func:`~shared.methods.perpcs.recipe.
@@ -109,6 +118,24 @@ def assemble(model: torch.nn.Module, pool: Sequence[Piece], examples: Sequence[E
              for key, pieces in candidates.items()}
     ids = {key: [p.piece_id for p in pieces] for key, pieces in candidates.items()}
     state: dict = {"mask": None, "selection": {}}
+    fetched: dict[str, Piece] = {}
+
+    def factors(entries: list) -> list[Piece]:
+        """The chosen entries as whole pieces (fetched once each when the pool is gates)."""
+        if fetch is None:
+            return entries
+        missing = [e.piece_id for e in entries if e.piece_id not in fetched]
+        if missing:
+            got = fetch(missing)
+            for entry in (e for e in entries if e.piece_id in missing):
+                piece = got.get(entry.piece_id)
+                if piece is None or piece.piece_id != entry.piece_id or piece.gate is None \
+                        or not torch.equal(piece.gate.float().reshape(-1),
+                                           entry.gate.float().reshape(-1)):
+                    raise ValueError(f"fetched piece {entry.piece_id[:12]} does not match "
+                                     "the gate it was scored with")
+                fetched[entry.piece_id] = piece
+        return [fetched[e.piece_id] for e in entries]
 
     def make_hook(key: Key):
         def hook(module, args):
@@ -120,7 +147,7 @@ def assemble(model: torch.nn.Module, pool: Sequence[Piece], examples: Sequence[E
             chosen = select_pieces(alphas, ids[key], config.top_k, v.shape[-1])
             state["selection"][key] = [(ids[key][i], w) for i, w in chosen]
             if config.autoregressive:
-                module.set_update(combine([candidates[key][i] for i, _ in chosen],
+                module.set_update(combine(factors([candidates[key][i] for i, _ in chosen]),
                                           [w for _, w in chosen], config.combination))
         return hook
 

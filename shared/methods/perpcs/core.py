@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from shared.embeddings import user_embedding
 from shared.methods.base import Core, PersonalState, Runtime, register_core, user_examples
@@ -68,11 +68,21 @@ class PiecePool:
     adapters: dict = field(default_factory=dict)
     embeddings: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    #: a device's pool of gates only: fetch(ids) -> {id: Piece} brings the pieces assembly
+    #: selects (:func:`~shared.methods.perpcs.assembly.assemble`); None: ``pool`` is whole
+    fetch: Callable | None = None
 
     @classmethod
     def of(cls, pieces: dict) -> "PiecePool":
         """A pool of exactly ``pieces`` ({id: piece})."""
         return cls(pool=list(pieces.values()), lookup=dict(pieces))
+
+    def whole(self) -> list:
+        """Every pooled piece with its factors (fetched first when the pool is gates)."""
+        if self.fetch is None:
+            return self.pool
+        got = self.fetch([entry.piece_id for entry in self.pool])
+        return [got[entry.piece_id] for entry in self.pool]
 
 
 class LocalPieces:
@@ -205,7 +215,8 @@ class PersonalPieces(Core):
         pool = piece_pool(runtime)
         return assemble(stage1_model(runtime), pool.pool,
                         user_examples(runtime, user, augmentation, profile),
-                        pad_token_id(runtime.tokenizer), perpcs_config(runtime))
+                        pad_token_id(runtime.tokenizer), perpcs_config(runtime),
+                        fetch=pool.fetch)
 
     def personalize(self, runtime, user, augmentation, profile):
         recipe = self.recipe(runtime, user, augmentation, profile)
@@ -269,7 +280,7 @@ class LossScoredPieces(PersonalPieces):
     name = "perpcs-loss"
 
     def recipe(self, runtime, user, augmentation, profile):
-        return loss_scored_recipe(stage1_model(runtime), piece_pool(runtime).pool,
+        return loss_scored_recipe(stage1_model(runtime), piece_pool(runtime).whole(),
                                   user_examples(runtime, user, augmentation, profile),
                                   pad_token_id(runtime.tokenizer), perpcs_config(runtime))
 
