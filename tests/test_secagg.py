@@ -26,6 +26,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from cloud_server import secagg
 from cloud_server.server_app import run_stage1
 from edge_client.audit import read_entries, verify
+from edge_client.audit.ledger import entry_phases
 from edge_client.audit.report import build_report
 from edge_client.client_app import make_client_app
 from edge_client.secagg import secagg_mod
@@ -134,6 +135,8 @@ def test_the_secure_aggregate_is_fedavg_and_the_server_never_holds_an_update(tmp
         assert {e["consent_rule"] for i, e in enumerate(entries) if i != 2} == \
             {"protocol.secaggplus"}
         assert not any(e["arrays"] for i, e in enumerate(entries) if i != 2)
+        assert entry_phases(entries) == ["stage 1 (SecAgg+ keys)"] * 2 + \
+            ["stage 1 (lora)", "stage 1 (SecAgg+ keys)"]
     # the auditor's report says secure aggregation was on: 5 masked uploads, none in clear
     report = build_report(tmp_path)
     assert report["secagg"] == {"masked_uploads": 5, "plain_uploads": 0}

@@ -338,15 +338,23 @@ def verify(path: str | os.PathLike, head: str | None = None) -> VerifyResult:
 #: The federation phase of a Flower reply, by its message type.
 PHASES = {"query.select": "selection", "train": "stage 1", "train.share": "share",
           "train.personalize": "personalize", "evaluate": "evaluate"}
-PHASE_ORDER = ("selection", "stage 1 (lora)", "stage 1 (perfit)", "share", "personalize",
-               "evaluate")
+PHASE_ORDER = ("selection", "stage 1 (lora)", "stage 1 (perfit)", "stage 1 (SecAgg+ keys)",
+               "share", "personalize", "evaluate")
 
 
 def flower_phase(entry: Mapping[str, Any]) -> str:
     """The phase of a Flower reply entry; stage 1 split by what was trained (the task LoRA,
-    or PerFit's stage 1)."""
+    or PerFit's stage 1: by its arrays' names, or under secure aggregation, where the arrays
+    left masked, by the consent rule of the upload); SecAgg+'s keys and shares apart."""
     phase = PHASES.get(entry["message_type"], entry["message_type"])
     if phase == "stage 1":
+        meta = entry.get("meta") if isinstance(entry.get("meta"), Mapping) else {}
+        if meta.get("secagg") is True:
+            rule = str(entry.get("consent_rule") or "")
+            if rule == "upload.perfit_stage1":
+                return "stage 1 (perfit)"
+            return "stage 1 (lora)" if rule == "upload.stage1_lora" else \
+                "stage 1 (SecAgg+ keys)"
         names = " ".join(a["name"] for a in entry.get("arrays", []))
         phase = "stage 1 (perfit)" if "stage1.layers" in names else "stage 1 (lora)"
     return phase
