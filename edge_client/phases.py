@@ -57,7 +57,7 @@ from shared.metrics import TASK_KINDS, metric_stats
 from shared.models import load_model
 from shared.profiles import generate_profiles
 from shared.prompts import encode_prompt
-from shared.serialization import Grant, SignedPiece, is_piece_id
+from shared.serialization import Gate, Grant, SignedPiece, is_piece_id
 from shared.wire import pfl_pb2
 from shared.serving.engine import BatchedEngine
 from shared.types import recent_history
@@ -283,8 +283,43 @@ class PoolPieces:
                 self.received += client.received_bytes
 
     def gates(self, modules: Sequence[str]) -> list:
-        return self._call(lambda c: c.list_gates(modules=list(modules),
-                                                 sharers=sorted(self.trusted or ())))
+        """The pool's gates for ``modules`` from the trusted sharers. With ``cache_dir`` the
+        listing is kept (keyed by the request) and read back, checked again, by a later
+        phase: evaluation expands its recipe against the listing personalization used."""
+        sharers = sorted(self.trusted or ())
+        path = None
+        if self.cache_dir is not None:
+            request = json.dumps({"modules": list(modules), "sharers": {
+                s: (self.trusted or {})[s].hex() for s in sharers}}, sort_keys=True)
+            path = self.cache_dir / f"gates-{hashlib.sha256(request.encode()).hexdigest()}"
+            kept = self._kept_gates(path)
+            if kept is not None:
+                return kept
+        gates = self._call(lambda c: c.list_gates(modules=list(modules), sharers=sharers))
+        if path is not None:
+            blobs = [g.to_proto().SerializeToString() for g in gates]
+            write_atomic(path, b"".join(len(b).to_bytes(4, "big") + b for b in blobs))
+        return gates
+
+    def _kept_gates(self, path: Path) -> list | None:
+        """A kept gate listing, every gate checked as from the pool; None when absent or
+        when any gate fails (then the pool is asked again)."""
+        if not path.is_file():
+            return None
+        data, gates, at = path.read_bytes(), [], 0
+        checker = self._client()
+        try:
+            while at < len(data):
+                size = int.from_bytes(data[at:at + 4], "big")
+                msg = pfl_pb2.GateEntry.FromString(data[at + 4:at + 4 + size])
+                gates.append(checker.check_gate(Gate.from_proto(msg)))
+                at += 4 + size
+        except Exception:  # damaged or replaced on disk: list again
+            log.warning("the kept gate listing %s failed its checks; listing again", path.name)
+            return None
+        finally:
+            checker.close()
+        return gates
 
     def fetch(self, ids: Sequence[str]) -> dict:
         """{id: Piece}; a piece fetched before (in this phase, or kept in ``cache_dir``) is

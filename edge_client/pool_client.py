@@ -123,10 +123,7 @@ class PoolClient:
         gates = []
         try:
             for msg in self._stub.ListGates(request, timeout=self.timeout):
-                gate = Gate.from_proto(msg, self.limits).verify()
-                self._check_key(gate.sharer, gate.public_key)
-                if self.shapes is not None:
-                    self._check_gate_shape(gate)
+                gate = self.check_gate(Gate.from_proto(msg, self.limits))
                 self.received_bytes += gate.gate.numel() * gate.gate.element_size()
                 gates.append(gate)
         except grpc.RpcError as exc:
@@ -152,6 +149,15 @@ class PoolClient:
                 self.received_bytes += signed.piece.num_bytes
             out.extend(received)
         return out
+
+    def check_gate(self, gate: Gate) -> Gate:
+        """Refuse a gate whose signature fails, whose sharer is not trusted or that does not
+        fit the model (what every listed gate, or one a device kept, must pass)."""
+        gate.verify()
+        self._check_key(gate.sharer, gate.public_key)
+        if self.shapes is not None:
+            self._check_gate_shape(gate)
+        return gate
 
     def check(self, signed: SignedPiece, asked: str) -> SignedPiece:
         """Refuse a piece that is not ``asked`` (its content hashes to another id), whose
