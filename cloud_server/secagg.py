@@ -51,7 +51,8 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from cloud_server.aggregation import MAX_UPDATE_RATIO, Aggregate, Reply, check_reply
+from cloud_server.aggregation import (MAX_UPDATE_RATIO, Aggregate, Reply, check_reply,
+                                      delta_norm, global_norm)
 from shared.config import SECAGG_NAMES_KEY, SECAGG_WEIGHT_KEY, RunConfig
 from shared.errors import PflError
 
@@ -134,8 +135,7 @@ class SecureStage1(LegacyFedAvg):
                               "distinct_parameters": len(lists)})
         if len(lists) > 1:  # the workflow hands every result the same aggregate
             raise RuntimeError("secure aggregation passed individual updates to the strategy")
-        errors = [str(getattr(f, "args", [f])[0] if getattr(f, "args", None) else f)
-                  for f in failures]
+        errors = [str(failure) for failure in failures]  # the devices' error codes
         accepted = [Reply({}, float(fitres.num_examples), proxy.node_id,
                           {k: float(v) for k, v in fitres.metrics.items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -166,11 +166,8 @@ class SecureStage1(LegacyFedAvg):
     def _too_far(self, arrays: Mapping[str, np.ndarray]) -> str | None:
         """Why the aggregate moved too far from the global arrays (None when it did not)."""
         current = self.books.current
-        update = np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - current[k]) ** 2))
-                             for k in self.names))
-        scale = max(1.0, np.sqrt(sum(float(np.sum(current[k].astype(np.float64) ** 2))
-                                     for k in self.names)))
-        if update > MAX_UPDATE_RATIO * scale:
+        update, scale = delta_norm(current, arrays), max(1.0, global_norm(current))
+        if update > MAX_UPDATE_RATIO * scale:  # fedavg's per-update bound, on the sum
             return f"update norm {update:.3g} exceeds {MAX_UPDATE_RATIO:g} x {scale:.3g}"
         return None
 

@@ -62,7 +62,7 @@ from flwr.clientapp import ClientApp
 
 from edge_client import phases
 from edge_client.audit import AuditClientInterceptor, audit_mod, note_consent_rule
-from edge_client.consent import ConsentDenied, ConsentPolicy
+from edge_client.consent import ConsentDenied, device_policy
 from edge_client.pool_client import describe_request
 from edge_client.secagg import secagg_mod
 from edge_client.state import ClientState, ledger_path
@@ -129,13 +129,6 @@ def device_ledger_path(context: Context, msg: Message | None = None) -> Path | N
     return ledger_path(str(root), partition)
 
 
-def consent_policy(context: Context) -> ConsentPolicy:
-    """The device's consent policy: node config ``consent-policy``, else the documented
-    defaults (never a path from the server)."""
-    path = context.node_config.get("consent-policy")
-    return ConsentPolicy.load(str(path) if path else None)
-
-
 def _message_options(msg: Message, context: Context) -> dict[str, Any]:
     """The run config overlaid with the message's ConfigRecord (the server's message wins);
     device settings (:data:`DEVICE_SETTINGS`) are dropped from both."""
@@ -161,7 +154,7 @@ def _device_refusal(context: Context, kind: str) -> str:
                                       "config 'ledger' or 'device-root'): sending nothing")
     if _partition(context) is None or "num-partitions" not in context.node_config:
         raise Refusal(NOT_CONFIGURED, "node config needs partition-id and num-partitions")
-    rule = consent_policy(context).allows(kind)
+    rule = device_policy(context).allows(kind)
     if rule is None:
         raise Refusal(CONSENT_DENIED, f"the consent policy does not allow uploading {kind}")
     return rule
@@ -225,7 +218,7 @@ def _phase_setup(msg: Message, context: Context, kind: str):
     kind whose rule covers the reply); raises :class:`Refusal`."""
     options = _message_options(msg, context)
     rule = _device_refusal(context, kind)
-    policy = consent_policy(context)
+    policy = device_policy(context)
     arrays = (from_array_record(msg.content["arrays"])
               if "arrays" in msg.content.array_records else {})
     digest = options.get(ARRAYS_DIGEST_KEY)

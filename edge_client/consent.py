@@ -262,3 +262,10 @@ class ConsentPolicy:
     @staticmethod
     def _show(value: str | Sequence) -> str:
         return value if isinstance(value, str) else ",".join(map(str, value))
+
+
+def device_policy(context) -> ConsentPolicy:
+    """A Flower device's consent policy: node config ``consent-policy``, else the documented
+    defaults (never a path from the server)."""
+    path = context.node_config.get("consent-policy")
+    return ConsentPolicy.load(str(path) if path else None)

@@ -39,7 +39,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from edge_client.audit import note_consent_rule
-from edge_client.consent import ConsentPolicy
+from edge_client.consent import ConsentPolicy, device_policy
 from shared.config import DP_ROUND_KEYS, SECAGG_NAMES_KEY, SECAGG_WEIGHT_KEY
 from shared.errors import BAD_REQUEST, CONSENT_DENIED, FAILED, device_error_reason
 from shared.methods import collective, collective_kinds
@@ -155,8 +155,7 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     try:
         if stage == Stage.SETUP:
             _check_setup(configs)
-            if not _may_upload_collective(ConsentPolicy.load(
-                    str(context.node_config.get("consent-policy") or "") or None)):
+            if not _may_upload_collective(device_policy(context)):
                 raise _Refused(CONSENT_DENIED, "the consent policy allows no stage-1 upload")
         elif stage == Stage.UNMASK:
             _check_unmask(configs, int(msg.metadata.dst_node_id))
