@@ -53,14 +53,12 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cloud_server.aggregation import (MAX_UPDATE_RATIO, Aggregate, Reply, check_reply,
                                       delta_norm, global_norm)
-from shared.config import SECAGG_NAMES_KEY, SECAGG_WEIGHT_KEY, RunConfig
+from shared.config import SECAGG_MIN_DEVICES, SECAGG_NAMES_KEY, SECAGG_WEIGHT_KEY, RunConfig
 from shared.errors import PflError
 
 log = logging.getLogger("flwr.pfl.server")
 
-#: Fewest devices a securely aggregated round may sample (with two, each learns the other's
-#: update from the sum).
-MIN_DEVICES = 3
+MIN_DEVICES = SECAGG_MIN_DEVICES
 #: Quantization levels of a value (Flower's default, 2^22; sums of up to 1023 devices fit
 #: its 2^32 modulus).
 QUANTIZATION_RANGE = 1 << 22

@@ -40,7 +40,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from edge_client.audit import note_consent_rule
 from edge_client.consent import ConsentPolicy, device_policy
-from shared.config import DP_ROUND_KEYS, SECAGG_NAMES_KEY, SECAGG_WEIGHT_KEY
+from shared.config import (DP_ROUND_KEYS, SECAGG_MIN_DEVICES, SECAGG_NAMES_KEY,
+                           SECAGG_WEIGHT_KEY)
 from shared.errors import BAD_REQUEST, CONSENT_DENIED, FAILED, device_error_reason
 from shared.methods import collective, collective_kinds
 from shared.records import to_array_record
@@ -52,8 +53,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_RULE = "protocol.secaggplus"
 #: Most devices and arrays a device accepts in a round's protocol messages.
 MAX_DEVICES, MAX_ARRAYS = 100_000, 10_000
-#: Fewest devices a device accepts in a securely aggregated round (cloud_server.secagg).
-MIN_DEVICES = 3
+MIN_DEVICES = SECAGG_MIN_DEVICES
 
 
 class _Refused(Exception):

@@ -47,6 +47,9 @@ DP_ROUND_KEYS = ("dp-clipping-norm", "dp-noise-multiplier", "dp-epsilon", "dp-de
 #: its collective arrays; a device that kept them (metric KEPT_METRIC = 1 in its
 #: personalize reply) gets the digest alone at evaluation and uses its own copy.
 ARRAYS_DIGEST_KEY, KEPT_METRIC = "arrays-digest", "collective-kept"
+#: Fewest devices a securely aggregated round may have (with two, each learns the other's
+#: update from the sum): the server plans no smaller round, a device joins no smaller one.
+SECAGG_MIN_DEVICES = 3
 SECAGG_NAMES_KEY = "array-names"
 SECAGG_WEIGHT_KEY = "max-examples"
 
