@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, overload
 
 import torch
 import torch.nn.functional as F
@@ -49,22 +50,83 @@ class TrainConfig:
     gradient_checkpointing: bool = False
 
 
+@contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run the block with torch's CPU generator (and ``device``'s, when it is a CUDA device)
+    seeded with ``seed``; the caller's RNG state is restored afterwards.
+
+    Same draws as ``fork_rng`` + ``torch.manual_seed`` on those devices, without the cost of
+    the latter: ``torch.manual_seed`` also queues a seed for every accelerator backend torch
+    knows of (CUDA, XPU, MTIA), recording a stack trace for each, about 2.5 ms a call on a
+    machine that has none of them, a tenth of a tiny-model federated update."""
+    device = torch.device(device or "cpu")
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+class LazyExamples(Sequence[Example]):
+    """Examples encoded when first read, then kept; reading them all gives, in the same order,
+    the examples an eager encoding would. A step-capped update (a federated round of two
+    steps over a long history) tokenizes only the few items it trains on, while ``len`` (the
+    FedAvg weight, the epoch length) still counts every item."""
+
+    def __init__(self, encoders: Sequence[Callable[[], Example]]):
+        self._encoders = list(encoders)
+        self._done: dict[int, Example] = {}
+
+    @classmethod
+    def concat(cls, parts: Iterable["LazyExamples"]) -> "LazyExamples":
+        """One sequence of several (e.g. each user's examples, pooled)."""
+        return cls([encoder for part in parts for encoder in part._encoders])
+
+    def __len__(self) -> int:
+        return len(self._encoders)
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Example]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        if index not in self._done:
+            self._done[index] = self._encoders[index]()
+        return self._done[index]
+
+    def encoded(self) -> list[Example]:
+        """The examples read so far (a batch is encoded before the model runs on it)."""
+        return list(self._done.values())
+
+
 def history_examples(task: TaskSpec, history: Sequence[HistoryItem], tokenizer, *,
                      rag_k: int = 0, profile: str | None = None,
-                     max_prompt_tokens: int = 384, max_target_tokens: int = 64) -> list[Example]:
-    """One example per history item in the task's format.
+                     max_prompt_tokens: int = 384, max_target_tokens: int = 64) -> LazyExamples:
+    """One example per history item in the task's format, each encoded when first read
+    (:class:`LazyExamples`).
 
     With ``rag_k`` > 0, item i's prompt holds the top-k BM25 matches among items 0..i-1 only.
     """
     retriever = BM25Retriever(task, history) if rag_k > 0 else None
-    examples = []
-    for index, item in enumerate(history):
-        instruction, target = task.history_example(item)
-        retrieved = retriever.top_k(task.corpus_text(item), rag_k, before=index) if retriever else ()
-        prompt = build_prompt(instruction, profile=profile, retrieved=retrieved, task=task)
-        examples.append(encode_example(tokenizer, prompt, target, max_prompt_tokens,
-                                       max_target_tokens))
-    return examples
+
+    def encoder(index: int, item: HistoryItem) -> Callable[[], Example]:
+        def encode() -> Example:
+            instruction, target = task.history_example(item)
+            retrieved = (retriever.top_k(task.corpus_text(item), rag_k, before=index)
+                         if retriever else ())
+            prompt = build_prompt(instruction, profile=profile, retrieved=retrieved, task=task)
+            return encode_example(tokenizer, prompt, target, max_prompt_tokens,
+                                  max_target_tokens)
+        return encode
+
+    return LazyExamples([encoder(index, item) for index, item in enumerate(history)])
 
 
 def collate(examples: Sequence[Example], pad_id: int,

@@ -14,6 +14,7 @@ from shared.methods.oppu import (LoraSpec, attach_lora, has_lora, load_adapter_s
                                  load_lora_state, lora_state, merge_lora, param_count,
                                  personal_lora, save_adapter, save_adapter_state, stage1_lora,
                                  state_bytes)
+from shared.methods.oppu.model import _lora_layers
 from shared.models import build_tiny_model
 from shared.prompts import encode_prompt
 from shared.tasks import NEWS_HEADLINE
@@ -123,6 +124,39 @@ def test_attach_lora_restores_base_on_exit_and_on_exception(tiny):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert {n: p for n, p in model.named_parameters()} == params_before  # same tensors, same names
     assert torch.equal(query_logits(model, tiny.tokenizer, USER_A), logits_before)
+
+
+def test_reattaching_kept_lora_layers_trains_exactly_as_a_fresh_adapter(tiny):
+    """attach_lora keeps the layers it takes out and puts them back for the next state of
+    the same shape: the trained state is bit-identical to an adapter built afresh, the RNG
+    stream (dropout) does not depend on which happened, and the base comes back the same."""
+    import copy
+
+    model = copy.deepcopy(tiny.model)
+    before, params_before = checksum(model), {n: p for n, p in model.named_parameters()}
+    spec, config = stage1_lora(), TrainConfig(epochs=1, lr=1e-2, max_steps=2, **FAST)
+    initial = random_state(model, spec)
+
+    def stage1_state(**kept):
+        state, stats = train_stage1_lora(model, tiny.tokenizer, NEWS_HEADLINE, [USER_A], spec,
+                                         config, initial_state=initial, progress=False)
+        assert not has_lora(model) and checksum(model) == before
+        assert {n: p for n, p in model.named_parameters()} == params_before
+        assert not any(p.requires_grad for p in model.parameters())
+        return state
+
+    vars(model).pop("_pfl_kept_lora", None)
+    fresh = stage1_state()                   # built by peft (and kept on exit)
+    kept_layers = vars(model)["_pfl_kept_lora"].places
+    again = stage1_state()                   # the kept layers, put back
+    assert vars(model)["_pfl_kept_lora"].places == kept_layers  # reused, not rebuilt
+    assert set(fresh) == set(again)
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh)
+    assert any(not torch.equal(fresh[k], initial[k]) for k in fresh)  # it did train
+    # Another adapter shape, or peft's own init (no state), builds new layers.
+    with attach_lora(model, personal_lora()) as peft_model:
+        assert [m for _, m in _lora_layers(peft_model)] != [layer for *_, layer in kept_layers]
+    assert not has_lora(model) and checksum(model) == before
 
 
 def test_load_lora_state_rejects_bad_states(tiny):

@@ -84,3 +84,67 @@ def test_left_padding_does_not_change_generated_ids(tiny):
     alone = model.generate(**left_pad([short], tok.pad_token_id), **options)[:, len(short):]
     assert together.shape[1] == 5
     assert together[0].tolist() == alone[0].tolist()
+
+
+# ------------------------------------------------- examples encoded when read (LazyExamples)
+def _history(n: int = 20):
+    from shared.data.synthetic import SyntheticDataset
+    return SyntheticDataset(num_users=2, seed=0, min_history=n, max_history=n).user(0).history
+
+
+def test_lazy_examples_read_all_equal_an_eager_encoding(tiny):
+    from shared.prompts import build_prompt, encode_example
+    from shared.tasks import SYNTHETIC
+    from shared.training import LazyExamples, history_examples
+
+    history = _history(6)
+    lazy = history_examples(SYNTHETIC, history, tiny.tokenizer, max_prompt_tokens=96)
+    eager = [encode_example(tiny.tokenizer, build_prompt(i, task=SYNTHETIC), t, 96, 64)
+             for i, t in (SYNTHETIC.history_example(item) for item in history)]
+    assert isinstance(lazy, LazyExamples) and len(lazy) == 6 and lazy.encoded() == []
+    assert lazy[-1] == eager[-1] and lazy[1:3] == eager[1:3]
+    assert len(lazy.encoded()) == 3
+    assert list(lazy) == eager
+    pooled = LazyExamples.concat([history_examples(SYNTHETIC, history[:2], tiny.tokenizer,
+                                                   max_prompt_tokens=96),
+                                  history_examples(SYNTHETIC, history[2:], tiny.tokenizer,
+                                                   max_prompt_tokens=96)])
+    assert len(pooled) == 6 and list(pooled) == eager
+    with pytest.raises(IndexError):
+        lazy[6]
+
+
+@pytest.mark.parametrize("method", ["plain", "perfit"])
+def test_a_capped_update_encodes_only_what_it_trains_on_and_trains_the_same(tiny, method):
+    """Two steps of batch 2 over 20 history items read at most 4 of them, and give exactly
+    the parameters that training on the eagerly encoded list gives."""
+    from shared.methods.perfit.config import PerFitConfig
+    from shared.methods.perfit.model import new_stages, train_stage1
+    from shared.tasks import SYNTHETIC
+    from shared.training import history_examples
+
+    config = TrainConfig(epochs=1, lr=1e-2, batch_size=2, max_steps=2, max_grad_norm=1.0)
+    pad = tiny.tokenizer.pad_token_id
+
+    def run(examples):
+        if method == "perfit":
+            perfit = PerFitConfig()
+            s1, s2 = new_stages(perfit, tiny.model.config.num_hidden_layers,
+                                tiny.model.config.hidden_size, seed=3)
+            s1, s2, stats = train_stage1(tiny.model, examples, perfit, pad_id=pad, stage1=s1,
+                                         stage2=s2, train_config=config)
+            return {**s1.export_arrays(), **{f"2.{k}": v for k, v in s2.export_arrays().items()}}, stats
+        model = copy.deepcopy(tiny.model)
+        norm = model.model.norm.weight
+        norm.requires_grad_(True)
+        stats = train(model, [norm], examples, config, pad, progress=False)
+        return {"norm": norm.detach().numpy().copy()}, stats
+
+    lazy = history_examples(SYNTHETIC, _history(20), tiny.tokenizer, max_prompt_tokens=96)
+    eager = list(history_examples(SYNTHETIC, _history(20), tiny.tokenizer, max_prompt_tokens=96))
+    (got, got_stats), (want, want_stats) = run(lazy), run(eager)
+    assert len(lazy.encoded()) <= 4
+    assert got_stats == want_stats and got_stats["steps"] == 2
+    assert set(got) == set(want)
+    for key in want:
+        assert (got[key] == want[key]).all(), key

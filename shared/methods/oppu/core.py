@@ -27,7 +27,7 @@ from shared.methods.oppu.model import (attach_lora, load_adapter_state, lora_sta
                                        param_count, save_adapter_state, state_bytes)
 from shared.methods.oppu.training import stage1_examples, train_personal_lora, train_stage1_lora
 from shared.methods.store import trained_once
-from shared.training import TrainConfig
+from shared.training import TrainConfig, seeded
 from shared.types import User, recent_history
 
 log = logging.getLogger(__name__)
@@ -181,10 +181,8 @@ class LoraStage1(Collective):
     consent_kind = "stage1_lora"
 
     def initial_arrays(self, loaded, seed, options):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with attach_lora(loaded.model, stage1_lora()) as peft_model:
-                state = lora_state(peft_model)
+        with seeded(seed), attach_lora(loaded.model, stage1_lora()) as peft_model:
+            state = lora_state(peft_model)
         return {k: v.numpy().astype(np.float32) for k, v in state.items()}
 
     def train_config(self, options):

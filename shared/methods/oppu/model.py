@@ -12,7 +12,7 @@ Tensors are float32 on the CPU: what a device stores and what Flower can carry.
 
 The base model passed in is usually the process-wide memoized model of
 :func:`shared.models.load_model`, shared by everything: peft injects its layers in place, so
-:func:`attach_lora` always unloads them again on exit (also on an exception) and restores the
+:func:`attach_lora` always takes them out again on exit (also on an exception) and restores the
 base's ``requires_grad`` flags and train/eval modes.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -74,6 +74,13 @@ def attach_lora(model: torch.nn.Module, spec: LoraSpec,
     exit, normal or not, the LoRA layers are removed and every parameter's ``requires_grad``
     and every module's train/eval mode are put back: the base is bit-for-bit what it was.
     Refuses a model that already carries LoRA layers (nested or concurrent use).
+
+    The removed layers are kept (one adapter shape per model) and put back by the next
+    attachment of the same ``spec`` that brings a ``state``: peft's injection and removal
+    cost more than two training steps of a small model, and a federated client attaches the
+    same stage-1 adapter for every update. Building an adapter to load a ``state`` into it
+    draws peft's initial values from a forked RNG, so the caller's RNG stream (dropout
+    masks) is the same whether the layers were built or kept.
     """
     from peft import get_peft_model
 
@@ -83,10 +90,15 @@ def attach_lora(model: torch.nn.Module, spec: LoraSpec,
         if has_lora(model) or hasattr(model, "peft_config"):
             raise PflError("this model already carries a LoRA adapter (attach_lora cannot nest "
                            "or share a model between threads)")
-        try:
-            peft_model = get_peft_model(model, spec.to_peft())
-        except ValueError as exc:  # e.g. no module matches the targets
-            raise PflError(f"cannot attach LoRA {spec.target_modules}: {exc}") from None
+        kept = vars(model).pop(_KEPT, None)
+        if kept is not None and kept.spec == spec and state is not None:
+            peft_model = kept.attach(model)
+        else:
+            try:
+                with torch.random.fork_rng(devices=[]) if state is not None else nullcontext():
+                    peft_model = get_peft_model(model, spec.to_peft())
+            except ValueError as exc:  # e.g. no module matches the targets
+                raise PflError(f"cannot attach LoRA {spec.target_modules}: {exc}") from None
     _match_modes(model, modes)  # peft creates its layers in train mode (dropout on)
     peft_model.training = peft_model.base_model.training = model.training  # the wrappers too
     try:
@@ -94,11 +106,52 @@ def attach_lora(model: torch.nn.Module, spec: LoraSpec,
             load_lora_state(peft_model, state)
         yield peft_model
     finally:
-        peft_model.unload()  # puts the original modules (same tensors) back in place
-        vars(model).pop("peft_config", None)
+        vars(model)[_KEPT] = _KeptAdapter.detach(model, peft_model, spec)
         for name, p in model.named_parameters():
             p.requires_grad_(grad_flags.get(name, False))
         _match_modes(model, modes)
+
+
+class _KeptAdapter:
+    """LoRA layers taken out of a model, with what it takes to put them back."""
+
+    def __init__(self, spec: LoraSpec, peft_model, peft_config, places: list):
+        self.spec, self.peft_model, self.peft_config = spec, peft_model, peft_config
+        self.places = places  # (parent module, attribute name, LoRA layer)
+
+    @classmethod
+    def detach(cls, model: torch.nn.Module, peft_model, spec: LoraSpec) -> "_KeptAdapter":
+        """Put the original modules (same tensors) back in place of the LoRA layers (what
+        peft's ``unload`` does) and keep the layers, without their gradients."""
+        places = []
+        for name, layer in list(_lora_layers(model)):
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attribute, layer.get_base_layer())
+            for p in layer.parameters():
+                p.grad = None
+            places.append((parent, attribute, layer))
+        return cls(spec, peft_model, vars(model).pop("peft_config", None), places)
+
+    def attach(self, model: torch.nn.Module):
+        """The kept layers back in place; as after ``get_peft_model``, only they train."""
+        for parent, attribute, layer in self.places:
+            if getattr(parent, attribute) is not layer.get_base_layer():
+                raise PflError("the model changed since its LoRA layers were kept")
+        for name, p in model.named_parameters():
+            p.requires_grad_(False)
+        for parent, attribute, layer in self.places:
+            setattr(parent, attribute, layer)
+            for name, p in layer.named_parameters():
+                p.requires_grad_("lora_" in name)
+        if self.peft_config is not None:
+            vars(model)["peft_config"] = self.peft_config
+        return self.peft_model
+
+
+#: Where a model keeps the LoRA layers last detached from it (:func:`attach_lora`): a plain
+#: attribute, so the layers go with the model (no module, parameter or state-dict entry).
+_KEPT = "_pfl_kept_lora"
 
 
 def _match_modes(model: torch.nn.Module, modes: Mapping[str, bool]) -> None:

@@ -25,12 +25,12 @@ from shared.methods.oppu.config import LoraSpec
 from shared.methods.oppu.model import attach_lora, lora_state, param_count, state_bytes
 from shared.prompts import pad_token_id
 from shared.tasks import TaskSpec
-from shared.training import Example, TrainConfig, history_examples, train
+from shared.training import Example, LazyExamples, TrainConfig, history_examples, seeded, train
 from shared.types import User
 
 
 def _user_examples(task: TaskSpec, user: User, tokenizer, config: TrainConfig, rag_k: int,
-                   profile: str | None) -> list[Example]:
+                   profile: str | None) -> LazyExamples:
     return history_examples(task, user.history, tokenizer, rag_k=rag_k, profile=profile,
                             max_prompt_tokens=config.max_prompt_tokens,
                             max_target_tokens=config.max_target_tokens)
@@ -44,9 +44,7 @@ def _train_lora(model: torch.nn.Module, tokenizer, examples: Sequence[Example], 
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                               device_type=device.type if device.type == "cuda" else "cuda"):
-        torch.manual_seed(config.seed)
+    with seeded(config.seed, device):
         with attach_lora(model, spec, state=initial_state) as peft_model:
             params = [p for p in peft_model.parameters() if p.requires_grad]
             stats = train(peft_model, params, examples, config, pad_id, desc=desc,
@@ -58,13 +56,13 @@ def _train_lora(model: torch.nn.Module, tokenizer, examples: Sequence[Example], 
 
 
 def stage1_examples(task: TaskSpec, users: Sequence[User], tokenizer, train_config: TrainConfig,
-                    rag_k: int = 0, profiles: Mapping[str, str] | None = None) -> list[Example]:
-    """The pooled examples stage 1 trains on: each user's from that user's own history."""
-    examples: list[Example] = []
-    for user in users:
-        profile = (profiles or {}).get(user.id)
-        examples.extend(_user_examples(task, user, tokenizer, train_config, rag_k, profile))
-    return examples
+                    rag_k: int = 0,
+                    profiles: Mapping[str, str] | None = None) -> LazyExamples:
+    """The pooled examples stage 1 trains on: each user's from that user's own history
+    (encoded when read: :class:`~shared.training.LazyExamples`)."""
+    return LazyExamples.concat(
+        _user_examples(task, user, tokenizer, train_config, rag_k, (profiles or {}).get(user.id))
+        for user in users)
 
 
 def train_stage1_lora(model: torch.nn.Module, tokenizer, task: TaskSpec, users: Sequence[User],

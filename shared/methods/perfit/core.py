@@ -24,7 +24,7 @@ from shared.methods.perfit.model import (PerFitStage, intervened, new_stages, tr
                                          train_stage2)
 from shared.methods.store import trained_once
 from shared.prompts import pad_token_id
-from shared.training import history_examples
+from shared.training import LazyExamples, history_examples
 from shared.types import recent_history
 
 #: The two parts of PerFit's collective arrays: ``stage1.layers.N.R|W|b``, ``stage2.*``.
@@ -226,9 +226,9 @@ class PerFitStage1(Collective):
 
     def local_update(self, loaded, task, users, arrays, train_config, options):
         stage1, stage2 = perfit_from_arrays(arrays, device=loaded.device)
-        examples = [ex for user in users for ex in history_examples(
+        examples = LazyExamples.concat(history_examples(
             task, user.history, loaded.tokenizer, max_prompt_tokens=train_config.max_prompt_tokens,
-            max_target_tokens=train_config.max_target_tokens)]
+            max_target_tokens=train_config.max_target_tokens) for user in users)
         if not examples:
             raise PflError("no history to train on")
         stage1, stage2, stats = train_stage1(loaded.model, examples, self.config(options),

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from shared.training import seeded
+
 #: How far R R^T may drift from I before :meth:`LoReftIntervention.load_arrays` repairs it.
 ORTHONORMAL_TOL = 1e-4
 
@@ -112,9 +114,7 @@ class LoReftIntervention(nn.Module):
         # (r, d) matrix to a square orthogonal "base" with torch.randn columns. Training moves
         # R through that base, so its values steer every later step: draw them from a fixed
         # seed (else a copy trains differently depending on the process' global RNG state).
-        with torch.no_grad(), torch.random.fork_rng(
-                devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(0)
+        with torch.no_grad(), seeded(0, device):
             self.rotate.weight = values["R"].to(device)  # the parametrization's right inverse
             self.learned_source.weight.copy_(values["W"])
             self.learned_source.bias.copy_(values["b"])

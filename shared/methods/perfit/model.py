@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,8 @@ from shared.methods.perfit.config import PerFitConfig
 from shared.methods.perfit.intervention import LoReftIntervention
 from shared.methods.perfit.positions import intervention_mask, prompt_lengths_from_labels
 from shared.prompts import pad_token_id
-from shared.training import Example, TrainConfig, collate, target_loss, train
+from shared.training import (Example, LazyExamples, TrainConfig, collate, seeded, target_loss,
+                             train)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -54,9 +55,7 @@ class PerFitStage(nn.Module):
         super().__init__()
         if not layers:
             raise ValueError("a stage needs at least one layer")
-        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed) if seed is not None else nullcontext():
             self.interventions = nn.ModuleDict({
                 str(layer): LoReftIntervention(hidden_size, rank, init=init)
                 for layer in sorted({int(layer) for layer in layers})})
@@ -298,14 +297,22 @@ class _PromptIndex:
 
     def __init__(self, examples: Sequence[Example]):
         self.lengths: dict[tuple[int, ...], int] = {}
+        # Examples that are encoded when read are indexed once they are (a batch is encoded
+        # before the model runs on it), so indexing does not encode the ones never used.
+        self.lazy = examples if isinstance(examples, LazyExamples) else None
+        self._add(examples.encoded() if self.lazy is not None else examples)
+
+    def _add(self, examples: Iterable[Example]) -> None:
         for ids, labels in examples:
             length = int(prompt_lengths_from_labels(labels)[0])
             if self.lengths.setdefault(tuple(ids), length) != length:
                 raise ValueError("two examples have the same tokens but different prompts")
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
-        return [self.lengths[_key(input_ids, attention_mask, row)]
-                for row in range(input_ids.shape[0])]
+        keys = [_key(input_ids, attention_mask, row) for row in range(input_ids.shape[0])]
+        if self.lazy is not None and any(key not in self.lengths for key in keys):
+            self._add(self.lazy.encoded())
+        return [self.lengths[key] for key in keys]
 
 
 class _StopForward(Exception):
