@@ -39,7 +39,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from edge_client.consent import ConsentPolicy
-from edge_client.ondevice.runtime import answer_engine
 from edge_client.pool_client import PoolClient
 from shared import crypto
 from shared.config import options_from_message
@@ -417,6 +416,18 @@ def personalize(loaded, task, user, methods: Sequence[str], options: Mapping[str
 
 
 # ------------------------------------------------------------------- phase 5: evaluation
+def _answer_engine(loaded, backend: str):
+    """ONNX Runtime's engine for an ``onnx*`` backend (:func:`edge_client.ondevice.runtime.
+    answer_engine`), None for PyTorch's."""
+    if backend == "torch":
+        return None
+    # ONNX Runtime and the exporter load only when a device answers with them: Flower 1.41
+    # starts a process for every message, and a device's every import is paid each time.
+    from edge_client.ondevice.runtime import answer_engine
+
+    return answer_engine(loaded, backend, progress=log.info)
+
+
 def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, Any],
              arrays: Mapping[str, np.ndarray], state_dir: Path, *,
              pool: PoolPieces | None = None, remote=None,
@@ -432,7 +443,7 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
     if not golds or any(g is None for g in golds):
         raise PflError("this device has no held-out queries with gold outputs to evaluate")
     runtime = device_runtime(loaded, task, options, arrays)
-    engine = answer_engine(loaded, backend, progress=log.info)
+    engine = _answer_engine(loaded, backend)
     if engine is not None:
         runtime.cache["answer_engine"] = engine
     generation = GenerationConfig(max_new_tokens=task.max_new_tokens,
@@ -499,7 +510,7 @@ def answer_query(loaded, task, method: str, prompt: str, *, state_dir: Path | No
         return remote.answer(prompt, core.remote_personalization(runtime, state),
                              max_new_tokens=limit)
     row = core.serving_adapter(runtime, state)
-    onnx = answer_engine(loaded, backend, progress=log.info)  # kept for the process
+    onnx = _answer_engine(loaded, backend)  # kept for the process
     with nullcontext(onnx) if onnx is not None else \
             BatchedEngine(loaded.model, loaded.tokenizer) as engine:
         tokens = engine.generate([encode_prompt(loaded.tokenizer, prompt)], [row],

@@ -14,11 +14,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
-from rouge_score import rouge_scorer
-from sklearn.metrics import accuracy_score, f1_score
 
 from shared.tasks import TaskSpec
 
@@ -35,6 +34,8 @@ def label_index(prediction: str, labels: Sequence[str]) -> int:
 
 def classification_metrics(predictions: Sequence[str], golds: Sequence[str],
                            labels: Sequence[str]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score  # 1.4 s to import: see _scorer
+
     labels = list(labels)
     pred_idx = [label_index(p, labels) for p in predictions]
     gold_idx = [label_index(g, labels) for g in golds]
@@ -74,11 +75,18 @@ def rating_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str
             "valid": sum(rating_value(p) is not None for p in predictions) / len(predictions)}
 
 
-_SCORER = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+@functools.cache
+def _scorer():
+    """rouge-score's scorer, made on first use: importing rouge-score (nltk, scipy) takes a
+    second, which a process that scores nothing (a federated device's every message starts
+    one) need not pay."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
 
 
 def generation_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
-    scores = [_SCORER.score(target=g, prediction=p) for p, g in zip(predictions, golds)]
+    scores = [_scorer().score(target=g, prediction=p) for p, g in zip(predictions, golds)]
     return {"rouge-1": sum(s["rouge1"].fmeasure for s in scores) / len(scores),
             "rouge-L": sum(s["rougeL"].fmeasure for s in scores) / len(scores)}
 
@@ -140,7 +148,7 @@ def metric_stats(task: TaskSpec, predictions: Sequence[str],
         stats["squared_error"] = float(sum(e * e for e in errors))
         stats["valid"] = float(sum(rating_value(p) is not None for p in predictions))
     else:
-        scores = [_SCORER.score(target=g, prediction=p) for p, g in zip(predictions, golds)]
+        scores = [_scorer().score(target=g, prediction=p) for p, g in zip(predictions, golds)]
         stats["rouge-1"] = float(sum(s["rouge1"].fmeasure for s in scores))
         stats["rouge-L"] = float(sum(s["rougeL"].fmeasure for s in scores))
     return stats

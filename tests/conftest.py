@@ -22,6 +22,13 @@ def huffpost_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory) -> Path:
+    """One cache of exported ONNX graphs for the whole session: exporting even the tiny model
+    takes ~25 s on 2 cores, and several tests answer with its graph."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny():
     """The tiny random Llama with SmolLM2's tokenizer (shared, frozen: do not modify it)."""
     from shared.models import load_model

@@ -125,12 +125,12 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
         f'methods = "nonpersonalized,oppu,perpcs,perfit"\ntargets = 1\nsharers = 1\n'
         f'num-clients = {NODES}\nmax-steps = 2\nrun-dir = "{run_dir}"\n'
         f'pool-address = "127.0.0.1:{pool_port}"\nmax-history = 6\npersonal-epochs = 1\n'
-        f'perpcs.gate_steps = 3\nperfit.epochs = 1\n'
+        f'perpcs.gate_steps = 3\nperfit.epochs = 1\nkmeans-iterations = 1\n'
         f'grant-key = "{certs / "federation.key"}"\n'  # the server signs sharer grants
         f'secagg = true\n')  # stage 1 under SecAgg+: the server sees only sums
     flwr = processes([str(BIN / "flwr"), "run", str(REPO), "deploy", "--stream",
                       "--run-config", str(run_config)], tmp_path / "flwr-run.log", env)
-    deadline = time.monotonic() + 720  # 5 SuperNodes, SecAgg+ stage 1: ~7 min on 2 cores
+    deadline = time.monotonic() + 720  # 5 SuperNodes, SecAgg+ stage 1: ~4.5 min on 2 cores
     summary_path = run_dir / "federation.json"
     while not summary_path.is_file() and time.monotonic() < deadline and flwr.poll() is None:
         time.sleep(1.0)
