@@ -281,6 +281,9 @@ def population_table(result: dict[str, Any]) -> str:
         growth = last["peak_rss_bytes"] / first["peak_rss_bytes"] - 1
         lines.append(f"peak memory at {sizes[-1]:,} vs {sizes[0]:,} clients: "
                      f"{growth:+.1%} (target: within +25%)")
+        rate = last["updates_per_second"] / first["updates_per_second"] - 1
+        lines.append(f"pfl update rate at {sizes[-1]:,} vs {sizes[0]:,} clients: "
+                     f"{rate:+.1%} (target: within -25%)")
     return "\n".join(lines)
 
 

@@ -847,8 +847,8 @@ def add_bench_commands(commands) -> None:
 def _add_bench_population(bench) -> None:
     bp = bench.add_parser("population", help="simulation throughput and peak memory vs "
                                              "population size", description=cmd_bench_population.__doc__)
-    bp.add_argument("--clients", type=_ints, default=[1000, 5000, 10000],
-                    help="population sizes (default 1000,5000,10000)")
+    bp.add_argument("--clients", type=_ints, default=[10000, 100000],
+                    help="population sizes (default 10000,100000)")
     bp.add_argument("--sample-per-round", type=int, default=100)
     bp.add_argument("--rounds", type=int, default=3)
     bp.add_argument("--method", default="perfit", help="perfit (default), oppu, perpcs, lora-c")

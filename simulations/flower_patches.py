@@ -1,4 +1,4 @@
-"""One fix to Flower 1.41's simulation engine, for populations of thousands of clients.
+"""Two fixes to Flower 1.41's simulation engine, for populations of 10,000-100,000 clients.
 
 Flower's engine moves queued messages to its workers with a loop that, every 0.1 s, asks the
 link state for a message *for every registered node* (``vce_api.add_messages_to_queue``);
@@ -12,11 +12,21 @@ undelivered message (one pass over the queued messages, under the state's lock) 
 for those: the same ``get_message_ins`` calls for nodes with work, none for the others, so
 what is delivered, and when, does not change. It applies only to flwr 1.41's in-memory link
 state (the simulation's); with anything else Flower's own loop runs.
+
+Listing the online nodes (``InMemoryLinkState.get_nodes``, which a strategy calls to sample
+every round) walks every node's protobuf record twice, under the state's lock: 10 ms at
+10,000 nodes, 160 ms at 100,000, several times a round, while the engine's delivery loop
+waits for the lock. :func:`cached_get_nodes` computes the set once per change of the node
+table (a node created, deleted, activated, deactivated or heard from) and reuses it until
+the first online node's lease would run out (when Flower would tag it offline), so the
+answer is the one Flower's own code gives at that moment.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from queue import Queue
 
 log = logging.getLogger("flwr.pfl.simulate")
@@ -41,17 +51,60 @@ def add_messages_to_queue_of_pending_nodes(state, queue: Queue, nodes_mapping, f
         f_stop.wait(0.1)
 
 
+#: InMemoryLinkState's methods that change which nodes are online.
+NODE_TABLE_CHANGES = ("create_node", "delete_node", "activate_node", "deactivate_node",
+                      "acknowledge_node_heartbeat")
+_VERSION, _CACHE = "_pfl_node_table_version", "_pfl_online_nodes"
+
+
+def _counts_changes(method):
+    """``method`` (one of :data:`NODE_TABLE_CHANGES`), counting the node table's changes."""
+    @functools.wraps(method)
+    def changing(self, *args, **kwargs):
+        with self.lock:
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                vars(self)[_VERSION] = vars(self).get(_VERSION, 0) + 1
+    changing._pfl_counts_changes = True
+    return changing
+
+
+def cached_get_nodes(self, run_id: int) -> set[int]:
+    """``InMemoryLinkState.get_nodes``: the online nodes of the run's federation, listed
+    again only when the node table changed or a node's online lease ran out."""
+    from flwr.supercore.constant import NodeStatus
+    from flwr.supercore.date import now
+
+    with self.lock:
+        if run_id not in self.run_ids:
+            return set()
+        version, cached = vars(self).get(_VERSION, 0), vars(self).get(_CACHE)
+        if cached is None or cached[0] != version or now().timestamp() >= cached[1]:
+            online = self.get_node_info(statuses=[NodeStatus.ONLINE])  # tags lapsed ones
+            expires = min((node.online_until for node in online), default=math.inf)
+            cached = (version, expires, frozenset(node.node_id for node in online))
+            vars(self)[_CACHE] = cached
+        federation_id = self.run_ids[run_id].run.federation_id
+        return self.federation_manager.filter_nodes(set(cached[2]), federation_id)
+
+
 def patch_simulation_engine() -> bool:
-    """Install the loop above in Flower's engine (idempotent); True when installed."""
+    """Install both fixes above in Flower's engine (idempotent); True when installed."""
     global _ORIGINAL
     import flwr
     from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
     if not getattr(flwr, "__version__", "").startswith("1.41"):
         log.info("flwr %s: leaving its simulation engine as it is", flwr.__version__)
         return False
-    if vce_api.add_messages_to_queue is add_messages_to_queue_of_pending_nodes:
-        return True
-    _ORIGINAL = vce_api.add_messages_to_queue
-    vce_api.add_messages_to_queue = add_messages_to_queue_of_pending_nodes
+    if vce_api.add_messages_to_queue is not add_messages_to_queue_of_pending_nodes:
+        _ORIGINAL = vce_api.add_messages_to_queue
+        vce_api.add_messages_to_queue = add_messages_to_queue_of_pending_nodes
+    for name in NODE_TABLE_CHANGES:
+        method = getattr(InMemoryLinkState, name)
+        if not getattr(method, "_pfl_counts_changes", False):
+            setattr(InMemoryLinkState, name, _counts_changes(method))
+    InMemoryLinkState.get_nodes = cached_get_nodes
     return True

@@ -49,12 +49,13 @@ def test_population_table_reports_ratio_and_memory_growth():
     rows = [{"clients": n, "kind": kind, "updates_per_second": ups, "peak_rss_bytes": rss,
              "wall_seconds": 10.0}
             for n, kind, ups, rss in ((1000, "pfl", 2.0, 2 * 2**30), (1000, "noop", 8.0, 2**30),
-                                      (10000, "pfl", 2.0, 2.2 * 2**30),
+                                      (10000, "pfl", 1.5, 2.2 * 2**30),
                                       (10000, "noop", 8.0, 2**30))]
     text = population_table({"method": "perfit", "model": "tiny", "sample_per_round": 100,
                              "rounds": 3, "max_steps": 2, "rows": rows})
     assert "0.25" in text  # 2 / 8
-    assert "+10.0%" in text
+    assert "peak memory at 10,000 vs 1,000 clients: +10.0%" in text
+    assert "pfl update rate at 10,000 vs 1,000 clients: -25.0%" in text
 
 
 def test_storage_totals_are_server_plus_users_times_per_user(tiny):
@@ -116,6 +117,65 @@ def test_patched_engine_loop_asks_only_nodes_with_queued_messages():
     assert sorted(state.asked) == [7, 42]  # asked once each, never the other 9,998 nodes
     delivered = sorted(queue.get().metadata.dst_node_id for _ in range(queue.qsize()))
     assert delivered == [7, 42]
+
+
+def test_cached_node_listing_gives_flowers_answer_through_every_change():
+    """simulations/flower_patches.py: the online nodes listed from the cache equal Flower's
+    own listing after nodes are added, deleted, deactivated, reactivated, and when a lease
+    runs out; an unchanged table is not walked again."""
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import (InMemoryLinkState,
+                                                                     RunRecord)
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
+
+    from simulations.flower_patches import cached_get_nodes, patch_simulation_engine
+
+    original = InMemoryLinkState.get_nodes
+    if original is cached_get_nodes:  # patched earlier in this process: Flower's is gone
+        pytest.skip("Flower's get_nodes was replaced earlier in this session")
+    assert patch_simulation_engine()
+    try:
+        factory = LinkStateFactory(":flwr-in-memory:", NoOpFederationManager(),
+                                   ObjectStoreFactory())
+        mapping = _register_nodes(50, factory)
+        state = factory.state()
+        run = Run.create_empty(run_id=7)
+        run.federation_id = NOOP_FEDERATION_ID  # as Flower's run_simulation sets it
+        state.run_ids[7] = RunRecord(run=run)
+        nodes = list(mapping)
+
+        def check():
+            assert state.get_nodes(7) == original(state, 7)
+            return state.get_nodes(7)
+
+        assert check() == set(nodes) and state.get_nodes(8) == set()
+        walks = []
+        state.get_node_info = lambda **kw: walks.append(1) or InMemoryLinkState.get_node_info(
+            state, **kw)
+        state.get_nodes(7)
+        assert walks == []  # nothing changed: the cached set, not a walk of every node
+        state.deactivate_node(nodes[0])
+        assert nodes[0] not in check() and walks
+        state.activate_node(nodes[0], heartbeat_interval=30.0)
+        assert nodes[0] in check()
+        state.delete_node(state.nodes[nodes[1]].owner_aid, nodes[1])
+        assert nodes[1] not in check()
+        new = state.create_node(state.nodes[nodes[0]].owner_aid, "none", b"k" * 32,
+                                heartbeat_interval=30.0)
+        assert new not in check()  # registered, not online yet
+        state.acknowledge_node_heartbeat(new, heartbeat_interval=0.2)  # a short lease
+        assert new in check()
+        lapse = state.nodes[new].online_until - time.time()
+        assert 0 < lapse < 5
+        time.sleep(lapse + 0.05)  # the lease runs out with no call to the state at all
+        listed = check()
+        assert new not in listed and nodes[0] in listed and len(listed) == 49
+    finally:
+        InMemoryLinkState.get_nodes = original
 
 
 def test_bench_serve_prints_rates_and_its_load_test_checks_every_answer(tmp_path, capsys):
