@@ -55,6 +55,9 @@ def add_messages_to_queue_of_pending_nodes(state, queue: Queue, nodes_mapping, f
 NODE_TABLE_CHANGES = ("create_node", "delete_node", "activate_node", "deactivate_node",
                       "acknowledge_node_heartbeat")
 _VERSION, _CACHE = "_pfl_node_table_version", "_pfl_online_nodes"
+#: Flower's own ``InMemoryLinkState.get_nodes``, kept when :func:`patch_simulation_engine`
+#: replaces it (what the cached listing is checked against).
+FLOWER_GET_NODES = None
 
 
 def _counts_changes(method):
@@ -91,7 +94,7 @@ def cached_get_nodes(self, run_id: int) -> set[int]:
 
 def patch_simulation_engine() -> bool:
     """Install both fixes above in Flower's engine (idempotent); True when installed."""
-    global _ORIGINAL
+    global _ORIGINAL, FLOWER_GET_NODES
     import flwr
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
@@ -106,5 +109,7 @@ def patch_simulation_engine() -> bool:
         method = getattr(InMemoryLinkState, name)
         if not getattr(method, "_pfl_counts_changes", False):
             setattr(InMemoryLinkState, name, _counts_changes(method))
+    if InMemoryLinkState.get_nodes is not cached_get_nodes:
+        FLOWER_GET_NODES = InMemoryLinkState.get_nodes
     InMemoryLinkState.get_nodes = cached_get_nodes
     return True

@@ -124,58 +124,55 @@ def test_cached_node_listing_gives_flowers_answer_through_every_change():
     own listing after nodes are added, deleted, deactivated, reactivated, and when a lease
     runs out; an unchanged table is not walked again."""
     from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.server.superlink.linkstate import LinkStateFactory
     from flwr.server.superlink.linkstate.in_memory_linkstate import (InMemoryLinkState,
                                                                      RunRecord)
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supercore.run import Run
     from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
 
-    from simulations.flower_patches import cached_get_nodes, patch_simulation_engine
+    from simulations import flower_patches
 
-    original = InMemoryLinkState.get_nodes
-    if original is cached_get_nodes:  # patched earlier in this process: Flower's is gone
-        pytest.skip("Flower's get_nodes was replaced earlier in this session")
-    assert patch_simulation_engine()
-    try:
-        factory = LinkStateFactory(":flwr-in-memory:", NoOpFederationManager(),
-                                   ObjectStoreFactory())
-        mapping = _register_nodes(50, factory)
-        state = factory.state()
-        run = Run.create_empty(run_id=7)
-        run.federation_id = NOOP_FEDERATION_ID  # as Flower's run_simulation sets it
-        state.run_ids[7] = RunRecord(run=run)
-        nodes = list(mapping)
+    assert flower_patches.patch_simulation_engine()
+    original = flower_patches.FLOWER_GET_NODES  # Flower's own listing, kept by the patch
+    assert original is not None and original is not flower_patches.cached_get_nodes
+    assert InMemoryLinkState.get_nodes is flower_patches.cached_get_nodes
+    factory = LinkStateFactory(":flwr-in-memory:", NoOpFederationManager(),
+                               ObjectStoreFactory())
+    mapping = _register_nodes(50, factory)
+    state = factory.state()
+    run = Run.create_empty(run_id=7)
+    run.federation_id = NOOP_FEDERATION_ID  # as Flower's run_simulation sets it
+    state.run_ids[7] = RunRecord(run=run)
+    nodes = list(mapping)
 
-        def check():
-            assert state.get_nodes(7) == original(state, 7)
-            return state.get_nodes(7)
+    def check():
+        assert state.get_nodes(7) == original(state, 7)
+        return state.get_nodes(7)
 
-        assert check() == set(nodes) and state.get_nodes(8) == set()
-        walks = []
-        state.get_node_info = lambda **kw: walks.append(1) or InMemoryLinkState.get_node_info(
-            state, **kw)
-        state.get_nodes(7)
-        assert walks == []  # nothing changed: the cached set, not a walk of every node
-        state.deactivate_node(nodes[0])
-        assert nodes[0] not in check() and walks
-        state.activate_node(nodes[0], heartbeat_interval=30.0)
-        assert nodes[0] in check()
-        state.delete_node(state.nodes[nodes[1]].owner_aid, nodes[1])
-        assert nodes[1] not in check()
-        new = state.create_node(state.nodes[nodes[0]].owner_aid, "none", b"k" * 32,
-                                heartbeat_interval=30.0)
-        assert new not in check()  # registered, not online yet
-        state.acknowledge_node_heartbeat(new, heartbeat_interval=0.2)  # a short lease
-        assert new in check()
-        lapse = state.nodes[new].online_until - time.time()
-        assert 0 < lapse < 5
-        time.sleep(lapse + 0.05)  # the lease runs out with no call to the state at all
-        listed = check()
-        assert new not in listed and nodes[0] in listed and len(listed) == 49
-    finally:
-        InMemoryLinkState.get_nodes = original
+    assert check() == set(nodes) and state.get_nodes(8) == set()
+    walks = []
+    state.get_node_info = lambda **kw: walks.append(1) or InMemoryLinkState.get_node_info(
+        state, **kw)
+    state.get_nodes(7)
+    assert walks == []  # nothing changed: the cached set, not a walk of every node
+    state.deactivate_node(nodes[0])
+    assert nodes[0] not in check()
+    state.activate_node(nodes[0], heartbeat_interval=30.0)
+    assert nodes[0] in check()
+    state.delete_node(state.nodes[nodes[1]].owner_aid, nodes[1])
+    assert nodes[1] not in check()
+    new = state.create_node(state.nodes[nodes[0]].owner_aid, "none", b"k" * 32,
+                            heartbeat_interval=30.0)
+    assert new not in check()  # registered, not online yet
+    state.acknowledge_node_heartbeat(new, heartbeat_interval=0.2)  # a short lease
+    assert new in check()
+    lapse = state.nodes[new].online_until - time.time()
+    assert 0 < lapse < 5
+    time.sleep(lapse + 0.05)  # the lease runs out with no call to the state at all
+    listed = check()
+    assert new not in listed and nodes[0] in listed and len(listed) == 49
 
 
 def test_bench_serve_prints_rates_and_its_load_test_checks_every_answer(tmp_path, capsys):
