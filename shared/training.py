@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from contextlib import contextmanager
@@ -77,7 +78,7 @@ class LazyExamples(Sequence[Example]):
 
     def __init__(self, encoders: Sequence[Callable[[], Example]]):
         self._encoders = list(encoders)
-        self._done: dict[int, Example] = {}
+        self._done: dict[int, Example] = {}  # in the order first read
 
     @classmethod
     def concat(cls, parts: Iterable["LazyExamples"]) -> "LazyExamples":
@@ -101,9 +102,14 @@ class LazyExamples(Sequence[Example]):
             self._done[index] = self._encoders[index]()
         return self._done[index]
 
-    def encoded(self) -> list[Example]:
-        """The examples read so far (a batch is encoded before the model runs on it)."""
-        return list(self._done.values())
+    def encoded(self, start: int = 0) -> list[Example]:
+        """The examples read so far, in the order first read, from the ``start``-th on (a
+        batch is encoded before the model runs on it)."""
+        return list(itertools.islice(self._done.values(), start, None))
+
+    def encoded_count(self) -> int:
+        """How many examples have been read so far."""
+        return len(self._done)
 
 
 def history_examples(task: TaskSpec, history: Sequence[HistoryItem], tokenizer, *,

@@ -103,7 +103,8 @@ def test_lazy_examples_read_all_equal_an_eager_encoding(tiny):
              for i, t in (SYNTHETIC.history_example(item) for item in history)]
     assert isinstance(lazy, LazyExamples) and len(lazy) == 6 and lazy.encoded() == []
     assert lazy[-1] == eager[-1] and lazy[1:3] == eager[1:3]
-    assert len(lazy.encoded()) == 3
+    assert lazy.encoded_count() == 3 and lazy.encoded() == [eager[5], eager[1], eager[2]]
+    assert lazy.encoded(1) == [eager[1], eager[2]]  # those read after the first
     assert list(lazy) == eager
     pooled = LazyExamples.concat([history_examples(SYNTHETIC, history[:2], tiny.tokenizer,
                                                    max_prompt_tokens=96),

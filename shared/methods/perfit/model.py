@@ -301,6 +301,7 @@ class _PromptIndex:
         # before the model runs on it), so indexing does not encode the ones never used.
         self.lazy = examples if isinstance(examples, LazyExamples) else None
         self._add(examples.encoded() if self.lazy is not None else examples)
+        self._indexed = self.lazy.encoded_count() if self.lazy is not None else 0
 
     def _add(self, examples: Iterable[Example]) -> None:
         for ids, labels in examples:
@@ -311,7 +312,8 @@ class _PromptIndex:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
         keys = [_key(input_ids, attention_mask, row) for row in range(input_ids.shape[0])]
         if self.lazy is not None and any(key not in self.lengths for key in keys):
-            self._add(self.lazy.encoded())
+            self._add(self.lazy.encoded(self._indexed))  # only those read since the last look
+            self._indexed = self.lazy.encoded_count()
         return [self.lengths[key] for key in keys]
 
 
