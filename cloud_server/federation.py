@@ -61,7 +61,7 @@ from shared import crypto
 from shared.config import ARRAYS_DIGEST_KEY, KEPT_METRIC, RunConfig, options_to_message
 from shared.errors import PflError
 from shared.methods import core_class, core_names, parse_method
-from shared.methods.oppu.core import arrays_digest
+from shared.methods.store import arrays_digest
 from shared.methods.perpcs import select_sharers_from_clusters
 from shared.metrics import TASK_KINDS, add_stats, check_stats, metrics_from_stats
 from shared.statistics import users_interval

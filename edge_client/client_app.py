@@ -71,7 +71,7 @@ from shared.errors import (BAD_REQUEST, CONSENT_DENIED, FAILED, NOT_CONFIGURED, 
                            device_error_reason)
 from shared.files import save_npz
 from shared.methods import collective, core_class, parse_method
-from shared.methods.oppu.core import arrays_digest
+from shared.methods.store import arrays_digest
 from shared.methods.perpcs.core import perpcs_config
 from shared.models import load_model
 from shared.records import from_array_record, to_array_record

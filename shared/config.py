@@ -43,7 +43,7 @@ DP_ROUND_KEYS = ("dp-clipping-norm", "dp-noise-multiplier", "dp-epsilon", "dp-de
 #: Fit-config keys of a securely aggregated stage-1 round (cloud_server.secagg, read by
 #: edge_client.secagg): the arrays' names in the order of the legacy parameter list, and the
 #: most examples a device may weigh (SecAgg+'s max weight).
-#: A phase message's config key: the digest (shared.methods.oppu.core.arrays_digest) of
+#: A phase message's config key: the digest (shared.methods.store.arrays_digest) of
 #: its collective arrays; a device that kept them (metric KEPT_METRIC = 1 in its
 #: personalize reply) gets the digest alone at evaluation and uses its own copy.
 ARRAYS_DIGEST_KEY, KEPT_METRIC = "arrays-digest", "collective-kept"

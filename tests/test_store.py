@@ -79,3 +79,25 @@ def test_without_a_store_nothing_is_written(tmp_path, tiny, synthetic):
     del rt.cache["state_store"]
     oppu_core.stage1_model(rt)
     assert not list(tmp_path.iterdir())
+
+
+def test_perfit_personal_stage_is_kept_per_user(tmp_path, tiny, synthetic, monkeypatch):
+    core = perfit_core.PersonalShift()
+    options = {"perfit": {"epochs": 1.0}}
+    rt = _runtime(tiny, synthetic, tmp_path, **options)
+    first = core.personalize(rt, synthetic.user(0), None, None)
+    other = core.personalize(rt, synthetic.user(1), None, None)
+    assert len(list(tmp_path.glob("*.npz"))) == 3  # stage 1 + one per user
+
+    monkeypatch.setattr(perfit_core, "train_stage2", _no_training)
+    again = core.personalize(_runtime(tiny, synthetic, tmp_path, **options),
+                             synthetic.user(0), None, None)
+    left, right = first.payload.export_arrays(), again.payload.export_arrays()
+    assert left.keys() == right.keys() and all((left[k] == right[k]).all() for k in left)
+    assert any((left[k] != other.payload.export_arrays()[k]).any() for k in left)
+    assert again.params == first.params and again.info == first.info
+    for changed in ({"perfit": {"epochs": 1.0, "lr": 5e-3}},  # the recipe (both stages)
+                    {**options, "max_history": 5}):  # the user's examples
+        with pytest.raises(AssertionError, match="trained again"):
+            core.personalize(_runtime(tiny, synthetic, tmp_path, **changed),
+                             synthetic.user(0), None, None)

@@ -65,6 +65,15 @@ def examples_digest(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> 
     return h.hexdigest()
 
 
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over names, shapes and bytes: identifies a set of collective arrays."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key], dtype=np.float32)
+        h.update(key.encode() + str(value.shape).encode() + value.tobytes())
+    return h.hexdigest()
+
+
 def _plain(value: Any) -> Any:
     return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
 

@@ -11,10 +11,9 @@ process, a device in the federation).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from contextlib import contextmanager
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from shared.methods.oppu.config import personal_lora, personal_train, stage1_lor
 from shared.methods.oppu.model import (attach_lora, load_adapter_state, lora_state, merge_lora,
                                        param_count, save_adapter_state, state_bytes)
 from shared.methods.oppu.training import stage1_examples, train_personal_lora, train_stage1_lora
-from shared.methods.store import trained_once
+from shared.methods.store import arrays_digest, trained_once
 from shared.training import TrainConfig, seeded
 from shared.types import User, recent_history
 
@@ -161,15 +160,6 @@ class PersonalLoraNoStage1(PersonalLora):
 
 
 _MERGED: dict[str, torch.nn.Module] = {}  # one stage-1 merged model per process
-
-
-def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """sha256 over names, shapes and bytes: identifies a set of collective arrays."""
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        value = np.ascontiguousarray(arrays[key], dtype=np.float32)
-        h.update(key.encode() + str(value.shape).encode() + value.tobytes())
-    return h.hexdigest()
 
 
 class LoraStage1(Collective):

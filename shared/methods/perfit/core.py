@@ -22,7 +22,7 @@ from shared.methods.perfit.config import PerFitConfig
 from shared.methods.perfit.intervention import orthonormality_error, reorthonormalize
 from shared.methods.perfit.model import (PerFitStage, intervened, new_stages, train_stage1,
                                          train_stage2)
-from shared.methods.store import trained_once
+from shared.methods.store import arrays_digest, trained_once
 from shared.prompts import pad_token_id
 from shared.training import LazyExamples, history_examples
 from shared.types import recent_history
@@ -116,10 +116,21 @@ class PersonalShift(Core):
     def personalize(self, runtime, user, augmentation, profile):
         config = perfit_config(runtime)
         stage1, shared_stage2 = perfit_stage1(runtime)
-        personal, stats = train_stage2(
-            runtime.model, user_examples(runtime, user, augmentation, profile), config, stage1,
-            shared_stage2, pad_id=pad_token_id(runtime.tokenizer),
-            train_config=config.train_config(seed=runtime.seed))
+        examples = user_examples(runtime, user, augmentation, profile)
+        train_config = config.train_config(seed=runtime.seed)
+
+        def train():
+            trained, stats = train_stage2(runtime.model, examples, config, stage1,
+                                          shared_stage2, pad_id=pad_token_id(runtime.tokenizer),
+                                          train_config=train_config)
+            return trained.export_arrays(), stats
+
+        # kept per user when the run has a store: a resumed run trains only the users missing
+        arrays, stats = trained_once(
+            runtime, "perfit-personal", [user], examples,
+            {"perfit": config.to_dict(), "train": train_config,
+             "stage1": arrays_digest(perfit_to_arrays(stage1, shared_stage2))}, train)
+        personal = PerFitStage.from_arrays(arrays, device=runtime.loaded.device)
         params = personal.num_parameters()
         return PersonalState(params=params, bytes=4 * params, payload=personal,
                              info={"steps": stats["steps"]})
