@@ -101,3 +101,25 @@ def test_perfit_personal_stage_is_kept_per_user(tmp_path, tiny, synthetic, monke
         with pytest.raises(AssertionError, match="trained again"):
             core.personalize(_runtime(tiny, synthetic, tmp_path, **changed),
                              synthetic.user(0), None, None)
+
+
+def test_oppu_personal_lora_is_kept_per_user_and_stage1(tmp_path, tiny, synthetic, monkeypatch):
+    from shared.methods.base import PromptAugmentation
+
+    core = oppu_core.PersonalLora()
+    options = {"oppu": {"max_steps": 2}}
+    plain = PromptAugmentation()
+    first = core.personalize(_runtime(tiny, synthetic, tmp_path, **options), synthetic.user(0),
+                             plain, None)
+    monkeypatch.setattr(oppu_core, "train_personal_lora", _no_training)
+    again = core.personalize(_runtime(tiny, synthetic, tmp_path, **options), synthetic.user(0),
+                             plain, None)
+    assert first.payload.keys() == again.payload.keys()
+    assert all(torch.equal(first.payload[k], again.payload[k]) for k in first.payload)
+    assert any(first.payload[k].abs().sum() > 0 for k in first.payload if "lora_B" in k)
+    for changed, user in (({"oppu": {"max_steps": 2, "lr": 5e-3}}, 0),  # the recipe
+                          ({**options, "stage1": {"max_steps": 1}}, 0),  # another stage 1
+                          (options, 1)):  # another user
+        with pytest.raises(AssertionError, match="trained again"):
+            core.personalize(_runtime(tiny, synthetic, tmp_path, **changed),
+                             synthetic.user(user), plain, None)

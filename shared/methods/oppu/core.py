@@ -24,7 +24,8 @@ from shared.methods.base import (Collective, Core, PersonalState, PromptAugmenta
 from shared.methods.oppu.config import personal_lora, personal_train, stage1_lora, stage1_train
 from shared.methods.oppu.model import (attach_lora, load_adapter_state, lora_state, merge_lora,
                                        param_count, save_adapter_state, state_bytes)
-from shared.methods.oppu.training import stage1_examples, train_personal_lora, train_stage1_lora
+from shared.methods.oppu.training import (personal_examples, stage1_examples, train_personal_lora,
+                                         train_stage1_lora)
 from shared.methods.store import arrays_digest, trained_once
 from shared.training import TrainConfig, seeded
 from shared.types import User, recent_history
@@ -115,9 +116,22 @@ class PersonalLora(Core):
         user = recent_history(user, runtime.option("max_history", None))
         config = personal_train_config(runtime)
         rag_k = augmentation.k if augmentation.retrieval == "bm25" else 0
-        state, stats = train_personal_lora(self._base(runtime), runtime.tokenizer, runtime.task,
-                                           user, personal_lora(), config, rag_k=rag_k,
-                                           profile=profile, progress=False)
+        base = self._base(runtime)
+
+        def train():
+            state, stats = train_personal_lora(base, runtime.tokenizer, runtime.task, user,
+                                               personal_lora(), config, rag_k=rag_k,
+                                               profile=profile, progress=False)
+            return {k: v.numpy() for k, v in state.items()}, stats
+
+        # kept per user when the run has a store: a resumed run trains only the users missing
+        stage1 = arrays_digest(runtime.cache["stage1_state"]) if self.on_stage1 else None
+        examples = personal_examples(runtime.task, user, runtime.tokenizer, config, rag_k,
+                                     profile)
+        arrays, stats = trained_once(runtime, f"{self.name}-personal", [user], examples,
+                                     {"lora": personal_lora(), "train": config,
+                                      "stage1": stage1}, train)
+        state = {k: torch.from_numpy(v) for k, v in arrays.items()}
         return PersonalState(params=param_count(state), bytes=state_bytes(state), payload=state,
                              info={"steps": stats["steps"]})
 

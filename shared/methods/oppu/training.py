@@ -29,8 +29,9 @@ from shared.training import Example, LazyExamples, TrainConfig, history_examples
 from shared.types import User
 
 
-def _user_examples(task: TaskSpec, user: User, tokenizer, config: TrainConfig, rag_k: int,
-                   profile: str | None) -> LazyExamples:
+def personal_examples(task: TaskSpec, user: User, tokenizer, config: TrainConfig, rag_k: int,
+                      profile: str | None) -> LazyExamples:
+    """What a user's personal LoRA trains on (and stage 1 on each collective user's)."""
     return history_examples(task, user.history, tokenizer, rag_k=rag_k, profile=profile,
                             max_prompt_tokens=config.max_prompt_tokens,
                             max_target_tokens=config.max_target_tokens)
@@ -61,7 +62,8 @@ def stage1_examples(task: TaskSpec, users: Sequence[User], tokenizer, train_conf
     """The pooled examples stage 1 trains on: each user's from that user's own history
     (encoded when read: :class:`~shared.training.LazyExamples`)."""
     return LazyExamples.concat(
-        _user_examples(task, user, tokenizer, train_config, rag_k, (profiles or {}).get(user.id))
+        personal_examples(task, user, tokenizer, train_config, rag_k,
+                          (profiles or {}).get(user.id))
         for user in users)
 
 
@@ -98,7 +100,8 @@ def train_personal_lora(model: torch.nn.Module, tokenizer, task: TaskSpec, user:
     restored on return.
     """
     state, stats = _train_lora(model, tokenizer,
-                               _user_examples(task, user, tokenizer, train_config, rag_k, profile),
+                               personal_examples(task, user, tokenizer, train_config, rag_k,
+                                                 profile),
                                spec, train_config, initial_state, desc=f"OPPU LoRA {user.id}",
                                progress=progress)
     stats["users"] = 1
