@@ -356,7 +356,8 @@ def cmd_tune(args) -> int:
                         max_history=args.max_history, min_history=args.min_history,
                         stages=_csv(args.stages), grid=grid, batch_size=args.batch_size,
                         device=args.device, cache_dir=args.cache_dir, progress=not args.quiet,
-                        reuse_trained=args.reuse_trained)
+                        reuse_trained=args.reuse_trained,
+                        validate_on_sharers=args.validate_on_sharers)
     previous = None
     if args.resume and Path(args.out).exists():
         previous = json.loads(Path(args.out).read_text())
@@ -763,6 +764,10 @@ def add_tune_command(commands) -> None:
     tune.add_argument("--validation-users", type=int, default=8,
                       help="users scored (default 8); never a target, sharer or collective "
                            "user of the pfl eval run with the same seed and sizes")
+    tune.add_argument("--validate-on-sharers", action="store_true",
+                      help="also score the pfl eval run's sharers (not targets; their data "
+                           "trains no stage 1): more validation users where the data has few "
+                           "left (HuffPost). Not with the perpcs stage")
     tune.add_argument("--queries-per-user", type=int, default=None,
                       help="as pfl eval's (default 3 on HuffPost and synthetic)")
     tune.add_argument("--targets", type=int, default=40,

@@ -73,6 +73,8 @@ class TuneConfig:
     cache_dir: str | None = None
     progress: bool = True
     reuse_trained: bool = True  # keep stage 1s and PER-PCS sharer pieces in the cache dir
+    # also score the pfl eval run's sharers (not targets; never for the perpcs stage)
+    validate_on_sharers: bool = False
 
 
 def grid_settings(axes: dict[str, list]) -> list[dict]:
@@ -112,14 +114,28 @@ def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dic
                            queries_per_user=queries, seed=config.seed)
     roles = assign_roles(dataset, config.targets, config.sharers, config.collective,
                          config.seed, validation=config.validation)
+    if config.validate_on_sharers:
+        if "perpcs" in stages:
+            raise PflError("--validate-on-sharers cannot tune perpcs: a sharer's own pieces "
+                           "are in the pool it would be scored with")
+        roles["validation"] = roles["sharers"] + roles["validation"]
     validation = roles["validation"]
     if len(validation) < 2:
         raise PflError(f"only {len(validation)} validation users are left after "
                        f"{config.targets} targets, {config.sharers} sharers and "
-                       f"{config.collective} collective users: use fewer")
+                       f"{config.collective} collective users: use fewer, or "
+                       "--validate-on-sharers")
+    wanted = config.validation + (len(roles["sharers"]) if config.validate_on_sharers else 0)
+    if len(validation) < wanted:
+        log.warning("only %d of the %d validation users asked for are left after %d targets, "
+                    "%d sharers and %d collective users (the data has no more)%s",
+                    len(validation), wanted, config.targets, config.sharers,
+                    config.collective, "" if config.validate_on_sharers else
+                    "; --validate-on-sharers adds the sharers")
     search = {"seed": config.seed, "targets_excluded": config.targets,
               "sharers": config.sharers, "collective": config.collective,
               "validation": [u.id for u in validation],
+              **({"validation_includes_sharers": True} if config.validate_on_sharers else {}),
               "queries_per_user": queries, "max_history": config.max_history,
               "stages": stages, "grid": {s: config.grid[s] for s in stages}}
     done = {}
@@ -187,10 +203,13 @@ def _trial(loaded, dataset, roles, spec, stage, options, config, generation, mem
 def tune_report(recipe: dict) -> str:
     """The tuning report: every trial with its 95% interval, and what was chosen."""
     search = recipe["search"]
+    sharers = search.get("validation_includes_sharers", False)
     lines = [f"recipe tuned for {recipe['model']} on {recipe['task']}: "
              f"{len(search['validation'])} validation users x {search['queries_per_user']} "
-             f"queries (none of them a target, sharer or collective user of the pfl eval run "
-             f"with seed {search['seed']}, {search['targets_excluded']} targets)"]
+             f"queries (none of them a target{'' if sharers else ', sharer'} or collective "
+             f"user of the pfl eval run with seed {search['seed']}, "
+             f"{search['targets_excluded']} targets"
+             + (f"; its {search['sharers']} sharers are among them" if sharers else "") + ")"]
     rows = []
     for trial in recipe["trials"]:
         metric = next(iter(trial["metrics"]))

@@ -124,3 +124,20 @@ def test_epoch_flags_win_over_the_recipes_epochs_and_set_wins_over_both():
     assert over_recipe(recipe, {"personal_epochs": 4, "oppu": {"epochs": 6}})["oppu"] == {
         "lr": 1e-3, "epochs": 6}
     assert over_recipe(recipe, {}) == recipe
+
+
+def test_pfl_tune_can_score_the_sharers_too_but_never_for_perpcs(capsys, tmp_path):
+    out = tmp_path / "recipe.json"
+    argv = ["tune", "--task", "synthetic", "--model", "tiny", "--targets", "3", "--sharers",
+            "2", "--collective", "3", "--validation-users", "1", "--max-history", "6",
+            "--grid", "stage1.lr=1e-4", "--grid", "stage1.epochs=1", "--quiet",
+            "--validate-on-sharers", "--out", str(out)]
+    assert main(argv + ["--stages", "stage1"]) == 0, capsys.readouterr().err
+    search = json.loads(out.read_text())["search"]
+    roles = assign_roles(load_dataset("synthetic", None, queries_per_user=3), 3, 2, 3, seed=0,
+                         validation=1)
+    assert search["validation"] == [u.id for u in roles["sharers"] + roles["validation"]]
+    assert not {u.id for u in roles["targets"]} & set(search["validation"])
+    assert "its 2 sharers are among them" in (tmp_path / "recipe.md").read_text()
+    assert main(argv + ["--stages", "perpcs"]) == 2
+    assert "cannot tune perpcs" in capsys.readouterr().err
