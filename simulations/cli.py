@@ -567,10 +567,11 @@ def cmd_bench_model(args) -> int:
 def _train_cache_option(parser) -> None:
     parser.add_argument("--no-train-cache", "--no-sharer-cache", dest="reuse_trained",
                         action="store_false",
-                        help="train stage 1, PerFit stage 1 and every PER-PCS sharer again, even "
-                             "when an earlier run trained them from the same model, users, "
-                             "examples and settings (they are kept under the cache dir, "
-                             "trained-state/ and sharer-pieces/)")
+                        help="train stage 1, PerFit stage 1, every PER-PCS sharer and every "
+                             "user's OPPU/LoRA-P/PerFit state again, even when an earlier run "
+                             "trained them from the same model, users, examples and settings "
+                             "(they are kept under the cache dir, trained-state/ and "
+                             "sharer-pieces/)")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
