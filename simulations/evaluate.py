@@ -61,7 +61,7 @@ class EvalConfig:
     options: dict = field(default_factory=dict)
     recipe: str = "tuned"  # "tuned", "paper" or a recipe file (shared.recipes)
     reuse_trained: bool = True  # keep stage 1s and PER-PCS sharer pieces in the cache dir
-    sharer_slots: int | None = None  # room kept for sharers (collective users stay put)
+    sharer_slots: int | None = None  # the collective users of a run with this many sharers
     backend: str = "torch"  # or onnx, onnx-int8, onnx-int4 (edge_client.ondevice.runtime)
 
 
@@ -100,14 +100,19 @@ def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int
     users are the rest after them, and validation users (``pfl tune``) the rest after those.
     Asking for validation users changes none of the other roles, so a recipe tuned on them
     never saw a target of the ``pfl eval`` run with the same seed and sizes. A lazily
-    generated population is only read as far as needed. ``sharer_slots`` (>= sharers) keeps
-    that much room for sharers, so that runs with fewer sharers have the same collective users
-    (``pfl study sharers``).
+    generated population is only read as far as needed.
+
+    ``sharer_slots`` fixes the collective users whatever the number of sharers (``pfl study
+    sharers``): they are the users after the ``sharer_slots`` most active ones, as in a run
+    with that many sharers. Fewer sharers are the most active of those; more are those plus
+    the most active users after the collective ones. So every point of a study has the
+    stage 1 (and the sharers) of the ``pfl eval`` run with ``sharer_slots`` sharers.
     """
     slots = sharers if sharer_slots is None else int(sharer_slots)
-    if slots < sharers:
-        raise PflError(f"sharer_slots {slots} is smaller than sharers {sharers}")
-    wanted = targets + slots + collective + validation
+    if slots < 0:
+        raise PflError(f"sharer_slots {slots} is negative")
+    extra = max(0, sharers - slots)  # sharers beyond the slots: after the collective users
+    wanted = targets + max(slots, sharers) + collective + validation
     pool = list(dataset.users(limit=wanted if len(dataset) > 10_000 else None))
     rng = random.Random(seed)
     order = list(range(len(pool)))
@@ -115,9 +120,11 @@ def assign_roles(dataset, targets: int, sharers: int, collective: int, seed: int
     chosen = sorted(order[:targets])  # keep the dataset's order among targets
     rest = [pool[i] for i in sorted(order[targets:])]
     rest.sort(key=lambda u: -len(u.history))  # stable: ties keep the dataset's order
-    return {"targets": [pool[i] for i in chosen], "sharers": rest[:sharers],
-            "collective": rest[slots: slots + collective],
-            "validation": rest[slots + collective: slots + collective + validation]}
+    after = slots + collective
+    return {"targets": [pool[i] for i in chosen],
+            "sharers": rest[:min(sharers, slots)] + rest[after: after + extra],
+            "collective": rest[slots: after],
+            "validation": rest[after + extra: after + extra + validation]}
 
 
 def _profile_bytes(profile: str | None) -> int:

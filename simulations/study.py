@@ -4,10 +4,11 @@ and against the sharing ratio, each point a ``pfl eval`` run with 95% intervals.
     pfl study sharers --task synthetic --values 5,10,20,max --out runs/study
     pfl study sharing-ratio --task synthetic --values 0.2,0.5,1.0 --out runs/study
 
-Every point evaluates PER-PCS on the same targets with the same stage 1: the collective users
-are fixed across the sharers study (``sharer_slots`` reserves room for the largest number
-of sharers), and the sharers are the most active users, so 5 of them are among the 10 and the
-10 among the 20. With the sharer cache (``shared.methods.perpcs.core.save_sharer_pieces``) each sharer
+Every point evaluates PER-PCS on the same targets with the same stage 1 as ``pfl eval`` with
+the same ``--sharers`` (default 10): the collective users stay those of that run
+(``sharer_slots``). Fewer sharers are the most active of its sharers, so 5 of them are
+among the 10; more are its sharers plus the most active users after the collective ones, so
+the 10 are among the 20. With the sharer cache (``shared.methods.perpcs.core.save_sharer_pieces``) each sharer
 is trained once for the whole study; the sharing-ratio points reuse every sharer's pieces.
 The first point also evaluates LoRA-C (stage 1 only, no per-user state), the reference line.
 
@@ -87,7 +88,7 @@ def run_study(base: EvalConfig, axis: str, values: Sequence[str], out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = study_points(axis, values, base)
-    slots = int(max(v for _, v in points)) if axis == "sharers" else base.sharers
+    slots = base.sharers  # the collective users (and stage 1) of pfl eval's run
     rows, reference = [], None
     for index, (label, value) in enumerate(points):
         config = point_config(base, axis, value, slots, first=index == 0)
