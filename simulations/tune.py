@@ -191,8 +191,8 @@ def _trial(loaded, dataset, roles, spec, stage, options, config, generation, mem
     started = time.perf_counter()
     result = evaluate_method(runtime, spec, dataset, roles["validation"], {}, 0.0, generation)
     if "stage1" in runtime.cache:
-        memo.update(key=stage1_key, cache={k: runtime.cache[k] for k in ("stage1", "stage1_stats")
-                                           if k in runtime.cache})
+        memo.update(key=stage1_key, cache={k: runtime.cache[k] for k in (
+            "stage1", "stage1_state", "stage1_stats") if k in runtime.cache})
     return {"stage": stage, "setting": options[stage], "options": options,
             "metrics": result["metrics"], "intervals": result["intervals"],
             "seconds_per_user": result["seconds_per_user"],

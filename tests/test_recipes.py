@@ -130,10 +130,13 @@ def test_pfl_tune_can_score_the_sharers_too_but_never_for_perpcs(capsys, tmp_pat
     out = tmp_path / "recipe.json"
     argv = ["tune", "--task", "synthetic", "--model", "tiny", "--targets", "3", "--sharers",
             "2", "--collective", "3", "--validation-users", "1", "--max-history", "6",
-            "--grid", "stage1.lr=1e-4", "--grid", "stage1.epochs=1", "--quiet",
+            "--grid", "oppu.lr=1e-4,1e-3", "--grid", "oppu.epochs=1", "--quiet",
             "--validate-on-sharers", "--out", str(out)]
-    assert main(argv + ["--stages", "stage1"]) == 0, capsys.readouterr().err
-    search = json.loads(out.read_text())["search"]
+    # two personal trials on one stage 1: the second reuses the first's (and its state)
+    assert main(argv + ["--stages", "oppu"]) == 0, capsys.readouterr().err
+    recipe = json.loads(out.read_text())
+    assert [t["setting"]["lr"] for t in recipe["trials"]] == [1e-4, 1e-3]
+    search = recipe["search"]
     roles = assign_roles(load_dataset("synthetic", None, queries_per_user=3), 3, 2, 3, seed=0,
                          validation=1)
     assert search["validation"] == [u.id for u in roles["sharers"] + roles["validation"]]
