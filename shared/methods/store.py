@@ -118,17 +118,19 @@ def save_state(store: str | Path, key: str, arrays: Mapping[str, np.ndarray],
 
 
 def trained_once(runtime, kind: str, users: Sequence[User], examples: Sequence,
-                 settings: Mapping[str, Any],
+                 settings: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
                  train: Callable[[], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]
                  ) -> tuple[dict[str, np.ndarray], dict]:
     """``train()``'s ``(arrays, stats)``, or the same read back from the run's store
     (``runtime.cache["state_store"]``, a folder) when an earlier run trained it on the same
-    ``users``, ``examples`` (:func:`examples_digest`) and ``settings``."""
+    ``users``, ``examples`` (:func:`examples_digest`) and ``settings`` (a mapping, or a
+    function that returns one: called only when there is a store)."""
     store = runtime.cache.get("state_store")
     if store is None:
         arrays, stats = train()
         return dict(arrays), dict(stats)
-    key = state_key(runtime, kind, users, examples, **settings)
+    key = state_key(runtime, kind, users, examples,
+                    **(settings() if callable(settings) else settings))
     kept = load_state(store, key)
     if kept is not None:
         log.info("%s: trained state reused from %s (%s)", kind, store, key[:12])

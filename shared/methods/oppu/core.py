@@ -26,7 +26,7 @@ from shared.methods.oppu.model import (attach_lora, load_adapter_state, lora_sta
                                        param_count, save_adapter_state, state_bytes)
 from shared.methods.oppu.training import (personal_examples, stage1_examples, train_personal_lora,
                                          train_stage1_lora)
-from shared.methods.store import arrays_digest, trained_once
+from shared.methods.store import arrays_digest, model_digest, trained_once
 from shared.training import TrainConfig, seeded
 from shared.types import User, recent_history
 
@@ -80,6 +80,17 @@ def stage1_model(runtime: Runtime):
     return runtime.cache["stage1"]
 
 
+def stage1_digest(runtime: Runtime) -> str:
+    """sha256 over the stage-1 model's parameters: what identifies the run's stage 1 in the
+    keys of state trained on it (memoized per merged model: a federation may install
+    another)."""
+    model = stage1_model(runtime)
+    memo = runtime.cache.get("stage1_digest")
+    if memo is None or memo[0] is not model:
+        memo = runtime.cache["stage1_digest"] = (model, model_digest(model))
+    return memo[1]
+
+
 def stage1_updates(runtime: Runtime) -> dict:
     """The stage-1 task LoRA as per-row updates on the raw base (:mod:`shared.serving`)."""
     from shared.serving.rows import lora_state_updates  # cycle: shared.serving imports the methods
@@ -125,12 +136,12 @@ class PersonalLora(Core):
             return {k: v.numpy() for k, v in state.items()}, stats
 
         # kept per user when the run has a store: a resumed run trains only the users missing
-        stage1 = arrays_digest(runtime.cache["stage1_state"]) if self.on_stage1 else None
         examples = personal_examples(runtime.task, user, runtime.tokenizer, config, rag_k,
                                      profile)
-        arrays, stats = trained_once(runtime, f"{self.name}-personal", [user], examples,
-                                     {"lora": personal_lora(), "train": config,
-                                      "stage1": stage1}, train)
+        arrays, stats = trained_once(
+            runtime, f"{self.name}-personal", [user], examples,
+            lambda: {"lora": personal_lora(), "train": config,
+                     "stage1": stage1_digest(runtime) if self.on_stage1 else None}, train)
         state = {k: torch.from_numpy(v) for k, v in arrays.items()}
         return PersonalState(params=param_count(state), bytes=state_bytes(state), payload=state,
                              info={"steps": stats["steps"]})

@@ -128,8 +128,8 @@ class PersonalShift(Core):
         # kept per user when the run has a store: a resumed run trains only the users missing
         arrays, stats = trained_once(
             runtime, "perfit-personal", [user], examples,
-            {"perfit": config.to_dict(), "train": train_config,
-             "stage1": arrays_digest(perfit_to_arrays(stage1, shared_stage2))}, train)
+            lambda: {"perfit": config.to_dict(), "train": train_config,
+                     "stage1": arrays_digest(perfit_to_arrays(stage1, shared_stage2))}, train)
         personal = PerFitStage.from_arrays(arrays, device=runtime.loaded.device)
         params = personal.num_parameters()
         return PersonalState(params=params, bytes=4 * params, payload=personal,

@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 
 from shared.embeddings import user_embedding
 from shared.methods.base import Core, PersonalState, Runtime, register_core, user_examples
-from shared.methods.oppu.core import personal_train_config, stage1_model, stage1_updates
+from shared.methods.oppu.core import (personal_train_config, stage1_digest, stage1_model,
+                                     stage1_updates)
 from shared.methods.perpcs.assembly import assemble
 from shared.methods.perpcs.config import PerPcsConfig
 from shared.methods.perpcs.gates import select_shared_pieces
@@ -43,7 +44,6 @@ from shared.methods.perpcs.pieces import updates_installed
 from shared.methods.perpcs.recipe import Recipe, rebuild
 from shared.methods.perpcs.retrieval_baseline import peft_retrieval_recipe
 from shared.methods.perpcs.training import train_sharer_pieces
-from shared.methods.store import model_digest
 from shared.prompts import pad_token_id
 from shared.serialization import InvalidPiece, content_bytes, piece_from_content_bytes
 from shared.types import User, recent_history
@@ -142,13 +142,6 @@ def piece_pool(runtime: Runtime) -> PiecePool:
 
 #: PerPcsConfig fields that change what a sharer trains (the others only select or assemble).
 SHARER_TRAINING_FIELDS = ("target_modules", "gate_steps", "gate_lr", "gate_batch_size")
-
-
-def stage1_digest(runtime: Runtime) -> str:
-    """sha256 over the stage-1 model's parameters (memoized in the run's cache)."""
-    if "stage1_digest" not in runtime.cache:
-        runtime.cache["stage1_digest"] = model_digest(stage1_model(runtime))
-    return runtime.cache["stage1_digest"]
 
 
 def sharer_pieces_key(runtime: Runtime, sharer: User, config: PerPcsConfig,
