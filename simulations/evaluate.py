@@ -233,9 +233,11 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
     ``on_method(results)`` is called after each method with the results so far (``pfl eval
     --out`` writes them, so a long run that is cut off keeps the methods it finished).
     ``previous``: an earlier run's results with the same settings (``--resume``); the methods
-    it finished are kept as they are and not run again."""
+    it finished are kept as they are and not run again, those not asked for this time too
+    (the file a resumed run writes loses nothing)."""
     specs = [parse_method(m) for m in config.methods]  # fail fast on a bad name
-    kept = resumable_methods(config, previous, [s.name for s in specs]) if previous else {}
+    kept = resumable_methods(config, previous, list(previous.get("methods", {}))) \
+        if previous else {}
     todo = [s for s in specs if s.name not in kept]
     queries = queries_per_user(config.task, config.queries_per_user)
     dataset = load_dataset(config.task, config.data, min_history=config.min_history,
@@ -292,8 +294,13 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
         "metric_task": {"kind": dataset.task.kind, "labels": list(dataset.task.labels or ())},
         "recipe": {"name": recipe, "options": options},
         "settings": run_settings(config),
-        "methods": {},
+        # the earlier run's methods not asked for this time come first, so that every
+        # partial write keeps them
+        "methods": {name: result for name, result in kept.items()
+                    if name not in {s.name for s in specs}},
     }
+    for name in results["methods"]:
+        log.info("keeping %s from the earlier run (not asked for this time)", name)
     for spec in specs:
         if spec.name in kept:
             log.info("keeping %s from the earlier run", spec.name)

@@ -1,5 +1,7 @@
-"""Reference rows for the synthetic persona task: the best any model could do, and the best a
-model that knows the population but not the user could do.
+"""Reference rows: what a predictor that runs no model scores on the same queries.
+
+On the synthetic persona task, the best any model could do, and the best a model that knows
+the population but not the user could do:
 
 - ``oracle``: each target's noiseless persona rule (:meth:`shared.data.synthetic.Persona.
   rating` of the query's topic). Its error is the noise floor: a rating in the data moves one
@@ -12,14 +14,24 @@ model that knows the population but not the user could do.
   It is what PER-PCS could reach if its assembly found that sharer from the target's history
   and the sharer's pieces had learnt its rule exactly: the ceiling of reusing one sharer.
 
-Neither runs the model. Both read the persona behind the synthetic data, so they exist for
-that task only (``pfl eval``, ``pfl tune``), never in a federation. Importing this module
-registers them as method cores.
+These read the persona behind the synthetic data, so they exist for that task only.
+
+On a classification task whose history items carry their label (news-category, LaMP-2,
+LaMP-2N), the two trivial predictors a personalized model has to beat:
+
+- ``majority``: the most frequent label over the collective users' histories, for every
+  query (knows the population's label mix, nothing of the user or the query).
+- ``user-majority``: the target's own most frequent label in its history, for each of its
+  queries (ties: the label used most recently). It knows the user and not the query: an
+  author who always writes for one section is predicted without reading the article.
+
+None runs the model; all are rows of ``pfl eval`` and ``pfl tune``, never of a federation.
+Importing this module registers them as method cores.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from shared.data.synthetic import TOPICS, SyntheticDataset
 from shared.errors import PflError
@@ -39,10 +51,9 @@ def topic_in(text: str) -> str:
 
 class _Reference(Core):
     shared_model = False
+    federated = False  # it reads what a device does not send (the persona, others' labels)
 
     def prepare(self, runtime, dataset, augmentation):
-        if not isinstance(dataset, SyntheticDataset):
-            raise PflError(f"{self.name} is a reference row of the synthetic task only")
         if augmentation.retrieval != "none" or augmentation.profile:
             raise PflError(f"{self.name} uses no prompt: it takes no +rag/+pag")
         self.dataset = dataset
@@ -56,19 +67,26 @@ class _Reference(Core):
         return list(state.payload)
 
 
+class _SyntheticReference(_Reference):
+    def prepare(self, runtime, dataset, augmentation):
+        if not isinstance(dataset, SyntheticDataset):
+            raise PflError(f"{self.name} is a reference row of the synthetic task only")
+        super().prepare(runtime, dataset, augmentation)
+
+
 def persona_of(dataset: SyntheticDataset, user):
     """The persona behind a synthetic user (ids are ``syn-{seed}-{index:06d}``)."""
     return dataset.persona(int(user.id.rsplit("-", 1)[1]))
 
 
-class PersonaOracle(_Reference):
+class PersonaOracle(_SyntheticReference):
     name = "oracle"
 
     def predict(self, user, query) -> str:
         return str(persona_of(self.dataset, user).rating(topic_in(query.input)))
 
 
-class BestSharer(_Reference):
+class BestSharer(_SyntheticReference):
     name = "best-sharer"
 
     def prepare(self, runtime, dataset, augmentation):
@@ -87,7 +105,7 @@ class BestSharer(_Reference):
         return PersonalState(payload=[str(best.rating(topic_in(q.input))) for q in user.queries])
 
 
-class PopulationMean(_Reference):
+class PopulationMean(_SyntheticReference):
     name = "population-mean"
 
     def prepare(self, runtime, dataset, augmentation):
@@ -106,5 +124,48 @@ class PopulationMean(_Reference):
         return f"{self.means.get(topic_in(query.input), self.fallback):.2f}"
 
 
-for _core in (PersonaOracle, PopulationMean, BestSharer):
+def history_labels(task, user) -> list[str]:
+    """The labels of a user's history items, oldest first, on a classification task whose
+    items carry one (PflError otherwise: LaMP-1's items are papers, not citation choices)."""
+    if task.kind != "classification":
+        raise PflError(f"majority rows need a classification task, not {task.name}")
+    labels = [str(item.get(task.output_field, "")).strip().lower() for item in user.history]
+    known = set(task.labels)
+    if not labels or any(label not in known for label in labels):
+        raise PflError(f"{task.name}'s history items do not carry its labels: "
+                       "no majority row for it")
+    return labels
+
+
+def most_frequent(labels: list[str]) -> str:
+    """The most frequent of ``labels``; ties go to the one seen last (the most recent)."""
+    counts = Counter(labels)
+    last = {label: i for i, label in enumerate(labels)}
+    return max(counts, key=lambda label: (counts[label], last[label]))
+
+
+class UserMajority(_Reference):
+    name = "user-majority"
+
+    def personalize(self, runtime, user, augmentation, profile) -> PersonalState:
+        label = most_frequent(history_labels(runtime.task, user))
+        return PersonalState(payload=[label] * len(user.queries))
+
+
+class Majority(_Reference):
+    name = "majority"
+
+    def prepare(self, runtime, dataset, augmentation):
+        super().prepare(runtime, dataset, augmentation)
+        users = runtime.roles.get("collective", [])
+        if not users:
+            raise PflError("majority needs collective users: none were assigned")
+        self.label = most_frequent([label for user in users
+                                    for label in history_labels(runtime.task, user)])
+
+    def personalize(self, runtime, user, augmentation, profile) -> PersonalState:
+        return PersonalState(payload=[self.label] * len(user.queries))
+
+
+for _core in (PersonaOracle, PopulationMean, BestSharer, UserMajority, Majority):
     register_core(_core.name, _core)

@@ -75,6 +75,12 @@ def test_eval_resume_keeps_finished_methods_and_refuses_other_settings(capsys, t
     assert json.loads(out_file.read_text()) == second  # left untouched
     code, _, err = run(capsys, "eval", "--task", "synthetic", "--resume", "--quiet")
     assert code == 2 and "--resume needs --out" in err
+    # a resumed run that asks for other methods adds them and loses none of the file's
+    code, _, err = run(capsys, *base, "--methods", "random1", "--resume")
+    assert code == 0, err
+    third = json.loads(out_file.read_text())
+    assert list(third["methods"]) == ["rag1", "nonpersonalized", "rag2", "random1"]
+    assert all(third["methods"][m] == second["methods"][m] for m in second["methods"])
 
 
 def test_data_stats_synthetic_json(capsys):

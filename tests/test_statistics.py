@@ -182,3 +182,40 @@ def test_best_sharer_picks_the_sharer_whose_rule_fits_the_history():
     assert answers("best-sharer", others) != oracle
     with pytest.raises(Exception, match="needs sharers"):
         answers("best-sharer", [])
+
+
+def test_majority_rows_predict_the_users_and_the_populations_most_frequent_label():
+    """user-majority answers each of a target's queries with the label it used most (ties: the
+    most recent); majority answers everyone with the collective users' most frequent label.
+    Neither exists where history items carry no label (LaMP-1) or with a prompt augmentation."""
+    from shared.methods.base import PromptAugmentation, Runtime, core_class
+    from shared.tasks import LAMP_1
+    from shared.types import HistoryItem, Query, User
+    from simulations import references  # noqa: F401  (registers the reference rows)
+
+    def user(name, labels, task=CATEGORY, field="category"):
+        history = tuple(HistoryItem(f"{name}-{i}", {"text": "t", field: label})
+                        for i, label in enumerate(labels))
+        return User(name, history, (Query(f"{name}-q0", "q", "arts"), Query(f"{name}-q1", "q")))
+
+    def answers(name, target, collective, task=CATEGORY, augmentation=PromptAugmentation()):
+        core = core_class(name)()
+        runtime = Runtime(loaded=None, task=task, seed=0, progress=False,
+                          roles={"collective": collective})
+        core.prepare(runtime, None, augmentation)
+        return core.personalize(runtime, target, augmentation, None).payload
+
+    crowd = [user("c1", ["food", "food", "arts"]), user("c2", ["sports", "food"])]
+    sporty = user("t1", ["sports", "arts", "sports", "food"])
+    tied = user("t2", ["food", "arts", "arts", "food", "sports"])  # food/arts tie: food is later
+    assert answers("user-majority", sporty, crowd) == ["sports", "sports"]
+    assert answers("user-majority", tied, crowd) == ["food", "food"]
+    assert answers("majority", sporty, crowd) == ["food", "food"]
+    assert answers("majority", tied, crowd[1:]) == ["food", "food"]  # sports/food tie: food later
+    with pytest.raises(Exception, match="needs collective users"):
+        answers("majority", sporty, [])
+    with pytest.raises(Exception, match="no \\+rag/\\+pag"):
+        answers("user-majority", sporty, crowd, augmentation=PromptAugmentation(retrieval="bm25"))
+    paper = user("p", ["A Title", "Another"], task=LAMP_1, field="title")
+    with pytest.raises(Exception, match="do not carry its labels"):
+        answers("user-majority", paper, crowd, task=LAMP_1)
