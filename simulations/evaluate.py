@@ -31,7 +31,7 @@ from shared.recipes import merge_options, over_recipe, resolve_recipe
 from shared.statistics import metric_interval
 from shared.tasks import canonical_task_name
 from shared.types import User
-from simulations import references  # noqa: F401  (registers the synthetic reference rows)
+from simulations import references  # noqa: F401  (registers the reference rows)
 
 log = logging.getLogger(__name__)
 
