@@ -147,6 +147,7 @@ def test_a_federated_run_gives_the_same_metrics_as_pfl_eval(tmp_path, huffpost_d
     from shared.methods.base import Runtime, parse_method
     from shared.methods.oppu import merge_lora, stage1_lora
     from shared.models import load_model
+    from shared.recipes import over_recipe, resolve_recipe
     from simulations.evaluate import evaluate_method
 
     # A large PerFit lr so that one epoch visibly changes the answers.
@@ -157,6 +158,11 @@ def test_a_federated_run_gives_the_same_metrics_as_pfl_eval(tmp_path, huffpost_d
         data_path=str(huffpost_dir), run_dir=tmp_path,
         options={"max-steps": 1, **settings_keys(method_options)})
 
+    # The federation trains with the shipped recipe under the run's settings; so does pfl eval.
+    expected = over_recipe(resolve_recipe("tuned", "smollm2-135m", "news-headline")[1],
+                           method_options)
+    assert summary["recipe"]["options"] == expected
+    method_options = summary["recipe"]["options"]
     dataset = load_dataset("news-headline", huffpost_dir, users=5)
     user = {n: dataset.user(n - LocalGrid.FIRST_NODE_ID) for n in range(1001, 1006)}
     roles = {role: [user[n] for n in summary[role]]
