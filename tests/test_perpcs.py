@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -510,7 +512,7 @@ def test_recipe_weights_are_float16_values():
 
 
 def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_unchanged(
-        tmp_path, tiny, monkeypatch):
+        tmp_path, tiny, monkeypatch, caplog):
     """pfl eval keeps each sharer's trained pieces (keyed by stage 1, history and the pieces'
     training settings): a second run with only another sharing ratio trains no sharer and
     gets the same pieces; another gate lr trains again."""
@@ -530,8 +532,14 @@ def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_uncha
         rt.cache["sharer_store"] = tmp_path / "store"
         return rt
 
-    first = cores.piece_pool(runtime())
+    with caplog.at_level(logging.INFO, logger=cores.log.name):
+        first = cores.piece_pool(runtime())
     assert len(list((tmp_path / "store").iterdir())) == 2  # one folder per sharer
+    # a sharer trains for minutes on the real model: each says so before and after
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sharer ")]
+    assert [m.split(":")[0] for m in progress] == [
+        f"sharer {n}/2 ({roles['sharers'][n - 1].id})" for n in (1, 1, 2, 2)]
+    assert "training" in progress[0] and progress[1].endswith(" s")
 
     def no_training(*args, **kwargs):
         raise AssertionError("a sharer was trained again")

@@ -115,14 +115,19 @@ def piece_pool(runtime: Runtime) -> PiecePool:
     model = stage1_model(runtime)
     store = runtime.cache.get("sharer_store")  # a folder: trained pieces kept between runs
     pool, adapters, embeddings, seconds = [], {}, {}, {}
-    for sharer in runtime.roles.get("sharers", []):
+    sharers = runtime.roles.get("sharers", [])
+    for n, sharer in enumerate(sharers, 1):
         t0 = time.perf_counter()
         history = recent_history(sharer, runtime.option("max_history", None))
         key = sharer_pieces_key(runtime, history, config, train_config) if store else None
         gated = load_sharer_pieces(store, key) if store else None
         if gated is None:
+            log.info("sharer %d/%d (%s): training its LoRA and gates on %d items",
+                     n, len(sharers), sharer.id, len(history.history))
             gated = train_sharer_pieces(model, runtime.tokenizer, runtime.task, history,
                                         config, train_config, sharer=sharer.id)
+            log.info("sharer %d/%d (%s): %d pieces in %.0f s", n, len(sharers), sharer.id,
+                     len(gated), time.perf_counter() - t0)
             if store:
                 save_sharer_pieces(store, key, gated)
         else:
