@@ -578,3 +578,29 @@ def test_loss_scored_selection_keeps_the_sharer_that_fits_the_targets_history(
     assert not any(isinstance(m, PieceLinear) for m in tiny.model.modules())
     assert history_loss(tiny.model, target, pad_id, 4) == pytest.approx(
         recipe.config["stage1_loss"], abs=1e-5)
+    assert recipe.config["scored_items"] == len(target)
+
+
+def test_loss_scored_selection_scores_only_the_latest_loss_items(tiny, pad_id, gated):
+    """``loss_items`` bounds perpcs-loss' cost: it scores the target's latest K items only.
+    Another user's items put before the target's own 3 change every loss when the whole
+    history is scored and none when K = 3; a negative K is refused."""
+    from shared.methods.perpcs.loss_selection import loss_scored_recipe
+
+    _, result, _ = gated
+    latest = list(user_examples(tiny.tokenizer, 0))[-3:]  # sharer-0's LoRA fits these
+    mixed = list(user_examples(tiny.tokenizer, 1)) + latest
+
+    def losses(examples, k):
+        recipe = loss_scored_recipe(tiny.model, list(result.pieces), examples, pad_id,
+                                    PerPcsConfig(assembly_batch_size=4, loss_items=k))
+        return recipe.config["scored_items"], recipe.config["losses"], \
+            recipe.config["stage1_loss"]
+
+    assert losses(mixed, 3) == losses(latest, 0)
+    sharer = result.pieces[0].sharer
+    n, whole, _ = losses(mixed, 0)
+    _, scored, _ = losses(latest, 0)
+    assert n == len(mixed) and abs(whole[sharer] - scored[sharer]) > 1e-3
+    with pytest.raises(ValueError, match="loss_items"):
+        PerPcsConfig(loss_items=-1)

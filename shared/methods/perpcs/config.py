@@ -28,6 +28,9 @@ class PerPcsConfig:
       fall back to every token of an item with no output), "all" = every token.
     - ``autoregressive``: score layer l on activations that already include the assembled
       layers < l (the paper); False scores every layer on the stage-1 model (ablation).
+    - ``loss_items``: ``perpcs-loss`` scores each sharer on the target's latest this many
+      history items (0: all of them). Its cost is one forward pass per sharer over them, so
+      on long items (news articles) this bounds the time an author takes.
     """
 
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -43,6 +46,7 @@ class PerPcsConfig:
     assembly_batch_size: int = 4
     score_positions: str = "output"
     autoregressive: bool = True
+    loss_items: int = 0
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -63,6 +67,9 @@ class PerPcsConfig:
             raise ValueError("num_clusters and assembly_batch_size must be >= 1")
         if self.score_positions not in SCORE_POSITIONS:
             raise ValueError(f"score_positions must be one of {SCORE_POSITIONS}")
+        if self.loss_items < 0:
+            raise ValueError(f"loss_items must be >= 0 (0: every history item), "
+                             f"got {self.loss_items}")
 
     def clusters_for(self, population: int) -> int:
         """K for k-means over ``population`` users: ``num_clusters`` scaled down to fit."""

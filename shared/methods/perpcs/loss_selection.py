@@ -9,7 +9,8 @@ the same topics, however differently they rated them (simulations/reports/ has t
 
 :func:`loss_scored_recipe` asks the question the gates cannot: which sharer's shared pieces,
 installed on the stage-1 model, give the lowest loss on the target's own history (teacher
-forced, one forward pass per sharer over the history; no gradient). The target keeps that
+forced, one forward pass per sharer over the history, or its latest ``loss_items`` items;
+no gradient). The target keeps that
 sharer's pieces with weight 1, as a :class:`~shared.methods.perpcs.recipe.Recipe`: it is
 stored, fetched and rebuilt exactly like a PER-PCS recipe, from the same pool. It reads every
 sharer's pieces, so it fetches the whole pool.
@@ -52,11 +53,14 @@ def loss_scored_recipe(model: torch.nn.Module, pool: Sequence[Piece],
                        examples: Sequence[Example], pad_id: int,
                        config: PerPcsConfig | None = None) -> Recipe:
     """The recipe of the one sharer whose pooled pieces give the lowest loss on ``examples``
-    (ties: the lower sharer pseudonym). Its settings record every sharer's loss and the
-    stage-1 model's own, so a reader can see how far apart they were."""
+    (oldest first; only the latest ``config.loss_items`` when that is set; ties: the lower
+    sharer pseudonym). Its settings record every sharer's loss, the stage-1 model's own and
+    how many items were scored, so a reader can see how far apart they were."""
     config = config or PerPcsConfig()
     if not examples:
         raise ValueError("loss-scored selection needs history examples: the target has none")
+    if config.loss_items:
+        examples = list(examples)[-config.loss_items:]
     sharers = pieces_by_sharer(pool, config.target_modules)
     if not sharers:
         raise ValueError("loss-scored selection needs a pool with pieces: it is empty")
@@ -69,7 +73,7 @@ def loss_scored_recipe(model: torch.nn.Module, pool: Sequence[Piece],
     entries: Mapping[Key, list[tuple[str, float]]] = {
         piece.key: [(piece.piece_id, 1.0)] for piece in sharers[best]}
     settings = config.to_dict()
-    settings.update(method="perpcs-loss", sharer=best,
+    settings.update(method="perpcs-loss", sharer=best, scored_items=len(examples),
                     losses={s: round(v, 6) for s, v in losses.items()},
                     stage1_loss=round(history_loss(model, examples, pad_id,
                                                    config.assembly_batch_size), 6))
