@@ -2,7 +2,8 @@
 flower-supernode processes, all with TLS and SuperNode authentication (each device's key
 made on the device with `pfl node-key`, registered with `flwr supernode register`; a fifth,
 unregistered SuperNode is refused), and `flwr run .` with stage 1 under secure aggregation
-(SecAgg+); every process is stopped by the test, even on failure."""
+(SecAgg+); the ServerApp runs on the SuperLink's own, locked packages (nothing installed at
+run time); every process is stopped by the test, even on failure."""
 
 from __future__ import annotations
 
@@ -84,7 +85,10 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
                       "--ssl-certfile", str(certs / "server.pem"),
                       "--ssl-keyfile", str(certs / "server.key"), "--host", "127.0.0.1",
                       "--port", str(link_port), "--database", str(tmp_path / "link.db"),
-                      "--enable-supernode-auth"],  # only registered SuperNodes join
+                      "--enable-supernode-auth",  # only registered SuperNodes join
+                      # the ServerApp runs in this (locked) environment: no uv sync of the
+                      # app's dependencies from an index at run time
+                      "--disable-runtime-dependency-installation"],
                      tmp_path / "superlink.log", env)
     _wait_port(link_port, link, tmp_path / "superlink.log")
     home = tmp_path / "flwr-home"
@@ -139,6 +143,10 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
     assert summary_path.is_file(), f"no federation.json after the run:\n{logs}"
     time.sleep(0.5)  # the file is written in one go; let the writer finish
     summary = json.loads(summary_path.read_text())
+    # nothing was installed at run time: the ServerApp used the SuperLink's own packages
+    run_log = (tmp_path / "flwr-run.log").read_text(errors="replace")
+    assert "Installing application dependencies" not in run_log, run_log[-3000:]
+    assert not any((home / "runtime-envs").glob("*")), "a runtime environment was created"
     assert summary["nodes"] == NODES and len(summary["evaluated_targets"]) == 1
     # the unregistered SuperNode was refused and gave up; it answered nothing
     intruder.wait(timeout=60)
