@@ -60,7 +60,7 @@ def loss_scored_recipe(model: torch.nn.Module, pool: Sequence[Piece],
     if not examples:
         raise ValueError("loss-scored selection needs history examples: the target has none")
     if config.loss_items:
-        examples = list(examples)[-config.loss_items:]
+        examples = examples[-config.loss_items:]  # a LazyExamples slice encodes only these
     sharers = pieces_by_sharer(pool, config.target_modules)
     if not sharers:
         raise ValueError("loss-scored selection needs a pool with pieces: it is empty")
