@@ -7,6 +7,7 @@ run time); every process is stopped by the test, even on failure."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -14,9 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import FAB_MAX_SIZE
 
 from edge_client import audit
 
@@ -180,3 +184,16 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, processes
     assert stage1 and all(e["meta"].get("secagg") is True for e in stage1)
     assert len(masked) == (NODES - 2) * len(summary["stage1"])
     assert all(a["name"].startswith("masked/") for e in masked for a in e["arrays"])
+
+
+def test_the_app_bundle_holds_the_code_and_stays_small():
+    """`flwr run` refuses a FAB over 10 MiB: the committed results once made it 11 MiB and
+    the deployment failed on a clean checkout. Built by Flower's own builder, as `flwr run`."""
+    fab = build_fab_from_disk(REPO)
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    assert len(fab) < FAB_MAX_SIZE // 4, f"{len(fab)} bytes"
+    code = {str(p.relative_to(REPO)) for pkg in ("cloud_server", "edge_client", "shared")
+            for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts}
+    assert code and code <= names, sorted(code - names)[:5]
+    assert "shared/recipes/smollm2-135m/news-category.json" in names  # the apps read recipes
+    assert not any(n.startswith(("simulations/", "tests/")) for n in names)
