@@ -150,7 +150,9 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
         t0 = time.perf_counter()
         state = core.personalize(runtime, user, augmentation, profile)
         prompts_per_user.append(augmented_prompts(runtime, user, augmentation, profile))
-        seconds.append(time.perf_counter() - t0 + (profile_seconds if augmentation.profile else 0))
+        # a state a resumed run read back costs what training it cost, not the file read
+        seconds.append(time.perf_counter() - t0 + state.info.get("reused_seconds", 0.0)
+                       + (profile_seconds if augmentation.profile else 0))
         state.bytes += _profile_bytes(profile)
         states.append(state)
 

@@ -3,14 +3,19 @@ per set of (model, users, examples, settings) and read back by later runs, bit f
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from shared.data import load_dataset
+from shared.generation import GenerationConfig
+from shared.methods import parse_method
 from shared.methods import store
 from shared.methods.base import Runtime
 from shared.methods.oppu import core as oppu_core
 from shared.methods.perfit import core as perfit_core
+from simulations.evaluate import evaluate_method
 
 
 @pytest.fixture
@@ -95,7 +100,9 @@ def test_perfit_personal_stage_is_kept_per_user(tmp_path, tiny, synthetic, monke
     left, right = first.payload.export_arrays(), again.payload.export_arrays()
     assert left.keys() == right.keys() and all((left[k] == right[k]).all() for k in left)
     assert any((left[k] != other.payload.export_arrays()[k]).any() for k in left)
-    assert again.params == first.params and again.info == first.info
+    assert again.params == first.params and again.info["steps"] == first.info["steps"]
+    # what it cost is its training time, kept with it, not the time to read it back
+    assert first.info["reused_seconds"] == 0.0 < again.info["reused_seconds"]
     for changed in ({"perfit": {"epochs": 1.0, "lr": 5e-3}},  # the recipe (both stages)
                     {**options, "max_history": 5}):  # the user's examples
         with pytest.raises(AssertionError, match="trained again"):
@@ -123,3 +130,21 @@ def test_oppu_personal_lora_is_kept_per_user_and_stage1(tmp_path, tiny, syntheti
         with pytest.raises(AssertionError, match="trained again"):
             core.personalize(_runtime(tiny, synthetic, tmp_path, **changed),
                              synthetic.user(user), plain, None)
+
+
+def test_a_resumed_evaluation_reports_the_training_time_of_what_it_read_back(
+        tmp_path, tiny, synthetic, monkeypatch):
+    """Per-user seconds in a results file are what personalizing a user costs: a resumed run
+    that reads each user's LoRA back must not report the milliseconds the read took."""
+    options = {"oppu": {"max_steps": 2}}
+    spec, targets = parse_method("oppu"), [synthetic.user(0), synthetic.user(1)]
+    generation = GenerationConfig(max_new_tokens=2, batch_size=4)
+    evaluate_method(_runtime(tiny, synthetic, tmp_path, **options), spec, synthetic, targets,
+                    {}, 0.0, generation)
+    kept = [json.loads(p.read_text())["stats"] for p in tmp_path.glob("*.json")]
+    trained = [k["train_seconds"] for k in kept if k.get("users") == 1]
+    assert len(trained) == 2 and all(t > 0 for t in trained)
+    monkeypatch.setattr(oppu_core, "train_personal_lora", _no_training)
+    resumed = evaluate_method(_runtime(tiny, synthetic, tmp_path, **options), spec, synthetic,
+                              targets, {}, 0.0, generation)
+    assert resumed["seconds_per_user"] >= sum(trained) / 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import zipfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -124,7 +125,8 @@ def trained_once(runtime, kind: str, users: Sequence[User], examples: Sequence,
     """``train()``'s ``(arrays, stats)``, or the same read back from the run's store
     (``runtime.cache["state_store"]``, a folder) when an earlier run trained it on the same
     ``users``, ``examples`` (:func:`examples_digest`) and ``settings`` (a mapping, or a
-    function that returns one: called only when there is a store)."""
+    function that returns one: called only when there is a store). Stats read back carry
+    ``reused: True``; stats kept carry ``train_seconds`` (see :func:`reused_seconds`)."""
     store = runtime.cache.get("state_store")
     if store is None:
         arrays, stats = train()
@@ -134,11 +136,23 @@ def trained_once(runtime, kind: str, users: Sequence[User], examples: Sequence,
     kept = load_state(store, key)
     if kept is not None:
         log.info("%s: trained state reused from %s (%s)", kind, store, key[:12])
-        return kept
+        return kept[0], {**kept[1], "reused": True}
+    started = time.perf_counter()
     arrays, stats = train()
+    stats = {**stats, "train_seconds": time.perf_counter() - started}
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     try:
         save_state(store, key, arrays, stats)
     except OSError as e:  # a full or read-only cache must not lose the run
         log.warning("%s: could not keep the trained state in %s: %s", kind, store, e)
-    return arrays, dict(stats)
+    return arrays, stats
+
+
+def reused_seconds(stats: Mapping[str, Any]) -> float:
+    """The training time a state read back by :func:`trained_once` cost when it was trained
+    (0 for a state trained in this run, whose time the caller measured itself), so that a
+    resumed run reports what personalization costs, not what reading a file costs. Entries
+    from before ``train_seconds`` was kept fall back on the trainer's own ``seconds``."""
+    if not stats.get("reused"):
+        return 0.0
+    return float(stats.get("train_seconds", stats.get("seconds", 0.0)))
