@@ -24,6 +24,7 @@ from shared.errors import PflError
 from shared.generation import GenerationConfig
 from shared.methods import (Core, MethodSpec, PersonalState, Runtime, augmented_prompts,
                             parse_method)
+from shared.methods.store import reused_so_far
 from shared.metrics import evaluate, metric_stats
 from shared.models import cache_dir, canonical_name, load_model
 from shared.profiles import generate_profiles
@@ -137,9 +138,11 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
     """Personalize every target with one method, answer its queries, score them."""
     core: Core = spec.make_core()
     augmentation = spec.augmentation
-    started = time.perf_counter()
+    # what a step read back from the caches (stage 1, sharers, users' states) counts as the
+    # training it replaced: a resumed run reports the method's cost, not a file read's
+    started, reused = time.perf_counter(), reused_so_far(runtime)
     core.prepare(runtime, dataset, augmentation)
-    prepare_seconds = time.perf_counter() - started
+    prepare_seconds = time.perf_counter() - started + reused_so_far(runtime) - reused
 
     states: list[PersonalState] = []
     seconds: list[float] = []
@@ -147,11 +150,10 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
     for user in tqdm(targets, desc=f"{spec.name}: personalize", disable=not runtime.progress,
                      leave=False):
         profile = profiles.get(user.id) if augmentation.profile else None
-        t0 = time.perf_counter()
+        t0, reused = time.perf_counter(), reused_so_far(runtime)
         state = core.personalize(runtime, user, augmentation, profile)
         prompts_per_user.append(augmented_prompts(runtime, user, augmentation, profile))
-        # a state a resumed run read back costs what training it cost, not the file read
-        seconds.append(time.perf_counter() - t0 + state.info.get("reused_seconds", 0.0)
+        seconds.append(time.perf_counter() - t0 + reused_so_far(runtime) - reused
                        + (profile_seconds if augmentation.profile else 0))
         state.bytes += _profile_bytes(profile)
         states.append(state)

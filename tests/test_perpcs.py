@@ -519,6 +519,7 @@ def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_uncha
     from shared.methods.perpcs import core as cores
     from shared.data import load_dataset
     from shared.methods.base import Runtime
+    from shared.methods.store import reused_so_far
 
     dataset = load_dataset("synthetic", None, num_users=6, seed=0)
     roles = {"sharers": [dataset.user(0), dataset.user(1)],
@@ -545,9 +546,13 @@ def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_uncha
         raise AssertionError("a sharer was trained again")
 
     monkeypatch.setattr(cores, "train_sharer_pieces", no_training)
-    again = cores.piece_pool(runtime(sharing_ratio=0.5))
+    resumed = runtime(sharing_ratio=0.5)
+    again = cores.piece_pool(resumed)
     assert {k: [p.piece_id for p in v] for k, v in again.adapters.items()} == \
         {k: [p.piece_id for p in v] for k, v in first.adapters.items()}
+    # a resumed run's costs count the kept pieces' training time, not the time to read them
+    assert 0 < reused_so_far(resumed) <= sum(first.seconds.values())
+    assert all(again.seconds[s] >= 0.5 * first.seconds[s] for s in first.seconds)
     assert len(again.pool) < len(first.pool)  # the ratio still applies
     with pytest.raises(AssertionError, match="trained again"):
         cores.piece_pool(runtime(gate_lr=2e-2))

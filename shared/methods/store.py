@@ -125,8 +125,8 @@ def trained_once(runtime, kind: str, users: Sequence[User], examples: Sequence,
     """``train()``'s ``(arrays, stats)``, or the same read back from the run's store
     (``runtime.cache["state_store"]``, a folder) when an earlier run trained it on the same
     ``users``, ``examples`` (:func:`examples_digest`) and ``settings`` (a mapping, or a
-    function that returns one: called only when there is a store). Stats read back carry
-    ``reused: True``; stats kept carry ``train_seconds`` (see :func:`reused_seconds`)."""
+    function that returns one: called only when there is a store). Stats kept carry
+    ``train_seconds``; reading them back counts that time with :func:`note_reused`."""
     store = runtime.cache.get("state_store")
     if store is None:
         arrays, stats = train()
@@ -136,7 +136,9 @@ def trained_once(runtime, kind: str, users: Sequence[User], examples: Sequence,
     kept = load_state(store, key)
     if kept is not None:
         log.info("%s: trained state reused from %s (%s)", kind, store, key[:12])
-        return kept[0], {**kept[1], "reused": True}
+        arrays, stats = kept
+        note_reused(runtime, stats.get("train_seconds", stats.get("seconds", 0.0)))
+        return arrays, stats
     started = time.perf_counter()
     arrays, stats = train()
     stats = {**stats, "train_seconds": time.perf_counter() - started}
@@ -148,11 +150,15 @@ def trained_once(runtime, kind: str, users: Sequence[User], examples: Sequence,
     return arrays, stats
 
 
-def reused_seconds(stats: Mapping[str, Any]) -> float:
-    """The training time a state read back by :func:`trained_once` cost when it was trained
-    (0 for a state trained in this run, whose time the caller measured itself), so that a
-    resumed run reports what personalization costs, not what reading a file costs. Entries
-    from before ``train_seconds`` was kept fall back on the trainer's own ``seconds``."""
-    if not stats.get("reused"):
-        return 0.0
-    return float(stats.get("train_seconds", stats.get("seconds", 0.0)))
+def note_reused(runtime, seconds: float) -> None:
+    """Count ``seconds`` of earlier training that this run read back instead of repeating it
+    (a kept state, a sharer's kept pieces). ``pfl eval`` adds what a step read back to the
+    time it measured (:func:`reused_so_far` before and after), so that a resumed run reports
+    what a method costs, not what reading its files costs. Entries kept before their time
+    was recorded count 0."""
+    runtime.cache["reused_seconds"] = reused_so_far(runtime) + float(seconds or 0.0)
+
+
+def reused_so_far(runtime) -> float:
+    """The training seconds this run has read back so far (:func:`note_reused`)."""
+    return float(runtime.cache.get("reused_seconds", 0.0))

@@ -26,7 +26,7 @@ from shared.methods.oppu.model import (attach_lora, load_adapter_state, lora_sta
                                        param_count, save_adapter_state, state_bytes)
 from shared.methods.oppu.training import (personal_examples, stage1_examples, train_personal_lora,
                                          train_stage1_lora)
-from shared.methods.store import arrays_digest, model_digest, reused_seconds, trained_once
+from shared.methods.store import arrays_digest, model_digest, trained_once
 from shared.training import TrainConfig, seeded
 from shared.types import User, recent_history
 
@@ -144,8 +144,7 @@ class PersonalLora(Core):
                      "stage1": stage1_digest(runtime) if self.on_stage1 else None}, train)
         state = {k: torch.from_numpy(v) for k, v in arrays.items()}
         return PersonalState(params=param_count(state), bytes=state_bytes(state), payload=state,
-                             info={"steps": stats["steps"],
-                                   "reused_seconds": reused_seconds(stats)})
+                             info={"steps": stats["steps"]})
 
     @contextmanager
     def model_for(self, runtime, state):

@@ -22,7 +22,7 @@ from shared.methods.perfit.config import PerFitConfig
 from shared.methods.perfit.intervention import orthonormality_error, reorthonormalize
 from shared.methods.perfit.model import (PerFitStage, intervened, new_stages, train_stage1,
                                          train_stage2)
-from shared.methods.store import arrays_digest, reused_seconds, trained_once
+from shared.methods.store import arrays_digest, trained_once
 from shared.prompts import pad_token_id
 from shared.training import LazyExamples, history_examples
 from shared.types import recent_history
@@ -133,8 +133,7 @@ class PersonalShift(Core):
         personal = PerFitStage.from_arrays(arrays, device=runtime.loaded.device)
         params = personal.num_parameters()
         return PersonalState(params=params, bytes=4 * params, payload=personal,
-                             info={"steps": stats["steps"],
-                                   "reused_seconds": reused_seconds(stats)})
+                             info={"steps": stats["steps"]})
 
     def answer_torch(self, runtime, state, prompts, generation, *, desc="generate",
                      progress=False):

@@ -44,6 +44,7 @@ from shared.methods.perpcs.pieces import updates_installed
 from shared.methods.perpcs.recipe import Recipe, rebuild
 from shared.methods.perpcs.retrieval_baseline import peft_retrieval_recipe
 from shared.methods.perpcs.training import train_sharer_pieces
+from shared.methods.store import note_reused
 from shared.prompts import pad_token_id
 from shared.serialization import InvalidPiece, content_bytes, piece_from_content_bytes
 from shared.types import User, recent_history
@@ -120,7 +121,8 @@ def piece_pool(runtime: Runtime) -> PiecePool:
         t0 = time.perf_counter()
         history = recent_history(sharer, runtime.option("max_history", None))
         key = sharer_pieces_key(runtime, history, config, train_config) if store else None
-        gated = load_sharer_pieces(store, key) if store else None
+        kept = load_sharer_pieces(store, key) if store else None
+        gated = kept[0] if kept else None
         if gated is None:
             log.info("sharer %d/%d (%s): training its LoRA and gates on %d items",
                      n, len(sharers), sharer.id, len(history.history))
@@ -129,13 +131,14 @@ def piece_pool(runtime: Runtime) -> PiecePool:
             log.info("sharer %d/%d (%s): %d pieces in %.0f s", n, len(sharers), sharer.id,
                      len(gated), time.perf_counter() - t0)
             if store:
-                save_sharer_pieces(store, key, gated)
+                save_sharer_pieces(store, key, gated, seconds=time.perf_counter() - t0)
         else:
             log.info("sharer %s: %d trained pieces reused from %s", sharer.id, len(gated), store)
+            note_reused(runtime, kept[1])  # what training them took, for a resumed run's costs
         pool += select_shared_pieces(gated, config.sharing_ratio, config.sharing_seed)
         adapters[sharer.id] = gated
         embeddings[sharer.id] = user_embedding(runtime.task, sharer)
-        seconds[sharer.id] = time.perf_counter() - t0
+        seconds[sharer.id] = time.perf_counter() - t0 + (kept[1] if kept else 0.0)
     if not pool:
         raise ValueError("PER-PCS needs sharers: none were assigned")
     log.info("piece pool: %d pieces from %d sharers", len(pool), len(adapters))
@@ -163,9 +166,11 @@ def sharer_pieces_key(runtime: Runtime, sharer: User, config: PerPcsConfig,
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def save_sharer_pieces(store: str | Path, key: str, pieces: list) -> Path:
+def save_sharer_pieces(store: str | Path, key: str, pieces: list, *,
+                       seconds: float = 0.0) -> Path:
     """Keep a sharer's gated pieces under ``store/key/`` (content bytes per piece, named by
-    its id, and an index), written to a temporary folder and renamed into place."""
+    its id, and an index with the ``seconds`` training them took), written to a temporary
+    folder and renamed into place."""
     target = Path(store) / key
     if target.is_dir():
         return target
@@ -175,7 +180,8 @@ def save_sharer_pieces(store: str | Path, key: str, pieces: list) -> Path:
         for piece in pieces:
             (tmp / f"{piece.piece_id}.bin").write_bytes(content_bytes(piece))
         (tmp / "index.json").write_text(json.dumps(
-            {"sharer": pieces[0].sharer if pieces else "", "pieces": [p.piece_id for p in pieces]}))
+            {"sharer": pieces[0].sharer if pieces else "", "pieces": [p.piece_id for p in pieces],
+             "seconds": float(seconds)}))
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,14 +190,16 @@ def save_sharer_pieces(store: str | Path, key: str, pieces: list) -> Path:
     return target
 
 
-def load_sharer_pieces(store: str | Path, key: str) -> list | None:
-    """The pieces :func:`save_sharer_pieces` kept under ``key`` (each re-hashed against its
-    id), or None when there are none or they do not check out."""
+def load_sharer_pieces(store: str | Path, key: str) -> tuple[list, float] | None:
+    """``(pieces, seconds)`` that :func:`save_sharer_pieces` kept under ``key`` (each piece
+    re-hashed against its id; seconds 0 for an entry kept before its time was), or None when
+    there are none or they do not check out."""
     folder = Path(store) / key
     try:
         index = json.loads((folder / "index.json").read_text())
-        return [piece_from_content_bytes((folder / f"{pid}.bin").read_bytes(), index["sharer"],
-                                         expected_id=pid) for pid in index["pieces"]]
+        pieces = [piece_from_content_bytes((folder / f"{pid}.bin").read_bytes(), index["sharer"],
+                                           expected_id=pid) for pid in index["pieces"]]
+        return pieces, float(index.get("seconds", 0.0))
     except (OSError, ValueError, KeyError, TypeError, InvalidPiece):
         return None
 
