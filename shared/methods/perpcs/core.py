@@ -122,7 +122,7 @@ def piece_pool(runtime: Runtime) -> PiecePool:
         history = recent_history(sharer, runtime.option("max_history", None))
         key = sharer_pieces_key(runtime, history, config, train_config) if store else None
         kept = load_sharer_pieces(store, key) if store else None
-        gated = kept[0] if kept else None
+        gated, kept_seconds = kept if kept else (None, 0.0)
         if gated is None:
             log.info("sharer %d/%d (%s): training its LoRA and gates on %d items",
                      n, len(sharers), sharer.id, len(history.history))
@@ -134,11 +134,11 @@ def piece_pool(runtime: Runtime) -> PiecePool:
                 save_sharer_pieces(store, key, gated, seconds=time.perf_counter() - t0)
         else:
             log.info("sharer %s: %d trained pieces reused from %s", sharer.id, len(gated), store)
-            note_reused(runtime, kept[1])  # what training them took, for a resumed run's costs
+            note_reused(runtime, kept_seconds)  # what training them took, for a resumed run's costs
         pool += select_shared_pieces(gated, config.sharing_ratio, config.sharing_seed)
         adapters[sharer.id] = gated
         embeddings[sharer.id] = user_embedding(runtime.task, sharer)
-        seconds[sharer.id] = time.perf_counter() - t0 + (kept[1] if kept else 0.0)
+        seconds[sharer.id] = time.perf_counter() - t0 + kept_seconds
     if not pool:
         raise ValueError("PER-PCS needs sharers: none were assigned")
     log.info("piece pool: %d pieces from %d sharers", len(pool), len(adapters))
