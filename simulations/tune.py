@@ -140,8 +140,10 @@ def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dic
               "stages": stages, "grid": {s: config.grid[s] for s in stages}}
     done = {}
     if previous is not None:
-        if previous.get("search") != json.loads(json.dumps(search)):
-            raise PflError("cannot resume: the earlier search had other settings or users")
+        if not _resumable(previous.get("search") or {}, json.loads(json.dumps(search))):
+            raise PflError("cannot resume: the earlier search had other settings or users "
+                           "(a finished recipe can only be extended by stages after its own, "
+                           "with its own grids)")
         done = {json.dumps([t["stage"], t["options"]], sort_keys=True): t
                 for t in previous.get("trials", [])}
     loaded = load_model(config.model, device=config.device, cache=config.cache_dir,
@@ -175,6 +177,17 @@ def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dic
         if on_trial is not None:
             on_trial(recipe)
     return recipe
+
+
+def _resumable(previous: dict, search: dict) -> bool:
+    """Whether an earlier search's trials belong to this one: the same users and settings,
+    and its stages the first of this one's with the same grids (so a shipped recipe, tuned for
+    ``oppu``, is extended by ``--stages oppu,perfit`` without running its trials again)."""
+    before, now = dict(previous), dict(search)
+    stages_before, stages_now = before.pop("stages", None) or [], now.pop("stages")
+    grid_before, grid_now = before.pop("grid", None) or {}, now.pop("grid")
+    return (before == now and stages_now[:len(stages_before)] == stages_before
+            and all(grid_before.get(stage) == grid_now[stage] for stage in stages_before))
 
 
 def _trial(loaded, dataset, roles, spec, stage, options, config, generation, memo) -> dict:

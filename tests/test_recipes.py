@@ -111,6 +111,20 @@ def test_pfl_tune_scores_validation_users_only_and_resumes(capsys, tmp_path):
     assert again["trials"][0]["wall_seconds"] == -1.0 and len(again["trials"]) == 2
     code = main([*argv[:-2], "--out", str(out), "--resume", "--seed", "3"])
     assert code == 2 and "cannot resume" in capsys.readouterr().err
+    # a finished recipe is extended by a later stage: its trials kept, the new stage's run on
+    # top of its choice
+    stages = argv.index("--stages") + 1
+    extended = [*argv[:stages], "stage1,oppu", *argv[stages + 1:-2], "--grid",
+                "oppu.lr=1e-3", "--grid", "oppu.epochs=1", "--out", str(out), "--resume"]
+    assert main(extended) == 0, capsys.readouterr().err
+    grown = json.loads(out.read_text())
+    assert grown["trials"][0]["wall_seconds"] == -1.0
+    assert [t["stage"] for t in grown["trials"]] == ["stage1", "stage1", "oppu"]
+    assert grown["trials"][2]["options"]["stage1"] == best
+    assert grown["options"] == {"stage1": best, "oppu": {"lr": 1e-3, "epochs": 1}}
+    # but not with another grid for a stage it already tuned
+    regridded = [a if a != "stage1.lr=1e-4,5e-2" else "stage1.lr=1e-4" for a in extended]
+    assert main(regridded) == 2 and "cannot resume" in capsys.readouterr().err
 
 
 def test_epoch_flags_win_over_the_recipes_epochs_and_set_wins_over_both():
