@@ -158,15 +158,18 @@ class Personalizer:
         self.pool = pool
         self.adapters = _Lru(int(limits.adapter_cache_mb * (1 << 20)))
         self.recipes = _Lru(int(limits.recipe_cache_mb * (1 << 20)))
-        self.base_row = RowAdapter(self.stage1, name="stage1") if self.stage1 else None
-        engine.check(self.base_row)
+        self.base_row = engine.place(RowAdapter(self.stage1, name="stage1")
+                                     if self.stage1 else None)
 
-    def _checked(self, row: RowAdapter) -> RowAdapter:
+    def _checked(self, row: RowAdapter, *, place: bool = True) -> RowAdapter:
+        """``row`` checked against the model and (``place``) put on the engine's device."""
         try:
-            self.engine.check(row)
+            if not place:
+                self.engine.check(row)
+                return row
+            return self.engine.place(row)
         except PflError as exc:
             raise _bad(str(exc)) from None
-        return row
 
     def row(self, request: pfl_pb2.GenerateRequest) -> RowAdapter | None:
         kind = request.WhichOneof("personalization")
@@ -204,7 +207,7 @@ class Personalizer:
             updates = rebuild(recipe, self.pool.piece)
         except (PflError, ValueError) as exc:
             raise _bad(f"recipe: {exc}") from None
-        self._checked(RowAdapter(updates, name="perpcs"))  # alone first: shapes must fit
+        self._checked(RowAdapter(updates, name="perpcs"), place=False)  # alone: shapes fit?
         row = self._checked(RowAdapter(concat(self.stage1, updates), name="perpcs"))
         self.recipes.put(key, row, _updates_bytes(updates))
         return row
@@ -222,7 +225,6 @@ class Personalizer:
             raise _bad(f"PerFit parameters of width {stage2.hidden_size} on layers "
                        f"{list(stage2.layers)} do not fit the model "
                        f"({self.engine.num_layers} layers of width {self.engine.hidden_size})")
-        stage2 = stage2.to(self.engine.device)
         return self._checked(RowAdapter(intervention=RowIntervention(
             (self.perfit_stage1, stage2), self.perfit_positions), name="perfit"))
 
@@ -242,7 +244,7 @@ class Personalizer:
         if self.adapters.get(ident) is not None:
             return ident, False
         updates = piece_updates(pieces)
-        self._checked(RowAdapter(updates, name="oppu"))  # alone first: shapes must fit
+        self._checked(RowAdapter(updates, name="oppu"), place=False)  # alone: shapes fit?
         row = self._checked(RowAdapter(concat(self.stage1, updates), name="oppu"))
         if not self.adapters.put(ident, row, _updates_bytes(updates)):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -34,7 +34,10 @@ def cmd_generate(args) -> int:
     if args.arrays:
         with np.load(args.arrays, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    loaded = load_model(args.model, device=args.device)
+    # an ONNX backend exports the graph from a model on the CPU: there "auto" means the CPU,
+    # even on a machine with CUDA
+    device = args.device or ("cpu" if args.backend != "torch" else None)
+    loaded = load_model(args.model, device=device)
     pool = PoolPieces(args.pool, args.ca) if args.pool else None
     remote = None
     if args.remote:
@@ -85,7 +88,8 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--arrays", default=None,
                      help="the federation's global_arrays.npz (stage 1, PerFit stage 1)")
     gen.add_argument("--model", default=None, help="base model (default smollm2-135m)")
-    gen.add_argument("--device", default=None, help="cpu or cuda")
+    gen.add_argument("--device", default=None,
+                     help="cpu or cuda (default: cuda if present with --backend torch, else cpu)")
     gen.add_argument("--pool", default=None, metavar="HOST:PORT",
                      help="the piece pool (PER-PCS recipes name its pieces)")
     gen.add_argument("--remote", default=None, metavar="HOST:PORT",

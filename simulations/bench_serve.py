@@ -68,7 +68,9 @@ class _Users:
         self.stage1 = self._lora(spec.target_modules, spec.r, "stage1")
         perfit = PerFitConfig()
         self.perfit_config = perfit
-        self.perfit_stage1, _ = new_stages(perfit, self.num_layers, self.hidden, seed=seed)
+        self.device = next(model.parameters()).device
+        self.perfit_stage1, _ = new_stages(perfit, self.num_layers, self.hidden, seed=seed,
+                                           device=self.device)
         self.pieces: dict[str, list[Piece]] = {}  # sharer -> pieces (the pool)
 
     def _factors(self, key, r):
@@ -127,7 +129,7 @@ class _Users:
             for layer in stage.layers:
                 stage[layer].learned_source.weight.normal_(0, 0.02, generator=self.gen)
                 stage[layer].learned_source.bias.normal_(0, 0.02, generator=self.gen)
-        return stage
+        return stage.to(self.device)
 
     # rows as the device / the service builds them
     def row(self, kind: str, payload) -> RowAdapter | None:
@@ -182,9 +184,12 @@ def bench_serve(model: str = "smollm2-135m", *, batch_sizes: Sequence[int] = (8,
         for size in batch_sizes:
             batch = prompts[:size]
             cases = {"base": [None] * size}
+            # placed on the engine's device once, as the inference service keeps them
             for kind in KINDS:
-                cases[kind] = [users.row(kind, payloads[kind][i]) for i in range(size)]
-            cases["mixed"] = [users.row(KINDS[i % len(KINDS)], payloads[KINDS[i % len(KINDS)]][i])
+                cases[kind] = [engine.place(users.row(kind, payloads[kind][i]))
+                               for i in range(size)]
+            cases["mixed"] = [engine.place(users.row(KINDS[i % len(KINDS)],
+                                                     payloads[KINDS[i % len(KINDS)]][i]))
                               for i in range(size)]
             for name, rows in cases.items():
                 seconds = statistics.median(_timed(engine, batch, rows, new_tokens)
@@ -240,7 +245,8 @@ def _load_test(loaded, users: _Users, texts, prompts, *, clients: int, requests:
             expected = {}
             for person, prompt in sorted(set(asks)):
                 kind, payload = people[person]
-                tokens = engine.generate([prompts[prompt]], [users.row(kind, payload)],
+                tokens = engine.generate([prompts[prompt]],
+                                         [engine.place(users.row(kind, payload))],
                                          max_new_tokens=new_tokens,
                                          min_new_tokens=new_tokens)[0]
                 expected[(person, prompt)] = loaded.tokenizer.decode(

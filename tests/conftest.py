@@ -9,9 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+#: where the model fixtures live: "cpu" (CI), or "cuda" to run the mechanics on a GPU box
+#: (``PFL_TEST_DEVICE=cuda ./dev test tests/test_oppu.py ...``); tests that load the tiny
+#: model themselves without a device follow ``auto``, i.e. CUDA when present.
+TEST_DEVICE = os.environ.get("PFL_TEST_DEVICE", "cpu")
+
 #: ../shared/data beside the checkout (the team's reference data; never committed here).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HUFFPOST = SHARED_DATA / "huffpost"
+
+
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """The device the model fixtures use (``PFL_TEST_DEVICE``, default cpu)."""
+    return TEST_DEVICE
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +44,7 @@ def tiny():
     """The tiny random Llama with SmolLM2's tokenizer (shared, frozen: do not modify it)."""
     from shared.models import load_model
 
-    return load_model("tiny", device="cpu")
+    return load_model("tiny", device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +52,7 @@ def smollm2():
     """The real embedded SmolLM2-135M (shared, frozen: do not modify it)."""
     from shared.models import load_model
 
-    return load_model("smollm2-135m", device="cpu")
+    return load_model("smollm2-135m", device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")

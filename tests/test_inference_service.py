@@ -53,7 +53,7 @@ def setup(tiny, small_world, tmp_path_factory):
     store.close()
     certs = crypto.write_dev_certs(root / "certs").directory
     model64 = copy.deepcopy(tiny.model).double().eval()
-    loaded64 = LoadedModel("tiny64", model64, tiny.tokenizer, torch.device("cpu"))
+    loaded64 = LoadedModel("tiny64", model64, tiny.tokenizer, tiny.device)
     limits = ServeLimits(max_wait_ms=50, max_per_client=4, max_prompt_tokens=300,
                          max_new_tokens=16, default_new_tokens=8)
     server = start_inference_server(certs, loaded=loaded64, arrays=root / "global_arrays.npz",
@@ -296,8 +296,8 @@ def test_a_devices_evaluation_scores_the_same_locally_through_the_service_and_on
     with np.load(root / "global_arrays.npz") as data:
         arrays = {k: data[k] for k in data.files}
     model64 = setup["server"].engine.model  # the service's own float64 weights, not in use now
-    loaded64 = LoadedModel("tiny64", copy.deepcopy(model64), setup["tokenizer"],
-                           torch.device("cpu"))
+    loaded64 = LoadedModel("tiny64", copy.deepcopy(model64).cpu(), setup["tokenizer"],
+                           torch.device("cpu"))  # on the CPU: the ONNX export needs it
 
     class LocalPool:  # the pool as a device reads it, from the same store
         def __init__(self, store):

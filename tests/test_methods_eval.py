@@ -4,7 +4,6 @@ import hashlib
 import json
 
 import pytest
-import torch
 
 from shared.data import load_dataset
 from shared.methods.base import parse_method
@@ -45,12 +44,12 @@ ALL = ["nonpersonalized", "lora-c", "lora-p", "oppu", "perpcs", "peft-retrieval"
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, test_device):
     from shared.models import load_model
 
-    base = load_model("tiny", device="cpu").model
+    base = load_model("tiny", device=test_device).model
     before = checksum(base)
-    config = EvalConfig(task="synthetic", methods=ALL, model="tiny", users=2, device="cpu",
+    config = EvalConfig(task="synthetic", methods=ALL, model="tiny", users=2, device=test_device,
                         sharers=2, collective=3, max_history=8, stage1_epochs=1,
                         personal_epochs=1, progress=False,
                         options={"perpcs": {"gate_steps": 5}, "perfit": {"epochs": 1}})

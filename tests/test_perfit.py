@@ -24,14 +24,15 @@ def _examples(tokenizer, n=6, user="cats"):
                            f"Topic {i}: {user} love {user}", 64) for i in range(n)]
 
 
-def _strong_stage(layers, rank, seed, scale=3.0):
-    """A clearly non-trivial stage: large random b (the hidden states are O(1))."""
+def _strong_stage(layers, rank, seed, scale=3.0, device="cpu"):
+    """A clearly non-trivial stage: large random b (the hidden states are O(1)), on
+    ``device`` (the model's, where a test runs it through the model)."""
     stage = PerFitStage(layers, D, rank, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in stage.layers:
             stage[layer].learned_source.bias.copy_(scale * torch.randn(rank, generator=generator))
-    return stage
+    return stage.to(device)
 
 
 def _logits(model, input_ids):
@@ -156,9 +157,10 @@ def test_positions_masks():
 
 def test_intervention_changes_only_the_intended_positions(tiny):
     model = tiny.model
-    ids = torch.tensor([encode_prompt(tiny.tokenizer, "Tell me a story about a cat.")])
+    ids = torch.tensor([encode_prompt(tiny.tokenizer, "Tell me a story about a cat.")],
+                       device=tiny.device)
     width = ids.shape[1]
-    stage1 = _strong_stage([LAYER], 8, seed=4)
+    stage1 = _strong_stage([LAYER], 8, seed=4, device=tiny.device)
     seen = {}
     capture = model.get_decoder().layers[LAYER + 1].register_forward_pre_hook(
         lambda module, args: seen.__setitem__(len(seen), args[0].detach().clone()))
@@ -179,9 +181,10 @@ def test_intervention_changes_only_the_intended_positions(tiny):
 def test_hooks_are_removed_on_exit_even_on_error(tiny):
     model = tiny.model
     decoder = model.get_decoder()
-    ids = torch.tensor([encode_prompt(tiny.tokenizer, "Hello there.")])
+    ids = torch.tensor([encode_prompt(tiny.tokenizer, "Hello there.")], device=tiny.device)
     base = _logits(model, ids)
-    stage1, stage2 = _strong_stage([LAYER], 8, seed=5), _strong_stage([LAYER], 4, seed=6)
+    stage1, stage2 = (_strong_stage([LAYER], 8, seed=5, device=tiny.device),
+                      _strong_stage([LAYER], 4, seed=6, device=tiny.device))
     with pytest.raises(KeyError):
         with intervened(model, stage1, stage2) as controller:
             controller.set_prompts([ids.shape[1]], ids.shape[1], "right")
@@ -239,7 +242,7 @@ def test_stage2_training_lowers_loss_and_touches_nothing_else(tiny):
 def test_prefix_cache_gives_the_same_training(tiny):
     model, tokenizer = tiny.model, tiny.tokenizer
     config = PerFitConfig(positions="f7+l7")
-    stage1, shared2 = new_stages(config, 4, D, seed=7)
+    stage1, shared2 = new_stages(config, 4, D, seed=7, device=tiny.device)
     examples = _examples(tokenizer, n=5)
     fast = config.train_config(lr=1e-2, max_steps=4, batch_size=2)
     runs = [train_stage2(model, examples, config, stage1, shared2, pad_id=tokenizer.pad_token_id,
@@ -261,7 +264,7 @@ def test_stage2_training_does_not_depend_on_the_global_rng(tiny):
     `pfl eval` gave different PerFit scores in one process)."""
     model, tokenizer = tiny.model, tiny.tokenizer
     config = PerFitConfig()
-    stage1, shared2 = new_stages(config, 4, D, seed=3)
+    stage1, shared2 = new_stages(config, 4, D, seed=3, device=tiny.device)
     examples = _examples(tokenizer, n=4)
     fast = config.train_config(lr=5e-2, max_steps=3, batch_size=2)
     results = []
@@ -280,7 +283,8 @@ def test_generation_intervenes_the_prompt_only(tiny):
     model, tokenizer = tiny.model, tiny.tokenizer
     prompts = [encode_prompt(tokenizer, "Write a headline about cats."),
                encode_prompt(tokenizer, "Hi.")]
-    stage1, stage2 = _strong_stage([LAYER], 8, seed=8, scale=6.0), _strong_stage([LAYER], 4, 9)
+    stage1 = _strong_stage([LAYER], 8, seed=8, scale=6.0, device=tiny.device)
+    stage2 = _strong_stage([LAYER], 4, 9, device=tiny.device)
     calls = []
     counter = stage1[LAYER].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
@@ -296,7 +300,8 @@ def test_generation_intervenes_the_prompt_only(tiny):
              for p in prompts]
     assert out == alone  # left padding puts each prompt's positions in the right place
     with torch.no_grad():
-        base = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=6,
+        base = model.generate(input_ids=torch.tensor([prompts[0]], device=tiny.device),
+                              max_new_tokens=6,
                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert base[0, len(prompts[0]):].tolist() != out[0]
     assert not model.get_decoder().layers[LAYER]._forward_hooks
@@ -313,9 +318,9 @@ def test_a_layer_call_without_position_ids_fails_loudly(tiny):
     assert window_start(layer.forward, (), {"position_ids": torch.tensor([[9], [4]])}, 1) == 9
     with pytest.raises(RuntimeError, match="no row of the batch is unpadded"):
         window_start(layer.forward, (), {"position_ids": torch.tensor([[0, 0, 1]])}, 3)
-    stage1 = _strong_stage([LAYER], 8, seed=8)
-    hidden = torch.randn(1, 4, D)
-    rotary = tiny.model.get_decoder().rotary_emb(hidden, torch.arange(4)[None])
+    stage1 = _strong_stage([LAYER], 8, seed=8, device=tiny.device)
+    hidden = torch.randn(1, 4, D, device=tiny.device)
+    rotary = tiny.model.get_decoder().rotary_emb(hidden, torch.arange(4, device=tiny.device)[None])
     with intervened(tiny.model, stage1) as controller:
         controller.set_mask(torch.ones(1, 4, dtype=torch.bool))
         with pytest.raises(RuntimeError, match="not given position_ids"):

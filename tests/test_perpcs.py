@@ -52,13 +52,15 @@ def random_pieces(model, sharer: str, seed: int, *, r: int = 2, b_scale: float =
 
 def logits(model, batch):
     """The model's final hidden states (what the LM head reads; cheaper than all logits)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model.get_decoder()(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"]).last_hidden_state
+        return model.get_decoder()(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device)
+                                   ).last_hidden_state
 
 
-def first_batch(examples, pad_id, size=4):
-    return next(batches(examples, size, pad_id, shuffle=False))
+def first_batch(examples, pad_id, size=4, device="cpu"):
+    return next(batches(examples, size, pad_id, shuffle=False, device=device))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -75,7 +77,7 @@ def sharer_lora(tiny, pad_id):
     the tiny model (same seed, so the same base weights as the shared one)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    private = build_tiny_model(len(tiny.tokenizer), seed=0)
+    private = build_tiny_model(len(tiny.tokenizer), seed=0).to(tiny.device)
     peft_model = get_peft_model(private, LoraConfig(
         r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(ATTENTION_MODULES)))
     examples = user_examples(tiny.tokenizer, 0)
@@ -292,7 +294,8 @@ def test_assembly_is_autoregressive(tiny, pad_id):
     pool = [p for s in range(3) for p in random_pieces(tiny.model, f"s{s}", seed=20 + s,
                                                        b_scale=2.0)]
     target = user_examples(tiny.tokenizer, 4, n=4)
-    batch = first_batch(target, pad_id)  # one batch: the recipe is that batch's selection
+    # one batch: the recipe is that batch's selection
+    batch = first_batch(target, pad_id, device=tiny.device)
     mask = scoring_mask(batch)
     seen = {}
 

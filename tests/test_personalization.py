@@ -50,7 +50,8 @@ def examples(tokenizer, items):
 def lora_loss(core, runtime, state: PersonalState, items) -> float:
     """Held-out loss under a personal LoRA state (payload None: none trained yet)."""
     with core.model_for(runtime, state) as model, torch.no_grad():
-        batch = collate(examples(runtime.tokenizer, items), runtime.tokenizer.pad_token_id)
+        batch = collate(examples(runtime.tokenizer, items), runtime.tokenizer.pad_token_id,
+                        runtime.loaded.device)
         return target_loss(model, batch).item()
 
 

@@ -71,7 +71,7 @@ def _reference_logits(served, name, core, state, prompt):
     adapter, installed PER-PCS updates) or PerFit's hooks, on a float64 copy."""
     runtime = served["runtime"]
     rt64 = Runtime(loaded=LoadedModel("tiny64", served["model64"], served["tokenizer"],
-                                      torch.device("cpu")),
+                                      next(served["model64"].parameters()).device),
                    task=runtime.task, seed=0, progress=False, options=runtime.options,
                    roles=runtime.roles)
     rt64.cache.update({k: v for k, v in runtime.cache.items()
@@ -81,7 +81,7 @@ def _reference_logits(served, name, core, state, prompt):
         from shared.methods.oppu.model import merge_lora
         rt64.cache["stage1"] = merge_lora(served["model64"], runtime.cache["stage1_state"],
                                           stage1_lora())
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=next(served["model64"].parameters()).device)
     if name.startswith("perfit"):
         from shared.methods.perfit.model import intervened
         from shared.methods.perfit.core import perfit_config, perfit_stage1
@@ -136,7 +136,8 @@ def test_peft_mixed_batch_adapter_names_agree(served):
     adapters = [served["rows"][("lora-p", users[0])][2], None,
                 served["rows"][("lora-p", users[1])][2]]
     from shared.generation import left_pad
-    batch = left_pad(prompts, served["tokenizer"].pad_token_id)
+    batch = left_pad(prompts, served["tokenizer"].pad_token_id,
+                     next(served["model64"].parameters()).device)
     with torch.inference_mode():
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         theirs = peft_model(**batch, position_ids=position_ids, adapter_names=names).logits[:, -1]
@@ -175,7 +176,16 @@ def test_bad_adapters_are_refused_and_the_engine_keeps_serving(served):
         for name, adapter in cases.items():
             with pytest.raises(PflError):
                 engine.generate([prompt, prompt], [good, adapter], max_new_tokens=4)
+            with pytest.raises(PflError):  # what a service keeps is checked when placed
+                engine.place(adapter)
         assert engine.generate([prompt], [good], max_new_tokens=4) == before
+        placed = engine.place(good)  # on the engine's device (here the CPU: itself)
+        assert engine.generate([prompt], [placed], max_new_tokens=4) == before
+        moved = good.to(next(served["model64"].parameters()).device)
+        assert moved.updates.keys() == good.updates.keys() and all(
+            torch.equal(moved.updates[k].A.cpu(), u.A.cpu())
+            and torch.equal(moved.updates[k].B.cpu(), u.B.cpu())
+            for k, u in good.updates.items())
         engine.num_layers = 1  # as if a 1-layer model: the stages' layers do not fit
         with pytest.raises(PflError, match="layers"):
             engine.check(perfit)

@@ -24,7 +24,7 @@ def test_target_positions_point_before_each_target_token():
 
 
 def test_target_loss_equals_full_logits_loss(tiny):
-    batch = collate(_examples(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    batch = collate(_examples(tiny.tokenizer), tiny.tokenizer.pad_token_id, tiny.device)
     with torch.no_grad():
         assert target_loss(tiny.model, batch).item() == pytest.approx(
             full_logits_loss(tiny.model, batch).item(), rel=1e-5)
@@ -44,7 +44,7 @@ def test_train_updates_only_given_parameters_and_lowers_loss(tiny):
     norm = model.model.norm.weight
     norm.requires_grad_(True)
     examples = _examples(tiny.tokenizer) * 4
-    batch = collate(examples, tiny.tokenizer.pad_token_id)
+    batch = collate(examples, tiny.tokenizer.pad_token_id, tiny.device)
     before = target_loss(model, batch).item()
     stats = train(model, [norm], examples, TrainConfig(epochs=10, lr=1e-2, batch_size=4,
                                                        max_grad_norm=1.0),
@@ -79,9 +79,9 @@ def test_left_padding_does_not_change_generated_ids(tiny):
     short = encode_prompt(tok, "Why?")
     long = encode_prompt(tok, "Tell me a very long story about the sea and ships, please.")
     options = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    batch = left_pad([short, long], tok.pad_token_id)
+    batch = left_pad([short, long], tok.pad_token_id, tiny.device)
     together = model.generate(**batch, **options)[:, batch["input_ids"].shape[1]:]
-    alone = model.generate(**left_pad([short], tok.pad_token_id), **options)[:, len(short):]
+    alone = model.generate(**left_pad([short], tok.pad_token_id, tiny.device), **options)[:, len(short):]
     assert together.shape[1] == 5
     assert together[0].tolist() == alone[0].tolist()
 
@@ -131,7 +131,7 @@ def test_a_capped_update_encodes_only_what_it_trains_on_and_trains_the_same(tiny
         if method == "perfit":
             perfit = PerFitConfig()
             s1, s2 = new_stages(perfit, tiny.model.config.num_hidden_layers,
-                                tiny.model.config.hidden_size, seed=3)
+                                tiny.model.config.hidden_size, seed=3, device=tiny.device)
             s1, s2, stats = train_stage1(tiny.model, examples, perfit, pad_id=pad, stage1=s1,
                                          stage2=s2, train_config=config)
             return {**s1.export_arrays(), **{f"2.{k}": v for k, v in s2.export_arrays().items()}}, stats
@@ -139,7 +139,7 @@ def test_a_capped_update_encodes_only_what_it_trains_on_and_trains_the_same(tiny
         norm = model.model.norm.weight
         norm.requires_grad_(True)
         stats = train(model, [norm], examples, config, pad, progress=False)
-        return {"norm": norm.detach().numpy().copy()}, stats
+        return {"norm": norm.detach().cpu().numpy().copy()}, stats
 
     lazy = history_examples(SYNTHETIC, _history(20), tiny.tokenizer, max_prompt_tokens=96)
     eager = list(history_examples(SYNTHETIC, _history(20), tiny.tokenizer, max_prompt_tokens=96))

@@ -21,6 +21,7 @@ back) and must not be used by two threads at once (the service's batcher seriali
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -60,14 +61,14 @@ class MultiLoraLinear(nn.Module):
             return
         rank = max(u.A.shape[0] for u in updates)
         d_out, d_in = self.base.weight.shape
-        A = torch.zeros(len(rows), rank, d_in, dtype=dtype)
-        B = torch.zeros(len(rows), d_out, rank, dtype=dtype)
+        A = torch.zeros(len(rows), rank, d_in, dtype=dtype, device=device)
+        B = torch.zeros(len(rows), d_out, rank, dtype=dtype, device=device)
         for j, update in enumerate(updates):
             r = update.A.shape[0]
             A[j, :r] = update.A.to(dtype)
             B[j, :, :r] = update.B.to(dtype)
         self.rows = torch.tensor(list(rows), dtype=torch.long, device=device)
-        self.A, self.B = A.to(device), B.to(device)
+        self.A, self.B = A, B
         self.last_row = max(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,7 @@ class BatchedEngine:
         self._lock = threading.Lock()
         self._wrappers: dict[Key, MultiLoraLinear] = {}
         self._interventions = _Interventions()
+        self._placed = weakref.WeakValueDictionary()  # id -> adapter checked and placed here
         self._handles = []
         layers = decoder_layers(model)
         try:
@@ -177,11 +179,23 @@ class BatchedEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def check(self, adapter: RowAdapter | None) -> None:
-        """Raise :class:`PflError` if ``adapter`` does not fit this model and limits."""
+    def place(self, adapter: RowAdapter | None) -> RowAdapter | None:
+        """``adapter`` checked (:meth:`check`) and with its tensors on this engine's device
+        (itself on the CPU): a service keeps the placed copy, so no batch copies it to the
+        GPU or checks its values again."""
+        self.check(adapter)
+        if adapter is None or self.device.type == "cpu":
+            return adapter
+        placed = adapter.to(self.device)
+        self._placed[id(placed)] = placed
+        return placed
+
+    def check(self, adapter: RowAdapter | None, *, values: bool = True) -> None:
+        """Raise :class:`PflError` if ``adapter`` does not fit this model and limits
+        (``values``: also its values, all finite)."""
         if adapter is not None:
             adapter.check(self.shapes, self.num_layers, self.hidden_size,
-                          max_rank=self.max_rank)
+                          max_rank=self.max_rank, values=values)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -225,8 +239,8 @@ class BatchedEngine:
     def _batch(self, prompts, adapters):
         """The left-padded batch, with each row's updates and interventions in place for
         the block (checked first; one batch at a time)."""
-        for adapter in adapters:
-            self.check(adapter)
+        for adapter in adapters:  # values once per placed adapter: a GPU check syncs
+            self.check(adapter, values=self._placed.get(id(adapter)) is not adapter)
         with self._lock:
             batch = left_pad(prompts, self.pad_id, self.device)
             self._set_batch(adapters, [len(p) for p in prompts], batch["input_ids"].shape[1])

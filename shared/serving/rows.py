@@ -98,13 +98,23 @@ class RowAdapter:
     intervention: RowIntervention | None = None
     name: str = ""  # for logs and errors only
 
+    def to(self, device) -> "RowAdapter":
+        """The same adapter with its updates and PerFit stages on ``device`` (where the
+        engine's model is: a CUDA engine then copies nothing host-to-device per batch)."""
+        updates = {key: update.to(device) for key, update in self.updates.items()}
+        intervention = self.intervention
+        if intervention is not None:
+            intervention = RowIntervention(tuple(stage.to(device) for stage in
+                                                 intervention.stages), intervention.positions)
+        return RowAdapter(updates, intervention, self.name)
+
     @property
     def rank(self) -> int:
         """The largest rank among its updates (0 without any)."""
         return max((u.rank for u in self.updates.values()), default=0)
 
     def check(self, shapes: Mapping[Key, tuple[int, int]], num_layers: int,
-              hidden_size: int, *, max_rank: int) -> None:
+              hidden_size: int, *, max_rank: int, values: bool = True) -> None:
         """Raise :class:`PflError` unless every update fits the model: a known module, the
         module's (d_out, d_in), a rank in 1..``max_rank``, finite values; and the
         intervention's layers and width fit too."""
@@ -121,7 +131,7 @@ class RowAdapter:
             if not 1 <= A.shape[0] <= max_rank:
                 raise PflError(f"{self.name or 'adapter'}: rank {A.shape[0]} at {key} is "
                                f"outside 1..{max_rank}")
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            if values and not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise PflError(f"{self.name or 'adapter'}: non-finite values at {key}")
         if self.intervention is not None:
             layers = self.intervention.layers

@@ -22,7 +22,7 @@ ORTHONORMAL_TOL = 1e-4
 def orthonormality_error(R: torch.Tensor | np.ndarray) -> float:
     """max |R R^T - I| (0 for a matrix with orthonormal rows)."""
     R = torch.as_tensor(R, dtype=torch.float64)
-    return (R @ R.T - torch.eye(R.shape[0], dtype=R.dtype)).abs().max().item()
+    return (R @ R.T - torch.eye(R.shape[0], dtype=R.dtype, device=R.device)).abs().max().item()
 
 
 def reorthonormalize(R: torch.Tensor | np.ndarray) -> torch.Tensor:
