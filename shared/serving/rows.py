@@ -100,7 +100,8 @@ class RowAdapter:
 
     def to(self, device) -> "RowAdapter":
         """The same adapter with its updates and PerFit stages on ``device`` (where the
-        engine's model is: a CUDA engine then copies nothing host-to-device per batch)."""
+        engine's model is: a CUDA engine then copies nothing host-to-device per batch). The
+        updates are copies; the stages are modules, which ``Module.to`` moves in place."""
         updates = {key: update.to(device) for key, update in self.updates.items()}
         intervention = self.intervention
         if intervention is not None:
