@@ -137,16 +137,19 @@ def paper_claims(results: dict) -> list[dict]:
             claim(f"{method} beats the stage-1 model (LoRA-C)",
                   score_difference_interval(results, method, "lora-c"), lambda d: d > 0,
                   "{:+.3f}")
+    if "lora-p" in results["methods"]:
+        claim("OPPU beats LoRA-P (personal LoRA without stage 1)",
+              score_difference_interval(results, "oppu", "lora-p"), lambda d: d > 0, "{:+.3f}")
     for suffix in ("+rag1", "+pag"):
-        if f"oppu{suffix}" not in results["methods"]:
-            continue
-        if f"perpcs{suffix}" in results["methods"]:
+        if f"oppu{suffix}" in results["methods"] and f"perpcs{suffix}" in results["methods"]:
             claim(f"PER-PCS{suffix} score / OPPU{suffix} score ~ 0.99",
                   score_ratio_interval(results, f"perpcs{suffix}", f"oppu{suffix}"),
                   lambda r: r >= 0.95)
-        claim(f"OPPU{suffix} beats OPPU",
-              score_difference_interval(results, f"oppu{suffix}", "oppu"), lambda d: d > 0,
-              "{:+.3f}")
+        for method, name in (("oppu", "OPPU"), ("perfit", "PerFit")):
+            if f"{method}{suffix}" in results["methods"]:
+                claim(f"{name}{suffix} beats {name}",
+                      score_difference_interval(results, f"{method}{suffix}", method),
+                      lambda d: d > 0, "{:+.3f}")
     return rows
 
 

@@ -390,6 +390,26 @@ def _read_results(path_text: str) -> dict:
     return results
 
 
+def _add_methods(results: dict, results_path: str, path: str, label: str | None) -> list[str]:
+    """Add the methods of the results file ``path`` to ``results`` (read from
+    ``results_path``) and return their names there: ``METHOD@label``, or with ``label``
+    None their own names, only those ``results`` lacks. Both files must hold the same task's
+    same target users: a paired comparison needs the same users' queries."""
+    other = _read_results(path)
+    if other.get("targets") != results.get("targets") or \
+            other.get("task") != results.get("task"):
+        raise PflError(f"{path}: other targets or task than {results_path}: a paired "
+                       "comparison needs the same users' queries")
+    added = []
+    for name, method in other["methods"].items():
+        key = name if label is None else f"{name}@{label}"
+        if label is None and key in results["methods"]:
+            continue
+        results["methods"][key] = method
+        added.append(key)
+    return added
+
+
 def cmd_compare(args) -> int:
     """Paired comparisons of methods of one pfl eval results file, on the same users."""
     # lazy: a command loads only what it runs (pfl --help loads no torch)
@@ -398,14 +418,7 @@ def cmd_compare(args) -> int:
     results = _read_results(args.results)
     for spec in args.also or ():
         path, _, label = spec.partition("=")
-        other = _read_results(path)
-        label = label or Path(path).stem
-        if other.get("targets") != results.get("targets") or \
-                other.get("task") != results.get("task"):
-            raise PflError(f"{path}: other targets or task than {args.results}: a paired "
-                           "comparison needs the same users' queries")
-        for name, method in other.get("methods", {}).items():
-            results["methods"][f"{name}@{label}"] = method
+        _add_methods(results, args.results, path, label or Path(path).stem)
     if (args.a is None) != (args.b is None):
         raise PflError("give two methods (A B), or none to compare each against --against")
     against = _csv(args.against) if args.against else REFERENCES
@@ -425,6 +438,9 @@ def cmd_claims(args) -> int:
     from simulations.claims import claims_table
 
     results = _read_results(args.results)
+    for path in args.also or ():
+        added = _add_methods(results, args.results, path, None)
+        print(f"from {path}: {', '.join(added) or 'no method the first file lacks'}")
     try:
         print(claims_table(results))
     except (KeyError, StopIteration, ValueError) as exc:
@@ -815,6 +831,11 @@ def add_compare_command(commands) -> None:
 def add_claims_command(commands) -> None:
     claims = commands.add_parser("claims", help="check the papers' claims against a results file")
     claims.add_argument("results", help="a JSON file written by pfl eval --out")
+    claims.add_argument("--also", action="append", metavar="FILE",
+                        help="add the methods of another results file of the same targets "
+                             "that the first lacks (say, methods run later into a file of "
+                             "their own, or with another recipe); the methods each file "
+                             "gave are listed before the table")
     claims.set_defaults(func=cmd_claims)
 
 

@@ -56,3 +56,9 @@ def test_augmented_variants_get_their_own_claims_only_when_run():
     assert rows["OPPU+rag1 beats OPPU"]["held"] is True
     assert rows["OPPU+pag beats OPPU"]["held"] is False
     assert "PER-PCS+pag score / OPPU+pag score ~ 0.99" not in rows  # perpcs+pag was not run
+    assert "PerFit+pag beats PerFit" not in rows and not [r for r in rows if "LoRA-P" in r]
+    more = result("rouge-1", {"oppu": 0.4, "perfit": 0.4, "perfit+pag": 0.3, "lora-p": 0.5})
+    rows = {r["claim"]: r for r in paper_claims(more)}
+    assert rows["PerFit+pag beats PerFit"]["held"] is False
+    assert rows["OPPU beats LoRA-P (personal LoRA without stage 1)"]["held"] is False
+    assert "OPPU+pag beats OPPU" not in rows

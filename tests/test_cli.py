@@ -49,6 +49,32 @@ def test_eval_prompt_baselines_end_to_end(capsys, tmp_path):
     code, _, err = run(capsys, "compare", str(out_file), "rag1")
     assert code == 2 and "give two methods" in err
 
+    # a run split over files (later methods, another recipe): claims and compare read both
+    first, later = tmp_path / "first.json", tmp_path / "later.json"
+    results["methods"] = {k: v for k, v in json.loads(out_file.read_text())["methods"].items()
+                          if k in ("nonpersonalized", "rag1")}
+    first.write_text(json.dumps(results))
+    whole = json.loads(out_file.read_text())
+    whole["methods"] = {"oppu": whole["methods"]["rag2"], "rag1": whole["methods"]["pag"]}
+    later.write_text(json.dumps(whole))
+    code, out, err = run(capsys, "claims", str(first))
+    assert code == 0, err
+    assert "oppu beats non-personalized" in out and "not measured" in out.split(
+        "oppu beats non-personalized")[1].splitlines()[0]
+    code, out, err = run(capsys, "claims", str(first), "--also", str(later))
+    assert code == 0, err
+    assert f"from {later}: oppu\n" in out  # rag1 is the first file's: kept, not replaced
+    claim_row = out.split("oppu beats non-personalized")[1].splitlines()[0]
+    assert "not measured" not in claim_row and "[" in claim_row  # with its interval
+    code, out, err = run(capsys, "compare", str(first), "rag1", "rag1@l", "--also",
+                         f"{later}=l")
+    assert code == 0, err
+    assert "rag1 vs rag1@l" in out
+    whole["targets"] = whole["targets"][:-1] + ["someone-else"]
+    later.write_text(json.dumps(whole))
+    code, _, err = run(capsys, "claims", str(first), "--also", str(later))
+    assert code == 2 and "other targets" in err
+
 
 def test_eval_resume_keeps_finished_methods_and_refuses_other_settings(capsys, tmp_path):
     out_file = tmp_path / "r.json"
