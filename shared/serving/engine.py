@@ -88,28 +88,39 @@ class _Interventions:
 
     def __init__(self):
         self.rows: list[tuple[int, object, torch.Tensor]] = []  # (row, RowIntervention, cols)
+        self.layers: frozenset[int] = frozenset()  # the layers any row intervenes on
+        self.width = 0  # the prompt columns: a call past them (a decoding step) changes nothing
 
     def set_rows(self, adapters: Sequence[RowAdapter | None], lengths: Sequence[int],
                  width: int, device) -> None:
-        self.rows = []
+        self.rows, layers = [], set()
         for row, adapter in enumerate(adapters):
             if adapter is None or adapter.intervention is None:
                 continue
             mask = intervention_mask([lengths[row]], width, adapter.intervention.positions,
                                      "left")[0]
             self.rows.append((row, adapter.intervention, mask.nonzero().flatten().to(device)))
+            layers.update(adapter.intervention.layers)
+        self.layers, self.width = frozenset(layers), width
 
     def hook(self, layer: int):
         def apply(module, args, kwargs, output):
-            if not self.rows:
+            # Cheap exits first: a layer no row intervenes on, or a decoding step (its columns
+            # lie past every prompt), needs neither the window's start (a device sync) nor the
+            # per-row loop, which made PerFit rows 0.22x of base rows at 128 rows on a GPU.
+            if not self.rows or layer not in self.layers:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
             seq = hidden.shape[1]
             start = window_start(module.forward, args, kwargs, seq)
+            if start >= self.width:
+                return output
             out = hidden
             for row, intervention, cols in self.rows:
+                if layer not in intervention.layers:
+                    continue
                 cols = cols[(cols >= start) & (cols < start + seq)] - start
-                if cols.numel() == 0 or not any(layer in s for s in intervention.stages):
+                if cols.numel() == 0:
                     continue
                 x = out[row, cols].float()
                 for stage in intervention.stages:
