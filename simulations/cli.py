@@ -777,8 +777,9 @@ def add_tune_command(commands) -> None:
     tune.add_argument("--data", default=None, help="data path (HuffPost folder or .jsonl)")
     tune.add_argument("--out", required=True, help="the recipe file to write (JSON)")
     tune.add_argument("--resume", action="store_true",
-                      help="keep the trials already in --out (same search, or the same "
-                           "with fewer stages: extends a finished recipe) and run the rest")
+                      help="keep the trials already in --out and run the rest: the same "
+                           "search cut off, or a finished one extended by later stages or "
+                           "by more values on an axis")
     tune.add_argument("--validation-users", type=int, default=8,
                       help="users scored (default 8); never a target, sharer or collective "
                            "user of the pfl eval run with the same seed and sizes")

@@ -15,7 +15,8 @@ the same data who are neither the targets nor the sharers nor the collective use
 The first value of each grid axis is the papers'; a setting replaces it only when it scores
 strictly better. The result is a recipe file (:mod:`shared.recipes`) with every trial kept
 (metrics with 95% intervals over the validation users), written after each trial so that
-``--resume`` continues a cut-off search.
+``--resume`` continues a cut-off search, and extends a finished one by later stages or by
+more values on an axis (only the new trials run; the choice is made again over all).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dic
         if not _resumable(previous.get("search") or {}, json.loads(json.dumps(search))):
             raise PflError("cannot resume: the earlier search had other settings or users "
                            "(a finished recipe can only be extended by stages after its own, "
-                           "with its own grids)")
+                           "or by more values on its grids' axes)")
         done = {json.dumps([t["stage"], t["options"]], sort_keys=True): t
                 for t in previous.get("trials", [])}
     loaded = load_model(config.model, device=config.device, cache=config.cache_dir,
@@ -181,13 +182,24 @@ def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dic
 
 def _resumable(previous: dict, search: dict) -> bool:
     """Whether an earlier search's trials belong to this one: the same users and settings,
-    and its stages the first of this one's with the same grids (so a shipped recipe, tuned for
-    ``oppu``, is extended by ``--stages oppu,perfit`` without running its trials again)."""
+    its stages the first of this one's, and each of its grids contained in this one's (same
+    axes, its values among this one's). So a shipped recipe, tuned for ``oppu``, is extended
+    by ``--stages oppu,perfit`` without running its trials again, and a grid is widened
+    (``--grid perfit.lr=1e-4,1e-3,1e-2`` after ``1e-4,1e-3``) by running the new values only;
+    the choice is then made again over every trial."""
     before, now = dict(previous), dict(search)
     stages_before, stages_now = before.pop("stages", None) or [], now.pop("stages")
     grid_before, grid_now = before.pop("grid", None) or {}, now.pop("grid")
     return (before == now and stages_now[:len(stages_before)] == stages_before
-            and all(grid_before.get(stage) == grid_now[stage] for stage in stages_before))
+            and all(_within(grid_before.get(stage), grid_now[stage])
+                    for stage in stages_before))
+
+
+def _within(axes_before: dict | None, axes_now: dict) -> bool:
+    """Whether every setting of an earlier grid is one of this grid's."""
+    return (isinstance(axes_before, dict) and set(axes_before) == set(axes_now)
+            and all(value in axes_now[name] for name, values in axes_before.items()
+                    for value in values))
 
 
 def _trial(loaded, dataset, roles, spec, stage, options, config, generation, memo) -> dict:

@@ -125,6 +125,22 @@ def test_pfl_tune_scores_validation_users_only_and_resumes(capsys, tmp_path):
     # but not with another grid for a stage it already tuned
     regridded = [a if a != "stage1.lr=1e-4,5e-2" else "stage1.lr=1e-4" for a in extended]
     assert main(regridded) == 2 and "cannot resume" in capsys.readouterr().err
+    # a widened axis runs only its new value; the choice is made again over all the trials
+    widened = [a if a != "stage1.lr=1e-4,5e-2" else "stage1.lr=1e-4,5e-2,1e-3"
+               for a in extended]
+    assert main(widened) == 0, capsys.readouterr().err
+    wide = json.loads(out.read_text())
+    assert [t["setting"]["lr"] for t in wide["trials"] if t["stage"] == "stage1"] == [
+        1e-4, 5e-2, 1e-3]
+    assert wide["trials"][0]["wall_seconds"] == -1.0 and wide["trials"][2]["wall_seconds"] > 0
+    stage1 = [t for t in wide["trials"] if t["stage"] == "stage1"]
+    maes = [t["metrics"]["mae"] for t in stage1]
+    chosen = stage1[maes.index(min(maes))]["setting"]
+    assert wide["options"]["stage1"] == chosen
+    assert [t["options"]["stage1"] for t in wide["trials"] if t["stage"] == "oppu"] == [chosen]
+    # another axis is another search
+    other_axis = [a if a != "stage1.epochs=1" else "stage1.rank=4" for a in widened]
+    assert main(other_axis) == 2 and "cannot resume" in capsys.readouterr().err
 
 
 def test_epoch_flags_win_over_the_recipes_epochs_and_set_wins_over_both():
