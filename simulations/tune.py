@@ -198,8 +198,8 @@ def _resumable(previous: dict, search: dict) -> bool:
 def _within(axes_before: dict | None, axes_now: dict) -> bool:
     """Whether every setting of an earlier grid is one of this grid's."""
     return (isinstance(axes_before, dict) and set(axes_before) == set(axes_now)
-            and all(value in axes_now[name] for name, values in axes_before.items()
-                    for value in values))
+            and all(isinstance(values, list) and all(v in axes_now[name] for v in values)
+                    for name, values in axes_before.items()))
 
 
 def _trial(loaded, dataset, roles, spec, stage, options, config, generation, memo) -> dict:
