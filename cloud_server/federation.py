@@ -59,7 +59,8 @@ from flwr.serverapp import Grid, ServerApp
 from cloud_server.server_app import run_stage1
 from shared import crypto
 from shared.config import ARRAYS_DIGEST_KEY, KEPT_METRIC, RunConfig, options_to_message
-from shared.errors import PflError
+from shared.errors import DEVICE_ERRORS, FAILED_METRIC, PflError
+from shared.files import write_json
 from shared.methods import core_class, core_names, parse_method
 from shared.methods.store import arrays_digest
 from shared.methods.perpcs import select_sharers_from_clusters
@@ -79,6 +80,8 @@ log = logging.getLogger("flwr.pfl.federation")
 DEVICE_KEYS = ("model", "task", "data-path", "seed", "device", "pool-address",
                "batch-size-eval")
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
+#: Where a run says what it is doing (:class:`Status`), in its run folder.
+STATUS_FILE = "status.json"
 
 
 class NodeSubset(Grid):
@@ -180,14 +183,35 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+@dataclass
+class Status:
+    """Where a run stands, for people watching it: the phase, how many devices answered it
+    and how many failed, and each device's role. Written to ``RUN_DIR/status.json`` (what
+    ``pfl deploy status`` reads) on every change; the log gets one line per change."""
+
+    path: Path | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, **fields: Any) -> None:
+        self.state.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if self.path is not None:
+            write_json(self.path, self.state)
+
+
+#: How often (seconds) a phase that is still waiting logs its progress.
+PROGRESS_EVERY = 30.0
+
+
 def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Mapping,
              arrays: Mapping[str, np.ndarray] | None, timeout: float, phase: str, *,
              per_node: Mapping[int, Mapping] | None = None,
-             holding: Iterable[int] = ()) -> dict[int, Message]:
+             holding: Iterable[int] = (), status: Status | None = None) -> dict[int, Message]:
     """Send one message per node, wait for the replies; return the good ones by node.
     ``per_node[node]`` adds settings for that node only (e.g. its sharer grant); nodes in
     ``holding`` already keep ``arrays`` (by their digest, :data:`ARRAYS_DIGEST_KEY`) and
-    get the digest only. Error replies and missing nodes are logged and left out."""
+    get the digest only. Error replies and missing nodes are logged and left out. While it
+    waits, a progress line (done/total, failures) goes to the log every
+    :data:`PROGRESS_EVERY` seconds and to ``status`` on every change."""
     record = to_array_record(arrays) if arrays else None
     holding = set(holding)
 
@@ -203,10 +227,40 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
                 for node in node_ids]
     log.info("%s: sending %s to %d device(s) ...", phase, message_type, len(messages))
     started = time.perf_counter()
-    good = good_replies(grid.send_and_receive(messages, timeout=timeout), node_ids, phase)
+    replies = _collect(grid, messages, timeout, phase, status)
+    good = good_replies(replies, node_ids, phase)
     log.info("%s: %d of %d device(s) answered in %.1f s", phase, len(good), len(node_ids),
              time.perf_counter() - started)
     return good
+
+
+def _collect(grid: Grid, messages: Sequence[Message], timeout: float, phase: str,
+             status: Status | None) -> list[Message]:
+    """Push ``messages`` and pull their replies until all came or ``timeout`` ran out (as
+    Flower's ``Grid.send_and_receive``), reporting progress as replies arrive."""
+    total = len(messages)
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    failed = 0
+    started = last_log = time.monotonic()
+    if status is not None:
+        status.update(phase=phase, done=0, failed=0, total=total)
+    while waiting:
+        arrived = list(grid.pull_messages(list(waiting)))
+        waiting.difference_update(r.metadata.reply_to_message_id for r in arrived)
+        replies += arrived
+        failed += sum(1 for r in arrived if r.has_error())
+        now = time.monotonic()
+        if arrived and status is not None:
+            status.update(done=len(replies), failed=failed)
+        if not waiting or now - started >= timeout:
+            break
+        if now - last_log >= PROGRESS_EVERY:
+            log.info("%s: %d/%d done, %d failed, %.0f s", phase, len(replies), total, failed,
+                     now - started)
+            last_log = now
+        time.sleep(min(1.0, max(0.05, (now - started) / 10)))
+    return replies
 
 
 def good_replies(replies: Iterable[Message], node_ids: Sequence[int], phase: str
@@ -267,16 +321,23 @@ def _metrics(reply: Message) -> dict[str, float]:
 # ------------------------------------------------------------------ phase 2: selection
 def kmeans_round(grid: Grid, candidates: Sequence[int], centroids: np.ndarray | None,
                  device_config: Mapping, timeout: float, phase: str,
-                 sizes: dict[int, int], clusters: dict[int, int]) -> int:
-    """One round of federated k-means: every candidate reports its nearest centroid and its
-    history size (``sizes``, ``clusters`` are updated); each centroid moves to the mean of
-    its consenting members' embeddings (in place). Returns how many embeddings came."""
+                 sizes: dict[int, int], clusters: dict[int, int], willing: set[int],
+                 status: "Status | None" = None) -> int:
+    """One round of federated k-means: every candidate reports its nearest centroid, its
+    history size and whether its consent lets it share pieces (``sizes``, ``clusters``,
+    ``willing`` are updated); each centroid moves to the mean of its consenting members'
+    embeddings (in place). Returns how many embeddings came."""
     arrays = {"centroids": centroids} if centroids is not None else None
-    replies = exchange(grid, candidates, "query.select", device_config, arrays, timeout, phase)
+    replies = exchange(grid, candidates, "query.select", device_config, arrays, timeout, phase,
+                       status=status)
     embeddings: dict[int, list[np.ndarray]] = {}
     for node, reply in replies.items():
         metrics = _metrics(reply)
         sizes[node] = int(metrics.get("history-size", 0))
+        if metrics.get("may-share") == 1.0:
+            willing.add(node)
+        else:
+            willing.discard(node)
         if "cluster-index" not in metrics:
             continue
         clusters[node] = int(metrics["cluster-index"])
@@ -292,9 +353,14 @@ def kmeans_round(grid: Grid, candidates: Sequence[int], centroids: np.ndarray | 
 
 
 def pick_sharers(wanted: int, sizes: Mapping[int, int], clusters: Mapping[int, int],
-                 small: int) -> list[int]:
+                 small: int, willing: Iterable[int] | None = None) -> list[int]:
     """The most active member of each cluster with more than ``small`` items, then (empty
-    clusters, or no clusters: most-active) the most active remaining candidates."""
+    clusters, or no clusters: most-active) the most active remaining candidates. With
+    ``willing``, only those nodes (whose consent lets them share pieces) are picked."""
+    if willing is not None:
+        willing = set(willing)
+        sizes = {n: v for n, v in sizes.items() if n in willing}
+        clusters = {n: v for n, v in clusters.items() if n in willing}
     sharers: list[int] = []
     if clusters:
         nodes = sorted(clusters)
@@ -312,7 +378,7 @@ def pick_sharers(wanted: int, sizes: Mapping[int, int], clusters: Mapping[int, i
 
 
 def select_sharers(grid: Grid, candidates: Sequence[int], config: RunConfig,
-                   device_config: Mapping) -> dict[str, Any]:
+                   device_config: Mapping, status: "Status | None" = None) -> dict[str, Any]:
     """Federated k-means (or most-active) over the candidates; returns the chosen node ids
     and what was learnt (cluster sizes, consenting embeddings)."""
     if config.sharers <= 0 or not candidates:
@@ -324,16 +390,22 @@ def select_sharers(grid: Grid, candidates: Sequence[int], config: RunConfig,
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     sizes: dict[int, int] = {}
     clusters: dict[int, int] = {}
+    willing: set[int] = set()
     consenting = 0
     for it in range(max(1, config.kmeans_iterations if kmeans else 1)):
         consenting = kmeans_round(grid, candidates, centroids if kmeans else None,
                                   device_config, config.phase_timeout, f"select-{it}", sizes,
-                                  clusters)
+                                  clusters, willing, status)
     sharers = pick_sharers(config.sharers, sizes, clusters if kmeans else {},
-                           config.small_cluster_items)
-    log.info("sharer selection (%s): %d sharers from %d candidates (%d consented to share "
-             "their embedding)", config.selection, len(sharers), len(candidates), consenting)
-    return {"sharers": sharers, "strategy": config.selection,
+                           config.small_cluster_items, willing)
+    log.info("sharer selection (%s): %d sharers from %d candidates (%d consent to share "
+             "pieces, %d consented to share their embedding)", config.selection, len(sharers),
+             len(candidates), len(willing), consenting)
+    if len(sharers) < config.sharers:
+        log.warning("sharer selection: %d of %d sharers wanted: only %d of %d candidates' "
+                    "consent policies allow sharing pieces (upload.perpcs_pieces = true)",
+                    len(sharers), config.sharers, len(willing), len(sizes))
+    return {"sharers": sharers, "strategy": config.selection, "willing": len(willing),
             "cluster_sizes": np.bincount(list(clusters.values()), minlength=k).tolist()
             if clusters else [], "embeddings_received": consenting}
 
@@ -394,7 +466,7 @@ def choose_targets(grid: Grid, config: Mapping[str, Any]) -> Roles:
 
 
 def choose_sharers(grid: Grid, config: Mapping[str, Any], roles: Roles, cores: set[str],
-                   device_config: Mapping) -> dict[str, Any]:
+                   device_config: Mapping, status: Status | None = None) -> dict[str, Any]:
     """Phase 2: the sharers (when a method reads the pool): given, or selected among (a
     sample of) the candidates; the collective is the candidates who are not sharers."""
     asked = roles.candidates
@@ -407,7 +479,7 @@ def choose_sharers(grid: Grid, config: Mapping[str, Any], roles: Roles, cores: s
         selection = {"sharers": [n for n in roles.given_sharers if n not in roles.targets],
                      "strategy": "given"}
     else:
-        selection = select_sharers(grid, asked, config, device_config)
+        selection = select_sharers(grid, asked, config, device_config, status)
     roles.sharers = selection["sharers"]
     roles.collective = [n for n in roles.candidates if n not in roles.sharers]
     if int(config["collective"]) > 0:
@@ -430,7 +502,8 @@ def stage1_settings(plan: Plan, kind: str, output_dir: Path, clients: int) -> Ru
 
 
 def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
-                     seconds: dict) -> tuple[dict[str, np.ndarray], dict]:
+                     seconds: dict, status: Status | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict]:
     """Phase 3: FedAvg of each kind of collective parameters the methods build on, over the
     collective nodes; returns ({"KIND.name": array}, {kind: summary})."""
     arrays: dict[str, np.ndarray] = {}
@@ -439,6 +512,9 @@ def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
         if not roles.collective:
             raise PflError(f"stage 1 ({kind}) needs collective nodes: none are left")
         t0 = time.perf_counter()
+        if status is not None:
+            status.update(phase=f"stage1-{kind}", done=0, failed=0,
+                          total=len(roles.collective))
         summary = run_stage1(NodeSubset(grid, roles.collective),
                              stage1_settings(plan, kind, run_dir / f"stage1-{kind}",
                                              len(roles.collective)))
@@ -451,18 +527,28 @@ def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
 
 
 def share(grid: Grid, config: Mapping[str, Any], sharers: Sequence[int],
-          arrays: Mapping[str, np.ndarray], device_config: Mapping) -> tuple[dict, dict]:
+          arrays: Mapping[str, np.ndarray], device_config: Mapping,
+          status: Status | None = None) -> tuple[dict, dict, str | None]:
     """Phase 4: the sharers train and submit their pieces with their grants; returns
-    ({node: counts}, {pseudonym: hex key} of the sharers whose pieces targets may take)."""
+    ({node: counts}, {pseudonym: hex key} of the sharers whose pieces targets may take,
+    why the pool is empty or None when it is not)."""
+    if not sharers:
+        return {}, {}, "no sharer was selected (no candidate's consent allows sharing " \
+                       "pieces: upload.perpcs_pieces)"
     lora_only = {k: v for k, v in arrays.items() if k.startswith("lora.")}
     grants = mint_grants(config, sharers)
     replies = exchange(grid, sharers, "train.share", device_config, lora_only,
                        float(config["phase-timeout"]), "share",
-                       per_node={n: {"pool-grant": g} for n, g in grants.items()})
+                       per_node={n: {"pool-grant": g} for n, g in grants.items()},
+                       status=status)
     shared = {str(n): _metrics(r) for n, r in replies.items()}
+    keys = sharer_keys(replies)
     if not any(m.get("pieces-submitted", 0) for m in shared.values()):
-        log.warning("no sharer submitted pieces: PER-PCS has an empty pool")
-    return shared, sharer_keys(replies)
+        why = (f"no sharer submitted pieces ({len(sharers)} selected, {len(replies)} "
+               "answered; a sharer's log says why, e.g. the pool refused them)")
+        log.warning("share: %s: the pool is empty, methods that read it are skipped", why)
+        return shared, {}, why
+    return shared, keys, None
 
 
 def _finite_cost(value) -> float:
@@ -470,16 +556,38 @@ def _finite_cost(value) -> float:
     return float(value) if ok else 0.0
 
 
+def _failures(name: str, replies: Iterable[Message]) -> dict[int, int]:
+    """{code: devices} of the targets on which ``name`` failed (``METHOD/failed``)."""
+    out: dict[int, int] = {}
+    for reply in replies:
+        code = _metrics(reply).get(f"{name}/{FAILED_METRIC}")
+        if code is not None:
+            out[int(code)] = out.get(int(code), 0) + 1
+    return out
+
+
+def _describe_failures(failures: Mapping[int, int]) -> str:
+    return "; ".join(f"{n} target(s): code {code}, "
+                     f"{DEVICE_ERRORS.get(code, DEVICE_ERRORS[500])}"
+                     for code, n in sorted(failures.items()))
+
+
 def method_results(name: str, task, evaluated: Mapping[int, Message],
                    personalized: Mapping[int, Message]) -> dict[str, Any]:
     """One method's row: the targets' metric statistics summed (a device whose statistics
-    do not check out is left out) and their mean costs."""
+    do not check out, or on which the method failed, is left out and counted) and their
+    mean costs."""
     stats: dict[str, float] = {}
     per_user: list[dict[str, float]] = []
     costs: dict[str, list[float]] = {"params": [], "bytes": [], "seconds": []}
+    failures = _failures(name, list(personalized.values()) + [
+        r for node, r in evaluated.items()
+        if f"{name}/{FAILED_METRIC}" not in _metrics(personalized[node])])
     for node, reply in evaluated.items():
         user_stats = {k.split("/", 1)[1]: v for k, v in _metrics(reply).items()
                       if k.startswith(name + "/")}
+        if FAILED_METRIC in user_stats:
+            continue
         problem = check_stats(task, user_stats)
         if problem is not None:  # a broken or hostile device: its answer is left out
             log.warning("evaluate: node %s's %s statistics are left out: %s", node, name,
@@ -490,53 +598,115 @@ def method_results(name: str, task, evaluated: Mapping[int, Message],
         personal = _metrics(personalized[node])
         for cost in costs:
             costs[cost].append(_finite_cost(personal.get(f"{name}/{cost}", 0.0)))
+    failed = {"failed_targets": sum(failures.values()),
+              "failures": _describe_failures(failures)} if failures else {}
     if not stats:
-        return {"error": "no target evaluated this method"}
+        why = f": it failed on {failed['failures']}" if failures else ""
+        return {"error": f"no target evaluated this method{why}", **failed}
     n = max(1, len(costs["params"]))
     metrics = metrics_from_stats(task, stats)
     return {"metrics": metrics, "users": len(costs["params"]),
             # 95% bootstrap intervals over the targets (one user each)
             "intervals": {m: users_interval(task, per_user, m) for m in metrics},
-            "queries": int(stats.get("n", 0)),
+            "queries": int(stats.get("n", 0)), **failed,
             **{f"{cost}_per_user": sum(values) / n for cost, values in costs.items()}}
 
 
+def _some(nodes: Sequence[int], limit: int = 12) -> str:
+    """Node ids for a log line: all of a few, the first ``limit`` of many."""
+    nodes = list(nodes)
+    shown = ", ".join(str(n) for n in nodes[:limit])
+    return f"[{shown}{f', ... ({len(nodes)} in all)' if len(nodes) > limit else ''}]"
+
+
+def log_roles(roles: Roles, status: Status) -> None:
+    """Each device's role, in the log and in the status file."""
+    log.info("roles: targets %s; sharers %s; collective %s", _some(roles.targets),
+             _some(roles.sharers), _some(roles.collective))
+    status.update(roles={"targets": roles.targets, "sharers": roles.sharers,
+                         "collective": roles.collective})
+
+
+class NothingEvaluated(PflError):
+    """A run in which no method was evaluated on any target (``federation.json`` is written
+    first, and is ``summary``): the ServerApp fails, so Flower marks the run failed and
+    ``pfl`` exits non-zero."""
+
+    def __init__(self, message: str, summary: Mapping[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def check_evaluated(summary: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``summary`` when at least one method has a result; else :class:`NothingEvaluated`."""
+    if not any("metrics" in row for row in summary["methods"].values()):
+        raise NothingEvaluated(
+            f"no method was evaluated on any target ({len(summary['evaluated_targets'])} of "
+            f"{len(summary['targets'])} targets answered); see "
+            f"{Path(summary['run_dir']) / 'federation.json'} and the log", summary)
+    return summary
+
+
 def run_federation(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[str, Any]:
-    """Run every phase; write and return ``federation.json``'s content."""
+    """Run every phase; write and return ``federation.json``'s content. A method that cannot
+    run (an empty pool) or fails on some targets is reported in its row; the others' results
+    stand. Raises :class:`NothingEvaluated` (after writing the file) when no method has a
+    result."""
     plan = resolve(run_config)
     started, seconds = time.perf_counter(), {}
     run_dir = Path(plan.config.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = dataclasses.replace(plan, config=plan.config.replace(run_dir=str(run_dir)))
     config, device_config = plan.config, plan.device_config()
+    status = Status(run_dir / STATUS_FILE)
+    status.update(phase="waiting for devices", methods=plan.methods, finished=False)
 
     roles = choose_targets(grid, config)
     log.info("federation: %d nodes, %d targets, methods %s", len(roles.nodes),
              len(roles.targets), plan.methods)
     t0 = time.perf_counter()
-    selection = choose_sharers(grid, config, roles, plan.cores, device_config)
+    selection = choose_sharers(grid, config, roles, plan.cores, device_config, status)
     seconds["selection"] = time.perf_counter() - t0
-    arrays, stage1 = train_collective(grid, plan, roles, run_dir, seconds)
-    shared, pool_sharers = {}, {}
+    log_roles(roles, status)
+    arrays, stage1 = train_collective(grid, plan, roles, run_dir, seconds, status)
+    shared, pool_sharers, skipped = {}, {}, {}
     if pool_needed(plan.cores):
         t0 = time.perf_counter()
-        shared, pool_sharers = share(grid, config, roles.sharers, arrays, device_config)
+        shared, pool_sharers, empty = share(grid, config, roles.sharers, arrays,
+                                            device_config, status)
         seconds["share"] = time.perf_counter() - t0
+        if empty:  # the methods that read the pool cannot run; the others still do
+            skipped = {m: f"skipped: {empty}" for m in plan.methods
+                       if core_class(parse_method(m).core).uses_pool}
+    runnable = [m for m in plan.methods if m not in skipped]
     personalized, evaluated = personalize_and_evaluate(grid, plan, roles.targets, arrays,
-                                                       pool_sharers, seconds)
+                                                       pool_sharers, seconds, runnable, status)
     task = _task_of(evaluated, config.task)
-    results = {name: method_results(name, task, evaluated, personalized)
+    results = {name: ({"error": skipped[name], "skipped": True} if name in skipped
+                      else method_results(name, task, evaluated, personalized))
                for name in plan.methods}
-    return write_summary(plan, roles, selection, stage1, shared, results, seconds,
-                         evaluated, time.perf_counter() - started)
+    summary = write_summary(plan, roles, selection, stage1, shared, results, seconds,
+                            evaluated, time.perf_counter() - started)
+    done = [name for name, row in results.items() if "metrics" in row]
+    status.update(phase="finished", finished=True, evaluated_methods=done,
+                  results=str(run_dir / "federation.json"))
+    log.info("results: %s (%d of %d methods evaluated)", run_dir / "federation.json",
+             len(done), len(results))
+    return check_evaluated(summary)
 
 
 def personalize_and_evaluate(grid: Grid, plan: Plan, targets: Sequence[int],
                              arrays: Mapping[str, np.ndarray], pool_sharers: Mapping[str, str],
-                             seconds: dict) -> tuple[dict[int, Message], dict[int, Message]]:
-    """Phases 5 and 6: every target personalizes with every method (costs come back), then
-    answers its held-out queries (metric statistics come back)."""
-    config = {**plan.device_config(), "methods": plan.config.methods}
+                             seconds: dict, methods: Sequence[str] | None = None,
+                             status: Status | None = None
+                             ) -> tuple[dict[int, Message], dict[int, Message]]:
+    """Phases 5 and 6: every target personalizes with every method (``methods``, default the
+    run's; costs come back), then answers its held-out queries (metric statistics come
+    back)."""
+    methods = list(plan.methods if methods is None else methods)
+    if not methods:
+        return {}, {}
+    config = {**plan.device_config(), "methods": ",".join(methods)}
     if pool_sharers:  # targets take pieces from these sharers only
         config["pool-sharers"] = json.dumps(pool_sharers, sort_keys=True)
     timeout = plan.config.phase_timeout
@@ -544,12 +714,12 @@ def personalize_and_evaluate(grid: Grid, plan: Plan, targets: Sequence[int],
     if arrays:  # a device keeps the collective arrays by digest between the two phases
         config[ARRAYS_DIGEST_KEY] = arrays_digest(arrays)
     personalized = exchange(grid, targets, "train.personalize", config, arrays, timeout,
-                            "personalize")
+                            "personalize", status=status)
     seconds["personalize"], t0 = time.perf_counter() - t0, time.perf_counter()
     holding = [node for node, reply in personalized.items()
                if _metrics(reply).get(KEPT_METRIC) == 1.0]
     evaluated = exchange(grid, sorted(personalized), "evaluate", config, arrays, timeout,
-                         "evaluate", holding=holding)
+                         "evaluate", holding=holding, status=status)
     seconds["evaluate"] = time.perf_counter() - t0
     return personalized, evaluated
 
@@ -559,6 +729,7 @@ def write_summary(plan: Plan, roles: Roles, selection, stage1, shared, results, 
     """``federation.json`` in the run folder; returns its content."""
     config = plan.config
     summary = {"task": config.task, "model": config.model, "seed": config.seed,
+               "run_dir": config.run_dir,
                "recipe": {"name": plan.recipe, "options": plan.options},
                "nodes": len(roles.nodes), "targets": roles.targets, "sharers": roles.sharers,
                "collective": roles.collective, "selection": selection, "stage1": stage1,
@@ -598,7 +769,12 @@ def make_federation_app(overrides: Mapping[str, Any] | None = None, *,
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_federation(grid, {**dict(context.run_config), **fixed})
+        try:
+            summary = run_federation(grid, {**dict(context.run_config), **fixed})
+        except NothingEvaluated as exc:  # the table says why; then the run fails
+            if print_results:
+                print(format_results(exc.summary), flush=True)
+            raise
         if print_results:
             print(format_results(summary), flush=True)
 

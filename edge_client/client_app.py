@@ -56,6 +56,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import grpc
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -366,11 +367,15 @@ def personalize(msg: Message, context: Context) -> Message:
         methods = _methods(options)
         pool, source = None, None
         if _needs_pool(methods):
-            source = _pool(options, context, loaded)
-            modules = perpcs_config(phases.device_runtime(loaded, task, options, {})) \
-                .target_modules
-            # the gates first; assembly fetches the pieces it selects, on one connection
-            pool = source.pool(modules, lazy=True)
+            try:  # an unreadable or empty pool fails the methods that read it, no others
+                source = _pool(options, context, loaded)
+                modules = perpcs_config(phases.device_runtime(loaded, task, options, {})) \
+                    .target_modules
+                # the gates first; assembly fetches the pieces it selects, on one connection
+                pool = source.pool(modules, lazy=True)
+            except (Refusal, PflError, grpc.RpcError) as exc:
+                log.warning("the piece pool cannot be read: %s", exc)
+                pool, source = None, None
         with source.session() if source is not None else nullcontext():
             metrics = phases.personalize(loaded, task, user, methods, options, arrays,
                                          _device_dir(context), pool=pool)
@@ -389,7 +394,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     def work(options, policy, rule, arrays):
         loaded, task, user = _device_user(options, context)
         methods = _methods(options)
-        source = _pool(options, context, loaded) if _needs_pool(methods) else None
+        source = None
+        if _needs_pool(methods):
+            try:  # without the pool only the methods that read it fail
+                source = _pool(options, context, loaded)
+            except Refusal as exc:
+                log.warning("the piece pool cannot be read: %s", exc)
         metrics = phases.evaluate(loaded, task, user, methods, options, arrays,
                                   _device_dir(context), pool=source,
                                   backend=str(context.node_config.get("answer-backend",

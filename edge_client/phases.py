@@ -38,13 +38,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from edge_client.consent import ConsentPolicy
+from edge_client.consent import ConsentDenied, ConsentPolicy
 from edge_client.pool_client import PoolClient
 from shared import crypto
 from shared.config import options_from_message
 from shared.data import load_dataset
 from shared.embeddings import user_embedding
-from shared.errors import PflError
+from shared.errors import (CONSENT_DENIED, FAILED, FAILED_METRIC, POOL_UNAVAILABLE,
+                           PflError)
 from shared.files import write_atomic
 from shared.generation import GenerationConfig
 from shared.methods import (PersonalState, Runtime, augmented_prompts, collective,
@@ -169,12 +170,16 @@ def cluster_report(task, user, centroids: np.ndarray | None, consent: ConsentPol
                    ) -> tuple[dict[str, float], dict[str, np.ndarray], str]:
     """(metrics, arrays, consent rule) for sharer selection.
 
-    Metrics: ``history-size`` and, given centroids, ``cluster-index`` (nearest by cosine).
+    Metrics: ``history-size``, ``may-share`` (1 when the policy allows sharing pieces) and,
+    given centroids, ``cluster-index`` (nearest by cosine).
     Arrays: ``user-embedding`` (the mean of the history embeddings, one vector) only when
     the policy allows ``embeddings``; per-item embeddings never leave.
     """
     rule = consent.require("cluster_index")
-    metrics: dict[str, float] = {"history-size": float(len(user.history))}
+    # whether this device would share pieces if selected: the server picks sharers among
+    # those that would (the one bit of its policy the selection needs)
+    metrics: dict[str, float] = {"history-size": float(len(user.history)),
+                                 "may-share": float(consent.allows("perpcs_pieces") is not None)}
     embedding = cached_user_embedding(task, user, device_dir)
     if centroids is not None and len(centroids):
         c = np.asarray(centroids, dtype=np.float32)
@@ -366,7 +371,8 @@ class PoolPieces:
         with ``lazy`` the gates only, each piece fetched when assembly selects it."""
         gates = self.gates(modules)
         if not gates:
-            raise PflError(f"the piece pool at {self.target} has no pieces for {list(modules)}")
+            raise PoolUnavailable(f"the piece pool at {self.target} has no pieces for "
+                                  f"{list(modules)}")
         if lazy:
             return PiecePool(pool=gates, lookup={}, fetch=self.fetch)
         return PiecePool.of(self.fetch([g.piece_id for g in gates]))
@@ -382,6 +388,38 @@ def fetch_pool(pool_target: str, pool_ca: str | Path, modules: Sequence[str], *,
 
 def _state_dir(base: Path, method: str) -> Path:
     return base / "personal" / method.replace("+", "_")
+
+
+class PoolUnavailable(PflError):
+    """The piece pool could not be read (unreachable, refused, or no pieces for this
+    device): the methods that read it fail on this device, the others go on."""
+
+
+def failure_code(exc: BaseException) -> int:
+    """The device error code (:data:`shared.errors.DEVICE_ERRORS`) a method's failure is
+    reported with: only the code leaves the device, the detail stays in its log."""
+    if isinstance(exc, ConsentDenied):
+        return CONSENT_DENIED
+    if isinstance(exc, PoolUnavailable):
+        return POOL_UNAVAILABLE
+    return FAILED
+
+
+#: Beside a method's state: the code it failed with in personalization (evaluation reports it).
+FAILED_FILE = "failed.json"
+
+
+def _fail(metrics: dict, state_dir: Path | None, name: str, exc: BaseException) -> None:
+    """Note that ``name`` failed on this device: ``METHOD/failed`` = its code, and (with a
+    state folder) a mark that the evaluation phase reads back."""
+    code = failure_code(exc)
+    log.warning("%s failed on this device (code %d): %s", name, code, exc,
+                exc_info=code == FAILED)
+    metrics[f"{name}/{FAILED_METRIC}"] = float(code)
+    if state_dir is not None:
+        directory = _state_dir(state_dir, name)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / FAILED_FILE, json.dumps({"code": code}).encode())
 
 
 def _profile(loaded, task, user, spec) -> str | None:
@@ -401,15 +439,23 @@ def personalize(loaded, task, user, methods: Sequence[str], options: Mapping[str
     for name in methods:
         spec = parse_method(name)
         core = spec.make_core()
-        t0 = time.perf_counter()
-        profile = _profile(loaded, task, user, spec)
-        state = core.personalize(runtime, user, spec.augmentation, profile)
-        seconds = time.perf_counter() - t0
-        if profile:
-            state.bytes += len(profile.encode("utf-8"))
-        core.save(state, _state_dir(state_dir, name))
-        if profile is not None:
-            (_state_dir(state_dir, name) / "profile.txt").write_text(profile)
+        directory = _state_dir(state_dir, name)
+        (directory / FAILED_FILE).unlink(missing_ok=True)
+        try:  # one method's failure (an empty pool, a bug) leaves the others standing
+            if core.uses_pool and pool is None:
+                raise PoolUnavailable(f"{name} needs the piece pool, which could not be read")
+            t0 = time.perf_counter()
+            profile = _profile(loaded, task, user, spec)
+            state = core.personalize(runtime, user, spec.augmentation, profile)
+            seconds = time.perf_counter() - t0
+            if profile:
+                state.bytes += len(profile.encode("utf-8"))
+            core.save(state, directory)
+            if profile is not None:
+                (directory / "profile.txt").write_text(profile)
+        except Exception as exc:
+            _fail(metrics, state_dir, name, exc)
+            continue
         metrics.update({f"{name}/params": float(state.params),
                         f"{name}/bytes": float(state.bytes), f"{name}/seconds": seconds})
     return metrics
@@ -454,25 +500,51 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
     out: dict[str, float] = {"task/kind": float(TASK_KINDS.index(task.kind)),
                              "task/labels": float(len(task.labels or ()))}
     for name in methods:
-        spec = parse_method(name)
-        core = spec.make_core()
-        if core.uses_pool and pool is None:
-            raise PflError(f"{name} needs the piece pool to rebuild the adapter")
-        directory = _state_dir(state_dir, name)
-        state = core.load(directory, runtime)
-        profile_path = directory / "profile.txt"
-        profile = profile_path.read_text() if profile_path.is_file() else None
-        prompts = augmented_prompts(runtime, user, spec.augmentation, profile)
-        if remote is not None:
-            personalization = core.remote_personalization(runtime, state)
-            predictions = [remote.answer(prompt, personalization,
-                                         max_new_tokens=task.max_new_tokens)
-                           for prompt in prompts]
-        else:
-            predictions = core.answer(runtime, state, prompts, generation)
-        for key, value in metric_stats(task, predictions, golds).items():
-            out[f"{name}/{key}"] = value
+        try:  # one method's failure leaves the others' statistics standing
+            stats = _evaluate_method(runtime, task, user, name, state_dir, golds, generation,
+                                     pool=pool, remote=remote)
+        except _FailedBefore as failed:  # personalization already failed: the same code
+            out[f"{name}/{FAILED_METRIC}"] = float(failed.code)
+            continue
+        except Exception as exc:
+            _fail(out, None, name, exc)
+            continue
+        out.update({f"{name}/{key}": value for key, value in stats.items()})
     return out
+
+
+class _FailedBefore(Exception):
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _evaluate_method(runtime, task, user, name: str, state_dir: Path, golds, generation, *,
+                     pool, remote) -> dict[str, float]:
+    """One method's additive metric statistics on this user's queries."""
+    spec = parse_method(name)
+    core = spec.make_core()
+    directory = _state_dir(state_dir, name)
+    if (directory / FAILED_FILE).is_file():
+        try:
+            code = int(json.loads((directory / FAILED_FILE).read_text())["code"])
+        except (ValueError, KeyError, TypeError):
+            code = FAILED
+        raise _FailedBefore(code)
+    if core.uses_pool and pool is None:
+        raise PoolUnavailable(f"{name} needs the piece pool to rebuild the adapter")
+    state = core.load(directory, runtime)
+    profile_path = directory / "profile.txt"
+    profile = profile_path.read_text() if profile_path.is_file() else None
+    prompts = augmented_prompts(runtime, user, spec.augmentation, profile)
+    if remote is not None:
+        personalization = core.remote_personalization(runtime, state)
+        predictions = [remote.answer(prompt, personalization,
+                                     max_new_tokens=task.max_new_tokens)
+                       for prompt in prompts]
+    else:
+        predictions = core.answer(runtime, state, prompts, generation)
+    return metric_stats(task, predictions, golds)
 
 
 # ------------------------------------------------------- answering a query (pfl generate)

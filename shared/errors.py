@@ -16,8 +16,13 @@ DEVICE_ERRORS = {
     403: "refused by the device's consent policy",
     412: "the device is not configured for this (its node config lacks a setting)",
     500: "the device failed to handle this message (details in the device's log)",
+    503: "the piece pool could not be read or had no pieces for this device",
 }
-BAD_REQUEST, CONSENT_DENIED, NOT_CONFIGURED, FAILED = 400, 403, 412, 500
+BAD_REQUEST, CONSENT_DENIED, NOT_CONFIGURED, FAILED, POOL_UNAVAILABLE = 400, 403, 412, 500, 503
+
+#: The metric a device reports, per method, for a method that failed on it
+#: (``METHOD/failed`` = the code): the other methods' results stand.
+FAILED_METRIC = "failed"
 
 
 def device_error_reason(code: int) -> str:

@@ -28,7 +28,8 @@ def _with_interval(result: dict, metric: str) -> str:
 def methods_table(methods: dict) -> str:
     """One row per method: metrics (with 95% intervals over users where the results have
     them), parameters, bytes and seconds per user. A method entry with no ``metrics`` (e.g.
-    ``{"error": ...}`` from a federation) gets dashes and a note."""
+    ``{"error": ...}`` from a federation) gets dashes and a note; one that failed on some
+    targets (``failures``) a note too."""
     scored = [r for r in methods.values() if "metrics" in r]
     metric_names = list(scored[0]["metrics"]) if scored else []
     headers = ["method"] + [f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}"
@@ -42,6 +43,8 @@ def methods_table(methods: dict) -> str:
         rows.append([name] + [_with_interval(r, m) for m in metric_names]
                     + [f"{r['params_per_user']:,.0f}", human_bytes(r["bytes_per_user"]),
                        f"{r['seconds_per_user']:.2f}"])
+        if r.get("failures"):  # scored on the others; say on how many it failed
+            notes.append(f"{name}: left out {r['failures']}")
     return "\n".join([format_table(headers, rows)] + notes)
 
 

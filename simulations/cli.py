@@ -290,7 +290,7 @@ def cmd_simulate(args) -> int:
         return 0
 
     # lazy: a command loads only what it runs (pfl --help loads no torch)
-    from cloud_server.federation import format_results
+    from cloud_server.federation import NothingEvaluated, format_results
 
     method_options = _method_settings(args)
     for key in ("max_history", "personal_epochs", "stage1_epochs"):
@@ -307,13 +307,17 @@ def cmd_simulate(args) -> int:
     print(f"pfl simulate: {args.clients} virtual devices ({args.targets} targets, "
           f"{args.sharers} sharers), methods {','.join(methods)}, model {args.model}, "
           f"backend {args.backend}; run folder {args.run_dir}", flush=True)
-    summary = run_federation_simulation(
-        args.clients, methods=",".join(methods), targets=args.targets, sharers=args.sharers,
-        model=args.model, task=args.task, data_path=args.data, run_dir=args.run_dir,
-        seed=args.seed, rounds=args.rounds, backend=args.backend, options=options,
-        num_cpus_per_client=args.cpus_per_client, verbose=args.verbose,
-        num_gpus_per_client=args.client_gpus, ray_address=args.ray_address,
-        answer_backend=args.answer_backend)
+    try:
+        summary = run_federation_simulation(
+            args.clients, methods=",".join(methods), targets=args.targets,
+            sharers=args.sharers, model=args.model, task=args.task, data_path=args.data,
+            run_dir=args.run_dir, seed=args.seed, rounds=args.rounds, backend=args.backend,
+            options=options, num_cpus_per_client=args.cpus_per_client, verbose=args.verbose,
+            num_gpus_per_client=args.client_gpus, ray_address=args.ray_address,
+            answer_backend=args.answer_backend, consent_policy=args.consent)
+    except NothingEvaluated as exc:  # the table says what failed; the command fails
+        print("\n" + format_results(exc.summary))
+        raise
     print()
     print(format_results(summary))
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
@@ -730,6 +734,10 @@ def add_simulate_command(commands) -> None:
                      help="a method setting, as in pfl eval (repeatable)")
     sim.add_argument("--backend", choices=["ray", "inprocess"], default="ray",
                      help="Flower's simulation engine (ray, default) or an in-process grid")
+    sim.add_argument("--consent", default=None, metavar="FILE",
+                     help="every virtual device's consent policy (default: "
+                          "simulations/consent_simulation.toml, which shares pieces; "
+                          "edge_client/consent_default.toml is a real device's default)")
     sim.add_argument("--answer-backend", choices=BACKENDS, default="torch",
                      help="how the devices answer their queries: PyTorch (default) or ONNX "
                           "Runtime on the exported graph (a device setting)")
