@@ -60,7 +60,7 @@ from cloud_server.server_app import run_stage1
 from shared import crypto
 from shared.config import ARRAYS_DIGEST_KEY, KEPT_METRIC, RunConfig, options_to_message
 from shared.errors import DEVICE_ERRORS, FAILED_METRIC, PflError
-from shared.files import write_json
+from shared.files import save_npz, write_json
 from shared.methods import core_class, core_names, parse_method
 from shared.methods.store import arrays_digest
 from shared.methods.perpcs import select_sharers_from_clusters
@@ -82,6 +82,10 @@ DEVICE_KEYS = ("model", "task", "data-path", "seed", "device", "pool-address",
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
 #: Where a run says what it is doing (:class:`Status`), in its run folder.
 STATUS_FILE = "status.json"
+#: In the run folder: every collective part the run trained (``lora.*``, ``perfit.*``).
+GLOBAL_ARRAYS = "global_arrays.npz"
+#: In the run folder: the results (:func:`write_summary`).
+SUMMARY_FILE = "federation.json"
 
 
 class NodeSubset(Grid):
@@ -223,8 +227,8 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
             out["arrays"] = record
         return out
 
-    messages = [grid.create_message(content(node), message_type, node, group_id=phase)
-                for node in node_ids]
+    messages = [Message(content(node), dst_node_id=node, message_type=message_type,
+                        group_id=phase) for node in node_ids]
     log.info("%s: sending %s to %d device(s) ...", phase, message_type, len(messages))
     started = time.perf_counter()
     replies = _collect(grid, messages, timeout, phase, status)
@@ -523,6 +527,8 @@ def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
         stage1[kind] = {k: summary[k] for k in ("rounds", "train_loss", "replies", "params",
                                                 "bytes_per_update", "dp", "secagg")}
         seconds[f"stage1-{kind}"] = time.perf_counter() - t0
+    if arrays:  # every collective part in one file: what `pfl serve --run RUN_DIR` loads
+        save_npz(run_dir / GLOBAL_ARRAYS, arrays)
     return arrays, stage1
 
 
@@ -643,7 +649,7 @@ def check_evaluated(summary: Mapping[str, Any]) -> Mapping[str, Any]:
         raise NothingEvaluated(
             f"no method was evaluated on any target ({len(summary['evaluated_targets'])} of "
             f"{len(summary['targets'])} targets answered); see "
-            f"{Path(summary['run_dir']) / 'federation.json'} and the log", summary)
+            f"{Path(summary['run_dir']) / SUMMARY_FILE} and the log", summary)
     return summary
 
 
@@ -689,8 +695,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dic
                             evaluated, time.perf_counter() - started)
     done = [name for name, row in results.items() if "metrics" in row]
     status.update(phase="finished", finished=True, evaluated_methods=done,
-                  results=str(run_dir / "federation.json"))
-    log.info("results: %s (%d of %d methods evaluated)", run_dir / "federation.json",
+                  results=str(run_dir / SUMMARY_FILE))
+    log.info("results: %s (%d of %d methods evaluated)", run_dir / SUMMARY_FILE,
              len(done), len(results))
     return check_evaluated(summary)
 
@@ -734,10 +740,33 @@ def write_summary(plan: Plan, roles: Roles, selection, stage1, shared, results, 
                "nodes": len(roles.nodes), "targets": roles.targets, "sharers": roles.sharers,
                "collective": roles.collective, "selection": selection, "stage1": stage1,
                "shared": shared, "methods": results, "phase_seconds": seconds,
-               "evaluated_targets": sorted(evaluated), "seconds": elapsed}
-    path = Path(config.run_dir) / "federation.json"
+               "evaluated_targets": sorted(evaluated), "seconds": elapsed,
+               "global_arrays": str(Path(config.run_dir) / GLOBAL_ARRAYS) if stage1 else None}
+    path = Path(config.run_dir) / SUMMARY_FILE
     path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def read_run(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """(results, the collective arrays file or None) of a finished run's folder, what
+    ``pfl serve --run`` reads; a one-line error when it is not one."""
+    run_dir = Path(run_dir)
+    path = run_dir / SUMMARY_FILE
+    if not run_dir.is_dir():
+        raise PflError(f"no run folder {run_dir}")
+    if not path.is_file():
+        raise PflError(f"{run_dir} is not a finished run's folder: no {SUMMARY_FILE} (a run "
+                       f"writes it at its end; its progress is in {STATUS_FILE})")
+    try:
+        summary = json.loads(path.read_text())
+        str(summary["model"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise PflError(f"{path} is not a run's results file") from None
+    arrays = run_dir / GLOBAL_ARRAYS
+    if summary.get("stage1") and not arrays.is_file():
+        raise PflError(f"{run_dir}: the run trained {', '.join(summary['stage1'])} but "
+                       f"{GLOBAL_ARRAYS} is missing")
+    return summary, arrays if arrays.is_file() else None
 
 
 def format_results(summary: Mapping[str, Any]) -> str:

@@ -36,6 +36,7 @@ import collections
 import hashlib
 import logging
 import threading
+import zipfile
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
@@ -471,9 +472,18 @@ def load_collectives(loaded, arrays_path: str | Path | None) -> tuple[dict, obje
     ``global_arrays.npz`` (None: neither, the raw base model)."""
     if arrays_path is None:
         return {}, None, "f7+l7"
-    with np.load(arrays_path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
+    try:
+        with np.load(arrays_path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise PflError(f"no arrays file {arrays_path} (a federation writes "
+                       f"RUN_DIR/global_arrays.npz: give --run RUN_DIR)") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise PflError(f"{arrays_path} is not a readable .npz file ({exc})") from None
     parts = split_arrays(arrays)
+    if not ({"lora", "perfit"} & set(parts)):
+        raise PflError(f"{arrays_path} holds no stage-1 LoRA (lora.*) or PerFit (perfit.*) "
+                       "arrays: give the run folder's global_arrays.npz (--run RUN_DIR)")
     stage1 = {}
     if "lora" in parts:  # as factors, never merged: the service keeps one copy of the model
         spec = stage1_lora()

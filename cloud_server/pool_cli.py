@@ -1,9 +1,9 @@
 """``pfl certs`` and ``pfl pool ...``: registration functions for the pfl command.
 
     pfl certs DIR --hosts localhost,127.0.0.1      dev CA (reused if present) + server cert
-    pfl pool serve --db DIR --port P --certs DIR   serve the piece pool over TLS
+    pfl pool serve --db DIR --port P --certs DIR [--run-config F]   the piece pool over TLS
     pfl pool check --db DIR                        re-hash every blob, verify signatures
-    pfl serve --certs DIR [--arrays F] [--pool-db DIR]   the inference service over TLS
+    pfl serve --certs DIR [--run RUN_DIR] [--pool-db DIR]   the inference service over TLS
 
 ``simulations.cli`` calls :func:`add_certs_command`, :func:`add_pool_commands` and
 :func:`add_serve_command` on its
@@ -40,9 +40,25 @@ def cmd_certs(args) -> int:
     return 0
 
 
+def pool_model(model: str | None, run_config: str | None) -> str | None:
+    """The model whose shapes the pool checks pieces against: the run config's ``model``
+    (the same file ``flwr run --run-config`` reads, so the two cannot disagree), or
+    ``--model``; both given and different is an error."""
+    if run_config is None:
+        return model
+    from shared.config import RunConfig, read_run_config_file
+
+    configured = RunConfig.parse(read_run_config_file(run_config)).model
+    if model is not None and model != configured:
+        raise PflError(f"--model {model} but the run config {run_config} runs {configured}: "
+                       "give one of them")
+    return configured
+
+
 def cmd_pool_serve(args) -> int:
     """Serve the piece pool until interrupted."""
-    return serve(args.db, args.port, args.certs, args.host, model=args.model,
+    return serve(args.db, args.port, args.certs, args.host,
+                 model=pool_model(args.model, args.run_config),
                  open_enrolment=args.open, max_update_norm=args.max_update_norm)
 
 
@@ -85,9 +101,12 @@ def add_pool_commands(subparsers) -> None:
                        "(default %(default)s)")
     serve.add_argument("--certs", required=True, help="certificate directory from `pfl certs`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--run-config", default=None, metavar="FILE",
+                       help="the run config (TOML) that `flwr run --run-config` gets: pieces "
+                            "are checked against its model (the way to keep the two in step)")
     serve.add_argument("--model", default=None,
                        help="check every piece against this model's layers and shapes "
-                            "(smollm2-135m, tiny or a checkpoint path)")
+                            "(smollm2-135m, tiny or a checkpoint path), when no --run-config")
     serve.add_argument("--max-update-norm", type=float, default=None,
                        help="refuse pieces whose update |scaling * B A| exceeds this "
                             "(default 8; honest SmolLM2 pieces are about 0.1)")
@@ -113,9 +132,31 @@ def cmd_serve(args) -> int:
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)
                             if getattr(args, f.name, None) is not None})
-    return serve_inference(args.certs, host=args.host, port=args.port, model=args.model,
-                           arrays=args.arrays, pool_db=args.pool_db, limits=limits,
+    model, arrays = serve_inputs(args.run, args.model, args.arrays)
+    if arrays is None:
+        print("pfl serve: warning: no collective arrays (--run RUN_DIR): answers come from "
+              "the raw base model, without stage 1 or PerFit", flush=True)
+    if args.pool_db is None:
+        print("pfl serve: note: no --pool-db: PER-PCS users are refused", flush=True)
+    return serve_inference(args.certs, host=args.host, port=args.port, model=model,
+                           arrays=arrays, pool_db=args.pool_db, limits=limits,
                            device=args.device)
+
+
+def serve_inputs(run: str | None, model: str | None, arrays: str | None
+                 ) -> tuple[str | None, str | None]:
+    """(model, arrays file) to serve: a run folder's (``--run``: its model and its
+    global_arrays.npz), or the flags; a model that differs from the run's is an error."""
+    if run is None:
+        return model, arrays
+    if arrays is not None:
+        raise PflError("give --run RUN_DIR or --arrays FILE, not both")
+    from cloud_server.federation import read_run  # lazy: Flower loads with it
+
+    summary, path = read_run(run)
+    if model is not None and model != summary["model"]:
+        raise PflError(f"--model {model}, but the run {run} trained {summary['model']}")
+    return str(summary["model"]), None if path is None else str(path)
 
 
 def add_serve_command(subparsers) -> None:
@@ -134,9 +175,12 @@ def add_serve_command(subparsers) -> None:
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve_cmd.add_argument("--model", default=None, help="base model (default smollm2-135m)")
     serve_cmd.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    serve_cmd.add_argument("--run", default=None, metavar="RUN_DIR",
+                           help="a federation's run folder: its model, stage 1 and PerFit "
+                                "stage 1 (RUN_DIR/global_arrays.npz)")
     serve_cmd.add_argument("--arrays", default=None,
-                           help="the federation's RUN_DIR/global_arrays.npz: stage 1 and PerFit "
-                                "stage 1 (without it: the raw base, no PerFit)")
+                           help="a collective arrays file instead of --run (without either: "
+                                "the raw base, no PerFit)")
     serve_cmd.add_argument("--pool-db", default=None,
                            help="the piece pool's directory, to resolve PER-PCS recipes")
     defaults = ServeLimits()

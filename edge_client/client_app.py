@@ -290,7 +290,7 @@ def _pool_access(options: Mapping[str, Any], context: Context):
     if not ca:
         raise Refusal(NOT_CONFIGURED, "this phase needs the piece pool: node config pool-ca")
     interceptor = AuditClientInterceptor(device_ledger_path(context), "pool-grpc", target,
-                                         describe_request)
+                                         describe_request, meta={"run_id": context.run_id})
     return target, str(ca), [interceptor]
 
 

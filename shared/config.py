@@ -15,6 +15,7 @@ training recipe (:mod:`shared.recipes`) with ``max-history``, ``stage1-epochs`` 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -134,7 +135,9 @@ class RunConfig:
             elif key in known:
                 values[known[key].name] = _convert(key, value, known[key].type)
             else:
-                raise PflError(f"unknown run-config key {key!r} (known: "
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise PflError(f"unknown run-config key {key!r} ({hint}known: "
                                f"{', '.join(sorted(known))}, and SECTION.FIELD for "
                                f"{', '.join(SECTIONS)})")
         config = cls(**values, settings=settings)
@@ -261,3 +264,63 @@ def options_from_message(entries: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[head] = value
     return out
+
+
+# ------------------------------------------------------------------ run-config files
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TOML tables to dotted keys (``[oppu] lr = 1e-3`` and ``oppu.lr = 1e-3`` are both
+    ``oppu.lr``), as ``flwr run --run-config FILE`` reads them."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_run_config_file(path) -> dict[str, Any]:
+    """The keys a run-config TOML file sets (dotted for method settings), checked with
+    :meth:`RunConfig.parse` (an unknown key or a bad value is a one-line error)."""
+    import tomllib
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PflError(f"no run-config file {path}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PflError(f"{path}: not a readable TOML file ({exc})") from None
+    keys = _flatten(data)
+    try:
+        RunConfig.parse(keys)
+    except RecursionError:
+        raise PflError(f"{path}: nested too deeply") from None
+    except PflError as exc:
+        raise PflError(f"{path}: {exc}") from None
+    return keys
+
+
+def _toml_value(value: Any) -> str:
+    import json
+    import math
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PflError(f"a run-config value must be finite, got {value}")
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string (JSON escapes are TOML's)
+
+
+def run_config_toml(keys: Mapping[str, Any]) -> str:
+    """``keys`` (dashed and dotted run-config keys) as the text of a run-config TOML file
+    that :func:`read_run_config_file` and ``flwr run --run-config`` read back."""
+    RunConfig.parse(keys)
+    lines = [f"{key} = {_toml_value(value)}" for key, value in keys.items() if "." not in key]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items() if "." in key]
+    return "\n".join(lines) + "\n"

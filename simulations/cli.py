@@ -17,6 +17,8 @@
     pfl audit       show, summarize or verify a device's audit ledger
     pfl certs       a development CA and TLS certificates for the given hosts
     pfl pool        serve or check the PER-PCS piece pool (gRPC with TLS, SQLite + blobs)
+    pfl deploy      a real deployment on this machine (pool, SuperLink, SuperNodes), and
+                    its status
 
 A problem the user can fix prints ``pfl: error: ...`` on one line and exits with status 2.
 """
@@ -40,6 +42,7 @@ from edge_client.audit import summary as ledger_summary
 from shared.config import settings_keys
 from shared.errors import PflError
 from shared.files import write_json
+from simulations.deploy import add_deploy_commands
 
 
 def _csv(text: str) -> list[str]:
@@ -1019,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
                 add_tune_command, add_compare_command, add_claims_command, add_data_command,
                 add_bench_commands, add_audit_commands, add_certs_command, add_pool_commands,
                 add_serve_command, add_generate_command, add_export_command,
-                add_node_key_command):
+                add_node_key_command, add_deploy_commands):
         add(commands)
     return parser
 

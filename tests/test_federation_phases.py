@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from cloud_server.federation import format_results
+from cloud_server.federation import NothingEvaluated, format_results
 from edge_client import audit
 from shared.config import settings_keys
+from edge_client.state import ledger_paths
 from simulations.simulate import LocalGrid, run_federation_simulation
 
 FAST = {"max-steps": 2, **settings_keys(
@@ -125,14 +126,17 @@ def test_ledgers_record_every_reply_and_no_history_leaves_a_device(federation):
 def test_a_device_without_sharing_consent_submits_nothing(tmp_path):
     policy = tmp_path / "consent.toml"
     policy.write_text("version = 1\n[upload]\nperpcs_pieces = false\n")
-    summary = run_federation_simulation(5, methods="perpcs", targets=1, sharers=2,
-                                        run_dir=tmp_path / "run", options=FAST,
-                                        consent_policy=policy)
-    assert summary["pool_pieces"] == 0
+    with pytest.raises(NothingEvaluated):  # PER-PCS alone, and nothing to assemble from
+        run_federation_simulation(5, methods="perpcs", targets=1, sharers=2,
+                                  run_dir=tmp_path / "run", options=FAST,
+                                  consent_policy=policy)
+    summary = json.loads((tmp_path / "run" / "federation.json").read_text())
     assert summary["shared"] == {} or not any(m.get("pieces-submitted")
                                              for m in summary["shared"].values())
     assert "error" in summary["methods"]["perpcs"]  # nothing to assemble from: reported
-    for path in summary["ledgers"].values():
+    assert not [p for p in (tmp_path / "run" / "pool").rglob("*") if p.is_file()
+                and "blobs" in p.parts]  # the pool stayed empty
+    for path in ledger_paths(tmp_path / "run").values():
         assert not any(e["message_type"].endswith("SubmitPieces")
                        for e in audit.read_entries(path))
 

@@ -13,6 +13,8 @@ import grpc
 from edge_client.audit.ledger import AuditLedger
 
 log = logging.getLogger(__name__)
+#: A refusal entry's ``meta``: ``outcome`` and the seq of the request it answers.
+OUTCOME_REFUSED, OUTCOME_OF = "refused", "outcome_of"
 
 
 # -------------------------------------------------------------------- gRPC interceptor
@@ -39,11 +41,13 @@ class AuditClientInterceptor(grpc.UnaryUnaryClientInterceptor,
 
     def __init__(self, ledger: AuditLedger | str | os.PathLike, channel_name: str,
                  destination: str,
-                 describe_request_fn: Callable[[str, Any], Mapping | None] | None = None):
+                 describe_request_fn: Callable[[str, Any], Mapping | None] | None = None, *,
+                 meta: Mapping[str, str | int | float | bool] | None = None):
         self.ledger = ledger if isinstance(ledger, AuditLedger) else AuditLedger(ledger)
         self.channel_name = channel_name
         self.destination = destination
         self.describe_request_fn = describe_request_fn
+        self.meta = dict(meta or {})  # kept on every entry, e.g. the Flower run id
 
     def record(self, method: str | bytes, request: Any) -> dict:
         """Append the ledger entry for one request; return it."""
@@ -54,14 +58,32 @@ class AuditClientInterceptor(grpc.UnaryUnaryClientInterceptor,
         return self.ledger.append(
             self.channel_name, self.destination, method, described.get("arrays"),
             described.get("consent_rule"), described.get("extra"), payload_bytes=len(data),
-            meta={"request_bytes": len(data),
+            meta={**self.meta, "request_bytes": len(data),
                   "request_sha256": hashlib.sha256(data).hexdigest(),
                   **dict(described.get("meta") or {})})
 
+    def record_refusal(self, entry: Mapping[str, Any], code: grpc.StatusCode) -> dict:
+        """Append that the request recorded as ``entry`` was refused (its bytes did leave;
+        the receiver did not take it): a zero-byte entry pointing at it."""
+        return self.ledger.append(
+            self.channel_name, self.destination, str(entry["message_type"]), None, None,
+            None, payload_bytes=0, meta={**self.meta, "outcome": OUTCOME_REFUSED,
+                                         OUTCOME_OF: int(entry["seq"]), "status": code.name})
+
     def intercept_unary_unary(self, continuation, client_call_details, request):
-        """Record, then send."""
-        self.record(client_call_details.method, request)
-        return continuation(client_call_details, request)
+        """Record, send, and record a refusal (an error status) when one comes back."""
+        entry = self.record(client_call_details.method, request)
+        outcome = continuation(client_call_details, request)
+        try:
+            code = outcome.code()
+        except Exception:  # not a finished call: nothing to add
+            code = None
+        if code is not None and code != grpc.StatusCode.OK:
+            try:
+                self.record_refusal(entry, code)
+            except Exception:  # the request is recorded; the note of its refusal is extra
+                log.exception("could not record the refusal of %s", entry.get("message_type"))
+        return outcome
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
         """Record, then send (server-streaming calls have one outbound request)."""

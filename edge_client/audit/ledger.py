@@ -376,14 +376,31 @@ def entry_phases(entries: list[Mapping[str, Any]]) -> list[str | None]:
 
 
 # --------------------------------------------------------------------------- summary
-def summary(path: str | os.PathLike) -> dict:
-    """Totals of a ledger: entries and payload bytes overall, per channel and per message
-    type, per consent rule; first and last time; the head hash and the verification result.
-    Lines that do not parse are skipped here (``intact`` is then False)."""
+def entry_run(entry: Mapping[str, Any]) -> str | None:
+    """The Flower run an entry belongs to (its ``meta.run_id``, as text), None if unknown."""
+    meta = entry.get("meta")
+    run = meta.get("run_id") if isinstance(meta, Mapping) else None
+    return None if run is None or isinstance(run, bool) else str(run)
+
+
+def is_refusal(entry: Mapping[str, Any]) -> bool:
+    """Whether ``entry`` notes that an earlier request was refused by its receiver."""
+    meta = entry.get("meta")
+    return isinstance(meta, Mapping) and meta.get("outcome") == "refused"
+
+
+def summary(path: str | os.PathLike, run: str | None = None) -> dict:
+    """Totals of a ledger (with ``run``, of that Flower run's entries only): entries and
+    payload bytes overall, per channel and per message type, per consent rule; the runs it
+    holds; requests refused by their receiver; first and last time; the head hash and the
+    verification result (of the whole chain). Lines that do not parse are skipped here
+    (``intact`` is then False)."""
     result = verify(path)
     total = {"count": 0, "bytes": 0}
     channels: dict[str, dict] = {}
     rules: dict[str, int] = {}
+    runs: dict[str, int] = {}
+    refused = 0
     first = last = None
     for _, raw in _lines(path):
         try:
@@ -391,6 +408,12 @@ def summary(path: str | os.PathLike) -> dict:
         except ValueError:
             continue
         if not isinstance(entry, dict):
+            continue
+        runs[entry_run(entry) or "-"] = runs.get(entry_run(entry) or "-", 0) + 1
+        if run is not None and entry_run(entry) != str(run):
+            continue
+        if is_refusal(entry):
+            refused += 1
             continue
         size = int(entry.get("payload_bytes", 0) or 0)
         channel = channels.setdefault(str(entry.get("channel")),
@@ -406,7 +429,8 @@ def summary(path: str | os.PathLike) -> dict:
         last = entry.get("time", last)
     return {"path": str(path), "entries": total["count"], "bytes": total["bytes"],
             "first_time": first, "last_time": last, "channels": channels,
-            "consent_rules": rules, "head": result.head if result.ok else None,
+            "consent_rules": rules, "runs": runs, "run": run, "refused": refused,
+            "head": result.head if result.ok else None,
             "intact": result.ok, "problem": None if result.ok else result.message}
 
 

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_client.audit.ledger import PHASE_ORDER, _lines, entry_phases, verify
+from edge_client.audit.ledger import PHASE_ORDER, _lines, entry_phases, entry_run, verify
 from edge_client.state import ledger_paths
 from shared.config import DP_ROUND_KEYS
 from shared.errors import PflError
@@ -66,7 +66,7 @@ def _size(entry: dict) -> int:
         return 0
 
 
-def _read(label: str, path: Path) -> LedgerReport:
+def _read(label: str, path: Path, run: str | None = None) -> LedgerReport:
     report = LedgerReport(label, str(path))
     for _, raw in _lines(path):
         try:
@@ -75,7 +75,8 @@ def _read(label: str, path: Path) -> LedgerReport:
             report.unreadable_lines += 1
             continue
         if isinstance(entry, dict) and isinstance(entry.get("message_type"), str):
-            report.entries.append(entry)
+            if run is None or entry_run(entry) == str(run):
+                report.entries.append(entry)
         else:
             report.unreadable_lines += 1
     report.phases = [p or OUTSIDE for p in entry_phases(report.entries)]
@@ -93,19 +94,22 @@ def find_ledgers(target: str | Path) -> list[tuple[str, Path]]:
     if target.is_file():
         return [(target.name, target)]
     if not target.is_dir():
-        raise PflError(f"{target}: no such ledger or folder")
+        raise PflError(f"{target}: no audit ledger there (no such file or folder)")
     found = [(f"device {pid}", path) for pid, path in ledger_paths(target).items()]
     if not found:
         found = [(str(p.parent.relative_to(target)) or p.name, p)
                  for p in sorted(target.rglob("ledger.jsonl"))]
+    if not found:  # ledgers collected from devices, named as the collector chose
+        found = [(str(p.relative_to(target)), p) for p in sorted(target.rglob("*.jsonl"))]
     if not found:
         raise PflError(f"{target}: no audit ledger (ledger.jsonl) in this folder")
     return found
 
 
-def build_report(target: str | Path) -> dict[str, Any]:
-    """Everything the page shows, as plain data (also what the tests read)."""
-    ledgers = [_read(label, path) for label, path in find_ledgers(target)]
+def build_report(target: str | Path, run: str | None = None) -> dict[str, Any]:
+    """Everything the page shows (with ``run``, that Flower run's entries only), as plain
+    data (also what the tests read)."""
+    ledgers = [_read(label, path, run) for label, path in find_ledgers(target)]
     by_phase: dict[str, dict[str, int]] = {}
     rules: dict[str, dict[str, int]] = {}
     destinations: dict[str, int] = {}
@@ -306,7 +310,7 @@ def render_html(report: dict[str, Any], *, max_rows: int = 2000) -> str:
 
 def cmd_audit_report(args) -> int:
     """Write one self-contained HTML page about a device's ledger or a run's ledgers."""
-    report = build_report(args.target)
+    report = build_report(args.target, run=getattr(args, "run", None))
     page = render_html(report, max_rows=args.max_rows)
     out = Path(args.out or (Path(args.target).with_suffix(".html")
                             if Path(args.target).is_file()
