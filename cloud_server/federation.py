@@ -113,6 +113,11 @@ class NodeSubset(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
+    @property
+    def synchronous(self) -> bool:
+        """Whether the grid delivers every message and reply at once (in process)."""
+        return bool(getattr(self._grid, "synchronous", False))
+
     def set_run(self, run) -> None:
         self._grid.set_run(run)
 
@@ -233,8 +238,9 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
     started = time.perf_counter()
     replies = _collect(grid, messages, timeout, phase, status)
     good = good_replies(replies, node_ids, phase)
-    log.info("%s: %d of %d device(s) answered in %.1f s", phase, len(good), len(node_ids),
-             time.perf_counter() - started)
+    log.info("%s: %d of %d device(s) answered in %.1f s (%d failed, %d silent)", phase,
+             len(good), len(node_ids), time.perf_counter() - started,
+             len(replies) - len(good), len(node_ids) - len(replies))
     return good
 
 
@@ -243,6 +249,12 @@ def _collect(grid: Grid, messages: Sequence[Message], timeout: float, phase: str
     """Push ``messages`` and pull their replies until all came or ``timeout`` ran out (as
     Flower's ``Grid.send_and_receive``), reporting progress as replies arrive."""
     total = len(messages)
+    if getattr(grid, "synchronous", False):  # an in-process grid: what comes is there at once
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        if status is not None:
+            status.update(phase=phase, done=len(replies), total=total,
+                          failed=sum(1 for r in replies if r.has_error()))
+        return replies
     waiting = set(grid.push_messages(messages))
     replies: list[Message] = []
     failed = 0

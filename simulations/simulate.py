@@ -62,6 +62,9 @@ class LocalGrid(Grid):
     """
 
     FIRST_NODE_ID = 1001
+    #: every message is delivered and answered inside ``push_messages``: a reply that is not
+    #: there after it will never come (cloud_server.federation stops waiting at once)
+    synchronous = True
 
     def __init__(self, client_app, num_nodes: int, *, run_id: int = 1,
                  node_config: dict[str, Any] | None = None,
