@@ -214,11 +214,13 @@ PROGRESS_EVERY = 30.0
 def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Mapping,
              arrays: Mapping[str, np.ndarray] | None, timeout: float, phase: str, *,
              per_node: Mapping[int, Mapping] | None = None,
-             holding: Iterable[int] = (), status: Status | None = None) -> dict[int, Message]:
+             holding: Iterable[int] = (), status: Status | None = None,
+             role: str = "device") -> dict[int, Message]:
     """Send one message per node, wait for the replies; return the good ones by node.
     ``per_node[node]`` adds settings for that node only (e.g. its sharer grant); nodes in
     ``holding`` already keep ``arrays`` (by their digest, :data:`ARRAYS_DIGEST_KEY`) and
-    get the digest only. Error replies and missing nodes are logged and left out. While it
+    get the digest only; ``role`` names them in the log (with their node ids). Error
+    replies and missing nodes are logged and left out. While it
     waits, a progress line (done/total, failures) goes to the log every
     :data:`PROGRESS_EVERY` seconds and to ``status`` on every change."""
     record = to_array_record(arrays) if arrays else None
@@ -234,7 +236,8 @@ def exchange(grid: Grid, node_ids: Sequence[int], message_type: str, config: Map
 
     messages = [Message(content(node), dst_node_id=node, message_type=message_type,
                         group_id=phase) for node in node_ids]
-    log.info("%s: sending %s to %d device(s) ...", phase, message_type, len(messages))
+    log.info("%s: sending %s to %d %s(s) %s ...", phase, message_type, len(messages), role,
+             _some(node_ids))
     started = time.perf_counter()
     replies = _collect(grid, messages, timeout, phase, status)
     good = good_replies(replies, node_ids, phase)
@@ -345,7 +348,7 @@ def kmeans_round(grid: Grid, candidates: Sequence[int], centroids: np.ndarray | 
     embeddings (in place). Returns how many embeddings came."""
     arrays = {"centroids": centroids} if centroids is not None else None
     replies = exchange(grid, candidates, "query.select", device_config, arrays, timeout, phase,
-                       status=status)
+                       status=status, role="candidate")
     embeddings: dict[int, list[np.ndarray]] = {}
     for node, reply in replies.items():
         metrics = _metrics(reply)
@@ -558,7 +561,7 @@ def share(grid: Grid, config: Mapping[str, Any], sharers: Sequence[int],
     replies = exchange(grid, sharers, "train.share", device_config, lora_only,
                        float(config["phase-timeout"]), "share",
                        per_node={n: {"pool-grant": g} for n, g in grants.items()},
-                       status=status)
+                       status=status, role="sharer")
     shared = {str(n): _metrics(r) for n, r in replies.items()}
     keys = sharer_keys(replies)
     if not any(m.get("pieces-submitted", 0) for m in shared.values()):
@@ -732,12 +735,12 @@ def personalize_and_evaluate(grid: Grid, plan: Plan, targets: Sequence[int],
     if arrays:  # a device keeps the collective arrays by digest between the two phases
         config[ARRAYS_DIGEST_KEY] = arrays_digest(arrays)
     personalized = exchange(grid, targets, "train.personalize", config, arrays, timeout,
-                            "personalize", status=status)
+                            "personalize", status=status, role="target")
     seconds["personalize"], t0 = time.perf_counter() - t0, time.perf_counter()
     holding = [node for node, reply in personalized.items()
                if _metrics(reply).get(KEPT_METRIC) == 1.0]
     evaluated = exchange(grid, sorted(personalized), "evaluate", config, arrays, timeout,
-                         "evaluate", holding=holding, status=status)
+                         "evaluate", holding=holding, status=status, role="target")
     seconds["evaluate"] = time.perf_counter() - t0
     return personalized, evaluated
 

@@ -12,7 +12,6 @@ import json
 import zipfile
 from pathlib import Path
 
-import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import FAB_MAX_SIZE
 
