@@ -507,17 +507,15 @@ def choose_sharers(grid: Grid, config: Mapping[str, Any], roles: Roles, cores: s
 
 
 def stage1_settings(plan: Plan, kind: str, output_dir: Path, clients: int) -> RunConfig:
-    """The run config of one stage-1 phase: the run's, with the recipe's max history,
-    epochs and learning rate unless the run config sets them."""
+    """The run config of one stage-1 phase: the run's, with the recipe's max history unless
+    the run config sets it (the server caps a device's FedAvg weight by it). The training
+    settings (``stage1.*``, ``perfit.*``) reach the devices as the resolved method options,
+    which every stage-1 message carries (:func:`cloud_server.server_app.run_stage1`); the
+    run config's own ``local-epochs``, ``lr`` and ``batch-size`` override them when set."""
     config, options = plan.config, plan.options
-    recipe = options.get("stage1" if kind == "lora" else "perfit") or {}
     return config.replace(
         method=kind, output_dir=str(output_dir), num_clients=clients,
-        max_history=config.max_history or options.get("max_history") or 0,
-        local_epochs=config.local_epochs
-        or (recipe.get("epochs") if kind == "lora" else None)
-        or options.get("stage1_epochs") or 0.0,
-        lr=config.lr or recipe.get("lr") or 0.0)
+        max_history=config.max_history or options.get("max_history") or 0)
 
 
 def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
@@ -536,7 +534,7 @@ def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
                           total=len(roles.collective))
         summary = run_stage1(NodeSubset(grid, roles.collective),
                              stage1_settings(plan, kind, run_dir / f"stage1-{kind}",
-                                             len(roles.collective)))
+                                             len(roles.collective)), plan.options)
         with np.load(summary["final_arrays"]) as data:
             arrays.update({f"{kind}.{k}": data[k] for k in data.files})
         stage1[kind] = {k: summary[k] for k in ("rounds", "train_loss", "replies", "params",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from cloud_server.pool_service import serve
 from cloud_server.pool_store import DB_NAME, PoolStore
+from shared.config import RunConfig, read_run_config_file
 from shared.crypto import write_dev_certs, write_federation_key
 from shared.errors import PflError
 
@@ -46,8 +47,6 @@ def pool_model(model: str | None, run_config: str | None) -> str | None:
     ``--model``; both given and different is an error."""
     if run_config is None:
         return model
-    from shared.config import RunConfig, read_run_config_file
-
     configured = RunConfig.parse(read_run_config_file(run_config)).model
     if model is not None and model != configured:
         raise PflError(f"--model {model} but the run config {run_config} runs {configured}: "

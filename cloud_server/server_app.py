@@ -46,7 +46,7 @@ from flwr.serverapp.strategy import FedAvg
 from cloud_server.aggregation import Aggregate, Reply, average_metrics, delta_norm, fedavg
 from cloud_server.privacy import CentralDP
 from cloud_server.secagg import run_secure_rounds, secagg_summary
-from shared.config import RunConfig
+from shared.config import RunConfig, options_to_message
 from shared.files import save_npz, write_json
 from shared.methods import collective
 from shared.models import load_model
@@ -231,9 +231,15 @@ def sampling(config: RunConfig) -> tuple[int, float]:
     return wanted, fraction
 
 
-def run_stage1(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[str, Any]:
-    """Run the collective stage-1 phase over ``grid``; save and return its summary."""
+def run_stage1(grid: Grid, run_config: Mapping[str, Any] | RunConfig,
+               options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the collective stage-1 phase over ``grid``; save and return its summary.
+    ``options``: the run's resolved method options (the recipe with the run's settings on
+    top, :func:`shared.recipes.over_recipe`); the server builds the initial arrays from them
+    and every round's message carries them (``options.*``), so the devices train with the
+    settings the targets and ``pfl eval`` use. Without them: the methods' own defaults."""
     config = resolve_config(run_config)
+    method_options = options_to_message(options or {})
     started = time.perf_counter()
     config = config.replace(run_dir=str(Path(config.run_dir).expanduser().resolve()))
     # The server's files go to "output-dir" when set (a phase of a whole federation), else to
@@ -241,7 +247,8 @@ def run_stage1(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[st
     run_dir = Path(config.output_dir or config.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     arrays = initial_arrays(config.method, config.model, config.seed,
-                            device=config.device or None, options=config.run_config())
+                            device=config.device or None,
+                            options={**config.run_config(), **method_options})
     save_npz(run_dir / "rounds" / "round-000.npz", arrays)
     wanted, fraction = sampling(config)
     dp = (CentralDP(config.dp_noise_multiplier, config.dp_clipping_norm, config.dp_delta,
@@ -251,8 +258,8 @@ def run_stage1(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dict[st
                             min_available_nodes=max(1, config.num_clients),
                             round_dir=run_dir / "rounds", max_examples=max_examples(config),
                             dp=dp)
-    client_config = ConfigRecord({key: config[key] for key in CLIENT_KEYS
-                                  if config.get(key) not in (None, "")})
+    client_config = ConfigRecord({**{key: config[key] for key in CLIENT_KEYS
+                                     if config.get(key) not in (None, "")}, **method_options})
     log.info("stage 1 (%s): %d rounds, %s clients, %d sampled per round, run dir %s",
              config.method, config.rounds, config.num_clients or "all connected", wanted,
              run_dir)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from shared.config import RunConfig, read_run_config_file, run_config_toml
+from shared.crypto import write_dev_certs, write_federation_key, write_supernode_key
 from shared.errors import PflError
 from shared.files import write_json
 
@@ -165,8 +166,6 @@ class LocalDeployment:
     def prepare(self) -> RunConfig:
         """Certificates, ports, the run config file, Flower's connection file, each device's
         folder, key and consent policy."""
-        from shared.crypto import write_dev_certs, write_federation_key, write_supernode_key
-
         for sub in ("logs", "devices"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
         write_dev_certs(self.certs, ["localhost", "127.0.0.1"])
@@ -393,7 +392,7 @@ def cmd_deploy_local(args) -> int:
     """Run a real deployment on this machine, every part its own process (pool, SuperLink,
     N SuperNodes, flwr run), with TLS and SuperNode authentication; print the results and
     where everything is; stop every process on exit or Ctrl-C."""
-    from cloud_server.federation import format_results
+    from cloud_server.federation import format_results  # lazy: Flower loads with it
 
     started = time.perf_counter()
     deployment = LocalDeployment(Path(args.dir), args.devices, deploy_run_config(args),

@@ -16,6 +16,9 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import FAB_MAX_SIZE
 
 from edge_client import audit
+from shared.crypto import write_supernode_key
+from simulations import cli
+from simulations.deploy import LocalDeployment
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = 5  # 1 target, 1 sharer, 3 collective (SecAgg+ needs 3 a round)
@@ -24,9 +27,6 @@ NODES = 5  # 1 target, 1 sharer, 3 collective (SecAgg+ needs 3 a round)
 def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, capsys):
     """`pfl deploy local`'s deployment (simulations.deploy.LocalDeployment): every part is a
     separate process, from one run config that the pool reads too."""
-    from simulations import cli
-    from simulations.deploy import LocalDeployment
-
     run_config = {"model": "tiny", "methods": "nonpersonalized,oppu,perpcs,perfit",
                   "targets": 1, "sharers": 1, "max-steps": 2, "max-history": 6,
                   "personal-epochs": 1, "perpcs.gate_steps": 3, "perfit.epochs": 1,
@@ -36,8 +36,6 @@ def test_a_federation_runs_over_tls_superlink_and_supernodes(tmp_path, capsys):
         dep.prepare()
         dep.start_services()
         # a sixth device makes its own key but is not registered by the operator
-        from shared.crypto import write_supernode_key
-
         intruder_key, _ = write_supernode_key(tmp_path / "intruder" / "supernode.key")
         dep.start_devices()
         intruder = dep.start_device(NODES, key=intruder_key, name="unregistered")

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from shared.config import options_from_message
 from shared.errors import PflError
 from shared.methods.base import (Collective, Core, PersonalState, PromptAugmentation, Runtime,
                                  register_collective, register_core)
@@ -201,7 +202,14 @@ class LoraStage1(Collective):
         return {k: v.numpy().astype(np.float32) for k, v in state.items()}
 
     def train_config(self, options):
-        return stage1_train()
+        """What :func:`stage1_train_config` gives ``pfl eval``: the run's ``stage1.*`` and
+        ``stage1_epochs`` (the message's ``options.*``) over the stage-1 recipe."""
+        method_options = options_from_message(options)
+        try:
+            return stage1_train(**{"epochs": method_options.get("stage1_epochs") or 3.0,
+                                   **(method_options.get("stage1") or {})})
+        except (TypeError, ValueError) as exc:
+            raise PflError(f"bad stage1 setting: {exc}") from None
 
     def local_update(self, loaded, task, users: Sequence, arrays, train_config, options):
         initial = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True))

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from shared.config import options_from_message
 from shared.errors import PflError
 from shared.generation import generate
 from shared.methods.base import (Collective, Core, PersonalState, Runtime, register_collective,
@@ -224,8 +225,16 @@ class PerFitStage1(Collective):
 
     @staticmethod
     def config(options: Mapping[str, Any]) -> PerFitConfig:
-        return PerFitConfig(**{field: options[key] for key, field in STAGE_OPTIONS
-                               if options.get(key) not in (None, "", 0)})  # 0, "": unset
+        """What :func:`perfit_config` gives ``pfl eval`` and the targets: the run's
+        ``perfit.*`` settings (the message's ``options.*``), with the run config's own
+        ``collective-rank``, ``personal-rank`` and ``positions`` on top when set."""
+        fields = dict(options_from_message(options).get("perfit") or {})
+        fields.update({field: options[key] for key, field in STAGE_OPTIONS
+                       if options.get(key) not in (None, "", 0)})  # 0, "": unset
+        try:
+            return PerFitConfig(**fields)
+        except (TypeError, ValueError) as exc:
+            raise PflError(f"bad perfit setting in {fields}: {exc}") from None
 
     def initial_arrays(self, loaded, seed, options):
         stage1, stage2 = new_stages(self.config(options), loaded.num_layers, loaded.hidden_size,
@@ -233,7 +242,10 @@ class PerFitStage1(Collective):
         return perfit_to_arrays(stage1, stage2)
 
     def train_config(self, options):
-        return self.config(options).train_config()
+        """PerFit stage 1's recipe as ``pfl eval`` trains it (:func:`perfit_stage1`): the
+        PerFit settings' lr and weight decay, ``stage1_epochs`` epochs (default 3)."""
+        epochs = options_from_message(options).get("stage1_epochs") or 3.0
+        return self.config(options).train_config(epochs=epochs)
 
     def local_update(self, loaded, task, users, arrays, train_config, options):
         stage1, stage2 = perfit_from_arrays(arrays, device=loaded.device)
