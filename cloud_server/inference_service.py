@@ -47,7 +47,7 @@ import grpc
 import numpy as np
 import torch
 
-from cloud_server.rpc import guard, run_until_stopped, target_of, tls_server
+from cloud_server.rpc import Admission, guard, run_until_stopped, target_of, tls_server
 from shared.errors import PflError
 from shared.methods import Runtime, split_arrays
 from shared.methods.oppu.config import stage1_lora
@@ -320,8 +320,26 @@ class Batcher:
                 if left <= 0:
                     break
                 self.cond.wait(timeout=left)
-            n = min(len(self.queue), self.limits.max_batch)
-            return [self.queue.popleft() for _ in range(n)]
+            return self._fair_batch(min(len(self.queue), self.limits.max_batch))
+
+    def _fair_batch(self, n: int) -> list[_Job]:
+        """``n`` queued jobs taken in turn from each client (in the order clients first
+        queued), so one client's backlog cannot keep another's next request out of the next
+        batch; each client's own jobs keep their order. Call with the lock held."""
+        by_client: dict[str, collections.deque] = {}
+        for job in self.queue:
+            by_client.setdefault(job.client, collections.deque()).append(job)
+        taken: list[_Job] = []
+        while len(taken) < n:
+            for client in list(by_client):
+                taken.append(by_client[client].popleft())
+                if not by_client[client]:
+                    del by_client[client]
+                if len(taken) == n:
+                    break
+        chosen = {id(job) for job in taken}
+        self.queue = collections.deque(j for j in self.queue if id(j) not in chosen)
+        return taken
 
     def _loop(self) -> None:
         while True:
@@ -447,7 +465,9 @@ class InferenceServer:
             self.server, self.port = tls_server(
                 lambda server: pfl_pb2_grpc.add_InferenceServicer_to_server(servicer, server),
                 certs_dir, host=host, port=port, max_workers=max_workers,
-                max_message_bytes=MAX_MESSAGE_BYTES, interceptors=interceptors)
+                max_message_bytes=MAX_MESSAGE_BYTES, interceptors=interceptors,
+                admission=Admission(per_connection=limits.max_per_client,
+                                    streams_per_connection=max(100, 2 * limits.max_per_client)))
         except BaseException:
             self.batcher.close()
             raise

@@ -31,7 +31,7 @@ from typing import Sequence
 import grpc
 
 from cloud_server.pool_store import NotPermitted, PieceNotFound, PoolCorruption, PoolStore
-from cloud_server.rpc import guard, run_until_stopped, target_of, tls_server
+from cloud_server.rpc import Admission, guard, run_until_stopped, target_of, tls_server
 from shared import crypto
 from shared.errors import PflError
 from shared.serialization import (DEFAULT_LIMITS, Grant, InvalidPiece, SignedPiece,
@@ -160,7 +160,8 @@ class PoolServer:
 
     def __init__(self, store: PoolStore, certs_dir: str | Path, *, port: int = 0,
                  host: str = "127.0.0.1", max_workers: int = 8,
-                 interceptors: Sequence[grpc.ServerInterceptor] = (), own_store: bool = False):
+                 interceptors: Sequence[grpc.ServerInterceptor] = (), own_store: bool = False,
+                 admission: Admission = Admission()):
         self.store = store
         self._own_store = own_store
         self.host = host
@@ -168,7 +169,8 @@ class PoolServer:
             lambda server: pfl_pb2_grpc.add_PiecePoolServicer_to_server(
                 PiecePoolServicer(store), server),
             certs_dir, host=host, port=port, max_workers=max_workers,
-            max_message_bytes=MAX_MESSAGE_BYTES, interceptors=interceptors)
+            max_message_bytes=MAX_MESSAGE_BYTES, interceptors=interceptors,
+            admission=admission)
 
     @property
     def target(self) -> str:

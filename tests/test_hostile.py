@@ -512,3 +512,113 @@ def test_pfl_eval_on_data_with_no_eligible_user_is_a_clear_error(tmp_path, capsy
     code = main(["eval", "--task", "news-headline", "--data", str(path), "--model", "tiny",
                  "--methods", "nonpersonalized"])
     assert code == 2 and "no user in the data has enough history" in capsys.readouterr().err
+
+
+# ------------------------------------------------- idle streams and floods (the services)
+def _held_streams(target: str, ca: bytes, method: str, connections: int, per: int,
+                  release: threading.Event):
+    """``connections`` x ``per`` calls that open their stream (headers) and never send the
+    request, as a slow-loris client does; (channels, futures)."""
+    def nothing():
+        release.wait(60)  # bounded: the test releases it, or it gives up
+        return
+        yield  # a generator that yields nothing
+
+    channels, calls = [], []
+    for _ in range(connections):
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(ca))
+        call = channel.stream_unary(method, request_serializer=None,
+                                    response_deserializer=None)
+        channels.append(channel)
+        calls += [call.future(nothing(), timeout=60) for _ in range(per)]
+    return channels, calls
+
+
+def test_idle_streams_neither_stall_the_pool_nor_hold_it_for_long(tmp_path):
+    """24 streams that send headers and then nothing, on 3 connections (the pool has 8
+    workers): an honest call is still answered, and the idle calls are ended after the
+    request deadline (before: 8 such streams froze the pool until they closed)."""
+    from cloud_server.rpc import Admission
+
+    certs = crypto.write_dev_certs(tmp_path / "certs").directory
+    server = PoolServer(PoolStore(tmp_path / "pool"), certs, own_store=True,
+                        admission=Admission(request_timeout=2.0))
+    release = threading.Event()
+    ca = (certs / "ca.pem").read_bytes()
+    channels, held = _held_streams(server.target, ca, "/pfl.v1.PiecePool/SubmitPieces", 3, 8,
+                                   release)
+    try:
+        time.sleep(0.5)  # the held streams are open on the server
+        with PoolClient(server.target, certs, timeout=10) as honest:
+            assert honest.list_gates() == []  # answered, not DEADLINE_EXCEEDED
+        started = time.monotonic()
+        codes = set()
+        for call in held:
+            try:
+                call.result(timeout=30)
+            except grpc.RpcError as exc:
+                codes.add(exc.code())
+        assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}, codes
+        assert time.monotonic() - started < 25  # ended by the server, not by their own end
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
+        server.stop(grace=0)
+
+
+def test_a_flooding_connection_beside_idle_streams_leaves_others_answered(tmp_path):
+    """8 idle streams and a connection with 40 calls in flight against a pool of 8
+    workers: another connection's call is answered, and every flooding call is answered or
+    refused with RESOURCE_EXHAUSTED (past its connection's share), none hangs."""
+    certs = crypto.write_dev_certs(tmp_path / "certs").directory
+    server = PoolServer(PoolStore(tmp_path / "pool"), certs, own_store=True)
+    release = threading.Event()
+    ca = (certs / "ca.pem").read_bytes()
+    channels, held = _held_streams(server.target, ca, "/pfl.v1.PiecePool/SubmitPieces", 1, 8,
+                                   release)  # keeps 8 of this connection's calls open
+    try:
+        flood = grpc.secure_channel(server.target, grpc.ssl_channel_credentials(ca))
+        gates = flood.unary_stream("/pfl.v1.PiecePool/ListGates",
+                                   request_serializer=pfl_pb2.ListGatesRequest.SerializeToString,
+                                   response_deserializer=pfl_pb2.GateEntry.FromString)
+        with PoolClient(server.target, certs, timeout=10) as honest:
+            streams = [gates(pfl_pb2.ListGatesRequest(), timeout=20) for _ in range(40)]
+            assert honest.list_gates() == []
+        codes = []
+        for stream in streams:
+            try:
+                list(stream)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.OK) >= 16
+        flood.close()
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
+        server.stop(grace=0)
+
+
+def test_the_batcher_takes_clients_in_turn():
+    """One client's backlog of 40 queued requests does not keep another client's request
+    out of the next batch of 32; each client's own requests keep their order."""
+    from concurrent.futures import Future
+
+    from cloud_server.inference_service import Batcher, ServeLimits, _Job
+
+    batcher = Batcher(None, ServeLimits(max_batch=32))
+    try:
+        with batcher.cond:
+            flood = [_Job([1], None, 4, 0, "flood", Future(), 0.0) for _ in range(40)]
+            other = _Job([2], None, 4, 0, "honest", Future(), 0.0)
+            batcher.queue.extend(flood + [other])
+            batch = batcher._fair_batch(32)
+            left = list(batcher.queue)
+        assert other in batch and len(batch) == 32
+        assert [j for j in batch if j.client == "flood"] == flood[:31]
+        assert left == flood[31:]
+    finally:
+        batcher.close()
