@@ -491,12 +491,30 @@ def recipe_from_proto(msg: pfl_pb2.Recipe) -> Recipe:
         for item in entry.items:
             if not is_piece_id(item.piece_id):
                 raise InvalidPiece(f"recipe: malformed piece id {item.piece_id[:70]!r}")
+            if not math.isfinite(item.weight) or abs(item.weight) > MAX_RECIPE_WEIGHT:
+                raise InvalidPiece(f"recipe: weight {item.weight!r} of layer {entry.layer} "
+                                   f"{entry.module} is not a finite number within "
+                                   f"+-{MAX_RECIPE_WEIGHT:g}")
         entries[key] = [(item.piece_id, item.weight) for item in entry.items]
+    if len(msg.config_json) > MAX_RECIPE_CONFIG:
+        raise InvalidPiece(f"recipe: config of {len(msg.config_json)} characters (at most "
+                           f"{MAX_RECIPE_CONFIG})")
     try:
         config = json.loads(msg.config_json) if msg.config_json else {}
+    except RecursionError:
+        raise InvalidPiece("recipe: config is nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise InvalidPiece(f"recipe: config is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidPiece("recipe: config is not a JSON object")
     return Recipe(entries, msg.combination, config)
+
+
+#: A recipe item's weight is a mixing weight (a gate's share, about 0..1): far beyond this
+#: it can only overflow the assembly.
+MAX_RECIPE_WEIGHT = 1e4
+#: Characters of a recipe's ``config_json`` (the settings that produced it).
+MAX_RECIPE_CONFIG = 64 << 10
 
 
 # ------------------------------------------------------------ inference: personal state

@@ -50,6 +50,28 @@ class TrainConfig:
     # code trains this way (``grad_ckpt=True``); off by default here.
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        """A setting that cannot train (NaN, a negative rate, a zero batch, a string where a
+        number goes) is a ValueError naming it, before any step runs."""
+        checks = {"epochs": (float, 0.0), "lr": (float, None), "weight_decay": (float, 0.0),
+                  "warmup_ratio": (float, 0.0), "max_grad_norm": (float, None),
+                  "batch_size": (int, 1), "seed": (int, None), "max_prompt_tokens": (int, 1),
+                  "max_target_tokens": (int, 1)}
+        for name, (kind, low) in checks.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value) or (kind is int and value != int(value)):
+                raise ValueError(f"{name} must be a finite {kind.__name__}, got {value!r}")
+            if (low is None and name in ("lr", "max_grad_norm") and value <= 0) or \
+                    (low is not None and value < low):
+                raise ValueError(f"{name} must be {'> 0' if low is None else f'>= {low}'}, "
+                                 f"got {value!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(
+                self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a whole number >= 1, got {self.max_steps!r}")
+
 
 @contextmanager
 def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:

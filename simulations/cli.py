@@ -390,10 +390,16 @@ def _read_results(path_text: str) -> dict:
         raise PflError(f"no results file at {path}")
     try:
         results = json.loads(path.read_text())
+    except RecursionError:
+        raise PflError(f"{path} is not a pfl eval results file (nested too deeply)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PflError(f"{path} is not a pfl eval results file ({exc})") from None
     if not isinstance(results, dict) or not isinstance(results.get("methods"), dict):
         raise PflError(f"{path} is not a pfl eval results file (no methods)")
+    for name, method in results["methods"].items():
+        if not isinstance(method, dict) or not isinstance(method.get("metrics", {}), dict):
+            raise PflError(f"{path} is not a pfl eval results file (method {str(name)[:40]!r} "
+                           "has no metrics object)")
     return results
 
 
@@ -450,8 +456,9 @@ def cmd_claims(args) -> int:
         print(f"from {path}: {', '.join(added) or 'no method the first file lacks'}")
     try:
         print(claims_table(results))
-    except (KeyError, StopIteration, ValueError) as exc:
-        raise PflError(f"{args.results} is not a pfl eval results file ({exc!r})") from None
+    except (KeyError, StopIteration, ValueError, TypeError, AttributeError) as exc:
+        raise PflError(f"{args.results} is not a pfl eval results file "
+                       f"({type(exc).__name__})") from None
     return 0
 
 

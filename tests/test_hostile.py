@@ -622,3 +622,28 @@ def test_the_batcher_takes_clients_in_turn():
         assert left == flood[31:]
     finally:
         batcher.close()
+
+
+def test_hostile_files_and_settings_give_one_line_errors(tmp_path, capsys):
+    """Results or recipe files nested past the parser, a results file whose metrics are a
+    string, and training settings that cannot train: `pfl: error:` lines, no traceback."""
+    from shared.training import TrainConfig
+    from simulations import cli
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    stringy = tmp_path / "stringy.json"
+    stringy.write_text(json.dumps({"task": "synthetic", "methods": {"oppu": {"metrics": "x"}}}))
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"task": "synthetic", "methods": {}}))
+    for args in (["claims", str(stringy)], ["claims", str(deep)], ["compare", str(deep)],
+                 ["claims", str(empty), "--also", str(deep)],
+                 ["eval", "--task", "synthetic", "--model", "tiny", "--users", "2",
+                  "--recipe", str(deep)]):
+        code = cli.main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("pfl: error:") and "Traceback" not in err, args
+    for bad in ({"lr": float("nan")}, {"lr": -1.0}, {"lr": "x"}, {"batch_size": 0},
+                {"epochs": float("inf")}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)

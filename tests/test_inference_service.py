@@ -158,6 +158,16 @@ def test_hostile_requests_get_a_status_and_change_nothing(setup):
                         for key, items in recipe.entries.items()})
         assert status(recipe=other) == grpc.StatusCode.NOT_FOUND
         assert status(adapter="0" * 64) == grpc.StatusCode.NOT_FOUND
+        # a weight that overflows the assembly, a config nested past the parser: refused
+        for hostile in ("weight", "config"):
+            params = client.request(prompt, recipe=recipe)
+            if hostile == "weight":
+                params.perpcs.entries[0].items[0].weight = 1e38
+            else:
+                params.perpcs.config_json = "[" * 50_000 + "]" * 50_000
+            with pytest.raises(grpc.RpcError) as caught:
+                client._stub.Generate(params, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, hostile
 
         perfit = setup["states"][("perfit", uid)][1].payload
         params = client.request(prompt, perfit=perfit)

@@ -68,6 +68,8 @@ def read_recipe(path: Path) -> dict:
         recipe = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PflError(f"no recipe file at {path}") from None
+    except RecursionError:
+        raise PflError(f"{path} is not a recipe file (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PflError(f"{path} is not a recipe file ({exc})") from None
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
