@@ -499,18 +499,38 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
         runtime.cache["perpcs_source"] = pool
     out: dict[str, float] = {"task/kind": float(TASK_KINDS.index(task.kind)),
                              "task/labels": float(len(task.labels or ()))}
+    answers: dict[str, list[str]] = {}
     for name in methods:
         try:  # one method's failure leaves the others' statistics standing
-            stats = _evaluate_method(runtime, task, user, name, state_dir, golds, generation,
-                                     pool=pool, remote=remote)
+            predictions = _answer_method(runtime, task, user, name, state_dir, generation,
+                                         pool=pool, remote=remote)
         except _FailedBefore as failed:  # personalization already failed: the same code
             out[f"{name}/{FAILED_METRIC}"] = float(failed.code)
             continue
         except Exception as exc:
             _fail(out, None, name, exc)
             continue
-        out.update({f"{name}/{key}": value for key, value in stats.items()})
+        answers[name] = list(predictions)
+        out.update({f"{name}/{key}": value
+                    for key, value in metric_stats(task, predictions, golds).items()})
+    keep_answers(state_dir, user, answers)
     return out
+
+
+#: In a device's folder: its queries, their truths and each method's answers (this device's
+#: own record; nothing of it leaves the device).
+ANSWERS_FILE = "answers.json"
+
+
+def keep_answers(state_dir: Path | None, user, answers: Mapping[str, Sequence[str]]) -> None:
+    """Keep the user's queries, truths and each method's answers in ``state_dir`` (for the
+    person who owns the device: ``pfl demo`` shows a few)."""
+    if state_dir is None or not answers:
+        return
+    write_atomic(Path(state_dir) / ANSWERS_FILE, json.dumps({
+        "queries": [{"id": q.id, "input": q.input, "gold": q.gold} for q in user.queries],
+        "answers": {name: list(values) for name, values in answers.items()}},
+        indent=1).encode("utf-8"), private=True)
 
 
 class _FailedBefore(Exception):
@@ -519,9 +539,9 @@ class _FailedBefore(Exception):
         self.code = code
 
 
-def _evaluate_method(runtime, task, user, name: str, state_dir: Path, golds, generation, *,
-                     pool, remote) -> dict[str, float]:
-    """One method's additive metric statistics on this user's queries."""
+def _answer_method(runtime, task, user, name: str, state_dir: Path, generation, *,
+                   pool, remote) -> list[str]:
+    """One method's answers to this user's queries."""
     spec = parse_method(name)
     core = spec.make_core()
     directory = _state_dir(state_dir, name)
@@ -544,7 +564,7 @@ def _evaluate_method(runtime, task, user, name: str, state_dir: Path, golds, gen
                        for prompt in prompts]
     else:
         predictions = core.answer(runtime, state, prompts, generation)
-    return metric_stats(task, predictions, golds)
+    return list(predictions)
 
 
 # ------------------------------------------------------- answering a query (pfl generate)

@@ -167,12 +167,43 @@ def cmd_demo(args) -> int:
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                       summary["phase_seconds"].items()))
     print(f"piece pool: {summary['pool_pieces']} pieces; wall {summary['wall_seconds']:.0f} s\n")
+    print(answers_table(summary, args.run_dir))
     print(audit_table(summary))
     if args.out:
         write_json(args.out, summary, indent=2)
         print(f"\nresults written to {args.out}; ledgers: pfl audit show "
               f"{Path(args.run_dir) / 'clients' / 'partition-00000' / 'ledger.jsonl'}")
     return 0
+
+
+def answers_table(summary: dict, run_dir: str, width: int = 60) -> str:
+    """Each target's queries with the truth and every method's answer, as the devices kept
+    them (edge_client.phases.ANSWERS_FILE: on the device; the demo's devices are folders of
+    this machine). Answers that differ between methods are what personalization changed."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
+    from edge_client.phases import ANSWERS_FILE
+    from edge_client.state import partition_dir
+
+    first = 1001  # simulations.simulate.LocalGrid.FIRST_NODE_ID
+    lines, differ = [], 0
+    for node in summary.get("evaluated_targets", []):
+        path = partition_dir(run_dir, int(node) - first) / ANSWERS_FILE
+        if not path.is_file():
+            continue
+        kept = json.loads(path.read_text())
+        methods = list(kept["answers"])
+        for i, query in enumerate(kept["queries"]):
+            text = " ".join(str(query["input"]).split())
+            text = text if len(text) <= width else "..." + text[-(width - 3):]
+            answers = {m: " ".join(str(kept["answers"][m][i]).split())[:24] for m in methods}
+            differ += len(set(answers.values())) > 1
+            lines.append(f"device {int(node) - first}, query {i + 1}: {text}")
+            lines.append("  truth " + str(query["gold"]) + " | " + " | ".join(
+                f"{m} {a}" for m, a in answers.items()))
+    if not lines:
+        return ""
+    return (f"answers (kept on each target device; {differ} of {len(lines) // 2} queries "
+            "answered differently by some method)\n" + "\n".join(lines) + "\n")
 
 
 def audit_table(summary: dict) -> str:
