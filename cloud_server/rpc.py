@@ -191,38 +191,33 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         finally:
             timer.cancel()
 
+    @contextmanager
+    def _admitted(self, requests, context):
+        """The call's request, read within the deadline, while the call holds a place to
+        run; an abort with the reason otherwise."""
+        request = self._request(requests, context)
+        if request is None or not context.is_active():
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no request arrived in time")
+        try:
+            with self.slots.slot(context.peer() or "?", context.is_active):
+                yield request
+        except Cancelled:
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended while it waited")
+        except TooMany:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"this connection has {self.admission.per_connection} calls in "
+                          "flight (the limit); retry later")
+
     def _unary(self, behavior):
         def run(requests, context):
-            request = self._request(requests, context)
-            if request is None or not context.is_active():
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              "no request arrived in time")
-            try:
-                with self.slots.slot(context.peer() or "?", context.is_active):
-                    return behavior(request, context)
-            except Cancelled:
-                context.abort(grpc.StatusCode.CANCELLED, "the call ended while it waited")
-            except TooMany:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"this connection has {self.admission.per_connection} calls "
-                              "in flight (the limit); retry later")
+            with self._admitted(requests, context) as request:
+                return behavior(request, context)
         return run
 
     def _streaming(self, behavior):
         def run(requests, context):
-            request = self._request(requests, context)
-            if request is None or not context.is_active():
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              "no request arrived in time")
-            try:
-                with self.slots.slot(context.peer() or "?", context.is_active):
-                    yield from behavior(request, context)
-            except Cancelled:
-                context.abort(grpc.StatusCode.CANCELLED, "the call ended while it waited")
-            except TooMany:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"this connection has {self.admission.per_connection} calls "
-                              "in flight (the limit); retry later")
+            with self._admitted(requests, context) as request:
+                yield from behavior(request, context)
         return run
 
 
