@@ -196,7 +196,7 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 class Status:
     """Where a run stands, for people watching it: the phase, how many devices answered it
     and how many failed, and each device's role. Written to ``RUN_DIR/status.json`` (what
-    ``pfl deploy status`` reads) on every change; the log gets one line per change."""
+    ``pfl deploy status`` reads) on every change (at most once per poll of the grid)."""
 
     path: Path | None = None
     state: dict[str, Any] = field(default_factory=dict)
@@ -341,7 +341,7 @@ def _metrics(reply: Message) -> dict[str, float]:
 def kmeans_round(grid: Grid, candidates: Sequence[int], centroids: np.ndarray | None,
                  device_config: Mapping, timeout: float, phase: str,
                  sizes: dict[int, int], clusters: dict[int, int], willing: set[int],
-                 status: "Status | None" = None) -> int:
+                 status: Status | None = None) -> int:
     """One round of federated k-means: every candidate reports its nearest centroid, its
     history size and whether its consent lets it share pieces (``sizes``, ``clusters``,
     ``willing`` are updated); each centroid moves to the mean of its consenting members'
@@ -397,7 +397,7 @@ def pick_sharers(wanted: int, sizes: Mapping[int, int], clusters: Mapping[int, i
 
 
 def select_sharers(grid: Grid, candidates: Sequence[int], config: RunConfig,
-                   device_config: Mapping, status: "Status | None" = None) -> dict[str, Any]:
+                   device_config: Mapping, status: Status | None = None) -> dict[str, Any]:
     """Federated k-means (or most-active) over the candidates; returns the chosen node ids
     and what was learnt (cluster sizes, consenting embeddings)."""
     if config.sharers <= 0 or not candidates:

@@ -164,6 +164,8 @@ def cmd_demo(args) -> int:
         options={"max-steps": 10, **settings_keys(DEMO_OPTIONS), "recipe": args.recipe})
     print()
     print(format_results(summary))
+    print(f"({len(summary['evaluated_targets'])} targets x their queries: intervals this wide "
+          "cannot tell methods apart; the 40 x 3 comparisons are in docs/results.md)")
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                       summary["phase_seconds"].items()))
     print(f"piece pool: {summary['pool_pieces']} pieces; wall {summary['wall_seconds']:.0f} s\n")
@@ -196,7 +198,7 @@ def answers_table(summary: dict, run_dir: str, width: int = 60) -> str:
             text = " ".join(str(query["input"]).split())
             text = text if len(text) <= width else "..." + text[-(width - 3):]
             answers = {m: " ".join(str(kept["answers"][m][i]).split())[:24] for m in methods}
-            differ += len(set(answers.values())) > 1
+            differ += len({a.rstrip(".").lower() for a in answers.values()}) > 1
             lines.append(f"device {int(node) - first}, query {i + 1}: {text}")
             lines.append("  truth " + str(query["gold"]) + " | " + " | ".join(
                 f"{m} {a}" for m, a in answers.items()))

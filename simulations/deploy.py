@@ -168,6 +168,11 @@ class LocalDeployment:
         folder, key and consent policy."""
         for sub in ("logs", "devices"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
+        # a new SuperLink and pool each time (the devices register again; no piece of an
+        # earlier run is offered); the devices keep their keys and their ledgers, which
+        # hold every run (pfl audit --run RUN_ID picks one)
+        (self.directory / "superlink.db").unlink(missing_ok=True)
+        shutil.rmtree(self.directory / "pool", ignore_errors=True)
         write_dev_certs(self.certs, ["localhost", "127.0.0.1"])
         grant_key, _ = write_federation_key(self.certs)
         self.ports = {"pool": free_port(), "superlink": free_port()}
