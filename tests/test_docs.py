@@ -58,3 +58,10 @@ def test_runnable_blocks_run_as_written(name, body, tmp_path):
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{name}:\n{body}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+
+
+def test_the_configuration_page_is_current():
+    from simulations.config_doc import render
+
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == render(), "docs/configuration.md is stale: python -m simulations.config_doc"
