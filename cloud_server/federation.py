@@ -59,7 +59,7 @@ from flwr.serverapp import Grid, ServerApp
 from cloud_server.server_app import run_stage1
 from shared import crypto
 from shared.config import ARRAYS_DIGEST_KEY, KEPT_METRIC, RunConfig, options_to_message
-from shared.errors import DEVICE_ERRORS, FAILED_METRIC, PflError
+from shared.errors import DEVICE_ERRORS, FAILED, FAILED_METRIC, PflError
 from shared.files import save_npz, write_json
 from shared.methods import core_class, core_names, parse_method
 from shared.methods.store import arrays_digest
@@ -579,9 +579,12 @@ def _failures(name: str, replies: Iterable[Message]) -> dict[int, int]:
     """{code: devices} of the targets on which ``name`` failed (``METHOD/failed``)."""
     out: dict[int, int] = {}
     for reply in replies:
-        code = _metrics(reply).get(f"{name}/{FAILED_METRIC}")
-        if code is not None:
-            out[int(code)] = out.get(int(code), 0) + 1
+        value = _metrics(reply).get(f"{name}/{FAILED_METRIC}")
+        if value is None:
+            continue
+        # a device's word: only a known code counts as itself, anything else as FAILED
+        code = next((c for c in DEVICE_ERRORS if value == c), FAILED)
+        out[code] = out.get(code, 0) + 1
     return out
 
 

@@ -104,3 +104,18 @@ def test_pfl_simulate_exits_non_zero_when_nothing_was_evaluated(tmp_path, capsys
     assert code != 0
     assert "perpcs: skipped: no sharer was selected" in out
     assert "no method was evaluated" in err
+
+
+def test_a_hostile_failure_code_cannot_break_the_results():
+    """A device's ``METHOD/failed`` is its word: NaN, inf or an unknown number count as a
+    plain failure (code 500), and the server's results are still made."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from cloud_server.federation import _failures
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as a grid does
+    replies = [Message(RecordDict({"metrics": MetricRecord({"oppu/failed": value})}),
+                       dst_node_id=1, message_type="train")
+               for value in (float("nan"), float("inf"), 1e300, 503.0, 7.0)]
+    assert _failures("oppu", replies) == {500: 4, 503: 1}
