@@ -1,4 +1,4 @@
-"""One whole federation run over the Flower Grid: every phase of DESIGN.md, orchestration only.
+"""One whole federation run over the Flower Grid: every phase, orchestration only.
 
 :func:`run_federation` is the ServerApp's main (:func:`make_federation_app`). Phases:
 
@@ -15,7 +15,7 @@
    sharer (:func:`shared.methods.perpcs.select_sharers_from_clusters`); ``selection =
    "most-active"`` uses history sizes only. With ``selection-sample = M`` only a seeded
    sample of M candidates is asked (a population of thousands). Selection runs *before* stage 1 so that the
-   collective can exclude sharers (METHODS.md: stage 1 uses users who are neither).
+   collective can exclude sharers (the papers' stage 1 uses users who are neither).
 3. **Collective stage 1** over the collective nodes: FedAvg of the task LoRA and/or of PerFit
    stage 1 (:func:`cloud_server.server_app.run_stage1`, on a :class:`NodeSubset` of the Grid);
    ``sample-per-round`` (or ``fraction-train``) sets how many train in each round.

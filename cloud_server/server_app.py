@@ -1,6 +1,6 @@
 """The cloud's Flower ServerApp (flwr 1.41): the collective stage-1 phase, orchestration only.
 
-Phase 1 of DESIGN.md: FedAvg rounds of the collective parameters over the collective clients.
+The collective stage-1 phase: FedAvg rounds of the collective parameters over the collective clients.
 
 - ``method = "lora"``: the stage-1 task LoRA (OPPU / PER-PCS / LoRA-C), initialised by peft
   (A random, seeded; B zero) on the base model this server hosts.
@@ -14,7 +14,7 @@ the global arrays; :class:`Stage1FedAvg` replaces its aggregation with the valid
 round goes on with the rest; with no usable reply the global arrays stay as they were).
 Sampling: ``min_train_nodes`` is set to the sample asked for (``ceil(fraction-train *
 num-clients)``), because FedAvg sizes the round-1 sample from the nodes connected at that
-moment (DESIGN.md pitfall).
+moment (a Flower 1.41 pitfall).
 
 Run config (``context.run_config``, or :func:`make_server_app` overrides; parsed once into
 :class:`shared.config.RunConfig`, whose defaults are pyproject's):

@@ -65,3 +65,15 @@ def test_the_configuration_page_is_current():
 
     page = (REPO / "docs" / "configuration.md").read_text()
     assert page == render(), "docs/configuration.md is stale: python -m simulations.config_doc"
+
+
+def test_no_pointer_to_documents_outside_the_repository():
+    """The team's design notes are not shipped: code and docs must stand on their own."""
+    outside = ("DESIGN" + ".md", "METHODS" + ".md")
+    found = [f"{path.relative_to(REPO)}" for folder in ("cloud_server", "edge_client", "shared",
+                                                        "simulations", "docs", "tests")
+             for path in (REPO / folder).rglob("*") if path.suffix in (".py", ".md", ".toml")
+             and any(name in path.read_text(errors="replace") for name in outside)]
+    found += [name for name in ("README.md", "CONTRIBUTING.md", "pyproject.toml")
+              if any(n in (REPO / name).read_text() for n in outside)]
+    assert not found, found

@@ -1,6 +1,6 @@
 """OPPU's configuration: the LoRA shape and the training recipes of both stages.
 
-Defaults are the papers' (METHODS.md, "Common ground" and "OPPU"):
+Defaults are the papers' (the OPPU paper's shared recipe and its OPPU settings):
 
 - stage 1 (task adaptation, LoRA-C): LoRA r=8, alpha=8, dropout 0.05 on q,k,v; 3 epochs, lr 1e-4;
 - personal (OPPU on the stage-1 model, LoRA-P on the raw base): LoRA r=8, alpha=8, dropout 0.05

@@ -15,7 +15,7 @@ DEFAULT_LAYER_FRACTION = 0.25
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """One layer at round(0.25 * depth), kept off the last layer.
 
-    METHODS.md's layer study found early-to-middle layers (about 1/6..1/3 of depth) best and the
+    The PerFit paper's layer study found early-to-middle layers (about 1/6..1/3 of depth) best and the
     last layer useless; 1/4 is the middle of that band (Llama-2-7B, 32 layers -> 8; SmolLM2, 30
     layers -> 8; the tiny 4-layer test model -> 1). The paper's best single runs used layers
     14-16 of 32 (~0.45 of depth); pass ``layers=`` explicitly to follow those instead.
@@ -28,7 +28,7 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 
 @dataclass
 class PerFitConfig:
-    """Hyper-parameters of PerFit (defaults: the paper's best settings, METHODS.md).
+    """Hyper-parameters of PerFit (defaults: the paper's best settings).
 
     ``layers`` = None means :func:`default_layers` of the model's depth (see
     :meth:`resolved_layers`). ``positions`` is "fN+lM", "lM" or "fN" (see positions.py).

@@ -1,4 +1,4 @@
-"""PER-PCS settings (the paper's defaults; see METHODS.md, "PER-PCS")."""
+"""PER-PCS settings (the PER-PCS paper's defaults)."""
 
 from __future__ import annotations
 
