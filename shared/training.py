@@ -52,8 +52,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """A setting that cannot train (NaN, a negative rate, a zero batch, a string where a
-        number goes) is a ValueError naming it, before any step runs."""
-        checks = {"epochs": (float, 0.0), "lr": (float, None), "weight_decay": (float, 0.0),
+        number goes) is a ValueError naming it, before any step runs (a rate of 0 is allowed:
+        it trains nothing, which tests use)."""
+        checks = {"epochs": (float, 0.0), "lr": (float, 0.0), "weight_decay": (float, 0.0),
                   "warmup_ratio": (float, 0.0), "max_grad_norm": (float, None),
                   "batch_size": (int, 1), "seed": (int, None), "max_prompt_tokens": (int, 1),
                   "max_target_tokens": (int, 1)}
@@ -62,7 +63,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not math.isfinite(value) or (kind is int and value != int(value)):
                 raise ValueError(f"{name} must be a finite {kind.__name__}, got {value!r}")
-            if (low is None and name in ("lr", "max_grad_norm") and value <= 0) or \
+            if (low is None and name == "max_grad_norm" and value <= 0) or \
                     (low is not None and value < low):
                 raise ValueError(f"{name} must be {'> 0' if low is None else f'>= {low}'}, "
                                  f"got {value!r}")
