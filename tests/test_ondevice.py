@@ -168,3 +168,23 @@ def test_smollm2_graph_gives_pytorchs_tokens_for_every_kind_of_row(smollm2_head,
     assert np.abs(logits - expected_logits).max() < 1e-3  # SmolLM2's logits reach ~30
     assert got == expected
     assert len({tuple(t) for t in got}) > 1  # the rows are answered differently
+
+
+def test_a_graph_with_missing_or_cut_weights_is_a_one_line_error(tiny, graph, tmp_path):
+    """model.onnx.data missing or truncated (a damaged cache, a partial copy): a PflError
+    that says what to delete, not an ONNX Runtime traceback."""
+    import shutil
+
+    from shared.errors import PflError
+
+    path, _ = graph
+    for damage in ("missing", "truncated"):
+        folder = tmp_path / damage
+        shutil.copytree(path.parent, folder)
+        data = folder / "model.onnx.data"
+        if damage == "missing":
+            data.unlink()
+        else:
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        with pytest.raises(PflError, match="cannot be loaded"):
+            OnnxEngine(folder / path.name, tiny.tokenizer, threads=1)

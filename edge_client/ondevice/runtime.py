@@ -73,7 +73,6 @@ class OnnxEngine:
     def __init__(self, path: str | Path, tokenizer, *, threads: int | None = None,
                  max_rank: int = 256):
         self.path = Path(path)
-        self.info = describe(self.path)
         self.tokenizer, self.max_rank = tokenizer, int(max_rank)
         options = ort.SessionOptions()
         threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
@@ -81,8 +80,14 @@ class OnnxEngine:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), options,
-                                            providers=["CPUExecutionProvider"])
+        try:  # a graph or weights file cut short, missing or replaced: one clear error
+            self.info = describe(self.path)
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise PflError(f"the ONNX graph {self.path} cannot be loaded ({type(exc).__name__}:"
+                           f" a file of it is missing or damaged); delete {self.path.parent} "
+                           "and it is exported again") from None
         info = self.info
         self.modules = tuple(info["modules"])
         self.num_layers, self.hidden_size = info["layers"], info["hidden_size"]
