@@ -51,6 +51,7 @@ Where things come from:
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -289,9 +290,21 @@ def _pool_access(options: Mapping[str, Any], context: Context):
                                    "pool-address")
     if not ca:
         raise Refusal(NOT_CONFIGURED, "this phase needs the piece pool: node config pool-ca")
-    interceptor = AuditClientInterceptor(device_ledger_path(context), "pool-grpc", target,
-                                         describe_request, meta={"run_id": context.run_id})
+    # the address is the server's word; the ledger also names the root this device's own
+    # node config trusts for it (TLS to the pool is verified against that CA only)
+    interceptor = AuditClientInterceptor(
+        device_ledger_path(context), "pool-grpc", target, describe_request,
+        meta={"run_id": context.run_id, "address_from": "server",
+              "trusted_ca_sha256": _file_digest(str(ca))})
     return target, str(ca), [interceptor]
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a file's bytes ("unreadable" when it cannot be read: TLS will fail then)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
 
 
 def _methods(options: Mapping[str, Any]) -> list[str]:

@@ -4,12 +4,14 @@ that evaluated nothing fails (federations on real Flower messages, in process)."
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from cloud_server.federation import NothingEvaluated, format_results, pick_sharers
+from edge_client.audit import read_entries
 from edge_client.consent import DEFAULT_POLICY_FILE
 from shared.config import settings_keys
 from shared.crypto import write_dev_certs
@@ -61,6 +63,12 @@ def test_sharers_are_chosen_among_devices_that_consent_to_share(tmp_path):
     assert summary["sharers"] == [1005] and summary["selection"]["willing"] == 1
     assert "metrics" in summary["methods"]["perpcs"]
     assert summary["pool_pieces"] > 0
+    # every pool call in a ledger names who chose the address and the root that verified it
+    ca = hashlib.sha256((tmp_path / "run" / "certs" / "ca.pem").read_bytes()).hexdigest()
+    pool_calls = [e for path in summary["ledgers"].values() for e in read_entries(path)
+                  if e["channel"] == "pool-grpc"]
+    assert pool_calls and all(e["meta"]["address_from"] == "server" and
+                              e["meta"]["trusted_ca_sha256"] == ca for e in pool_calls)
 
 
 def test_pick_sharers_skips_unwilling_devices():
