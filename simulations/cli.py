@@ -19,6 +19,7 @@
     pfl pool        serve or check the PER-PCS piece pool (gRPC with TLS, SQLite + blobs)
     pfl deploy      a real deployment on this machine (pool, SuperLink, SuperNodes), and
                     its status
+    pfl config show every run-config key: value, default, source; the settings devices get
 
 A problem the user can fix prints ``pfl: error: ...`` on one line and exits with status 2.
 """
@@ -42,6 +43,7 @@ from edge_client.audit import summary as ledger_summary
 from shared.config import settings_keys
 from shared.errors import PflError
 from shared.files import write_json
+from simulations.config_cli import add_config_commands
 from simulations.deploy import add_deploy_commands
 
 
@@ -1062,7 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
                 add_tune_command, add_compare_command, add_claims_command, add_data_command,
                 add_bench_commands, add_audit_commands, add_certs_command, add_pool_commands,
                 add_serve_command, add_generate_command, add_export_command,
-                add_node_key_command, add_deploy_commands):
+                add_node_key_command, add_deploy_commands, add_config_commands):
         add(commands)
     return parser
 

@@ -49,6 +49,8 @@ def render() -> str:
         "training recipe (`stage1`, `oppu`, `perpcs`, `perfit`: any field of that section's",
         "settings, the same as `pfl eval --set`); a 0 or \"\" leaves the recipe's value. Every",
         "stage-1 and phase message carries the resolved method settings to the devices.",
+        "`pfl config show [--run-config F] [--set KEY=VALUE]` prints every key's value, default",
+        "and source, and the method settings the devices will receive.",
         "",
         "| key | default | meaning |",
         "|---|---|---|",

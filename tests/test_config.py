@@ -60,3 +60,21 @@ def test_method_options_travel_as_flat_entries():
     assert entries["options.perpcs.top_k"] == 2
     back = options_from_message({**entries, "model": "tiny"})
     assert back == {k: v for k, v in options.items() if v is not None}
+
+
+def test_pfl_config_show_names_every_value_and_where_it_came_from(tmp_path, capsys):
+    from simulations import cli
+
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text('model = "smollm2-135m"\ntask = "news-category"\noppu.lr = 0.002\n')
+    assert cli.main(["config", "show", "--run-config", str(run_toml), "--set", "targets=3"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["targets"][1:] == ["3", "1", "--set"]
+    assert rows["model"][1:] == ["'smollm2-135m'", "'tiny'", str(run_toml)]
+    assert rows["sharers"][-1] == "default"
+    assert rows["oppu.lr"][1:] == ["0.002", str(run_toml)]  # the run's own, over the recipe
+    assert rows["perfit.lr"][2:4] == ["recipe", "tuned"]  # the shipped recipe's
+    run_toml.write_text('modle = "tiny"\n')
+    assert cli.main(["config", "show", "--run-config", str(run_toml)]) == 2
+    assert "did you mean 'model'" in capsys.readouterr().err
