@@ -576,6 +576,25 @@ def cmd_bench_serve(args) -> int:
     return 1 if load and (load["failed"] or load["wrong_answers"]) else code
 
 
+def cmd_bench_attack(args) -> int:
+    """Honest clients' p50/p99 latency on the piece pool and pfl serve, alone and beside
+    held-open streams and a flooding connection; exit 1 if an honest call failed or the
+    honest p99 grew more than 2x."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
+    from simulations.bench_attack import attack_table, bench_attack
+
+    result = bench_attack(clients=args.clients, seconds=args.seconds, held=args.held,
+                          flood=args.flood, model=args.model,
+                          services=tuple(_csv(args.services)))
+    print(attack_table(result))
+    out = Path(args.out_dir) / "attack.json"
+    write_json(str(out), result, indent=2)
+    print(f"results written to {out}")
+    missed = [r for r in result["rows"] if r["under_attack"]["failed"]
+              or (r["p99_ratio"] or 0) > 2.0]
+    return 1 if missed else 0
+
+
 def cmd_bench_device(args) -> int:
     """Time to first token, decode tokens/s and peak memory of answering on a device:
     PyTorch against ONNX Runtime (fp32, int8, int4 weight-only), each in its own process."""
@@ -1006,6 +1025,21 @@ def _add_bench_serve(bench) -> None:
     bv.add_argument("--out-dir", default="results/bench",
                     help="serve.json and serve.png go here (default %(default)s)")
     bv.set_defaults(func=cmd_bench_serve)
+    ba = bench.add_parser("attack", help="the pool and pfl serve under attack: honest "
+                          "latency without and with idle streams and a flooding client",
+                          description=cmd_bench_attack.__doc__)
+    ba.add_argument("--clients", type=int, default=4, help="honest clients (default 4)")
+    ba.add_argument("--seconds", type=float, default=15.0,
+                    help="each measurement's length (default 15)")
+    ba.add_argument("--held", type=int, default=64,
+                    help="streams held open without a request (default 64)")
+    ba.add_argument("--flood", type=int, default=32,
+                    help="threads of the one flooding connection (default 32)")
+    ba.add_argument("--model", default="tiny", help="pfl serve's model (default tiny)")
+    ba.add_argument("--services", default="pool,serve", help="pool, serve or both")
+    ba.add_argument("--out-dir", default="results/bench",
+                    help="attack.json goes here (default %(default)s)")
+    ba.set_defaults(func=cmd_bench_attack)
 
 
 def _add_bench_device(bench) -> None:

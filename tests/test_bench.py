@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -249,3 +251,16 @@ def test_bench_privacy_runs_every_setting_and_counts_what_each_device_sent(tmp_p
     assert rows["secagg"]["down_bytes_per_device_round"] > \
         rows["plain"]["down_bytes_per_device_round"]
     assert "secagg+dp" in out and (tmp_path / "privacy.png").stat().st_size > 0
+
+
+def test_bench_attack_measures_honest_calls_alone_and_beside_attackers(tmp_path, capsys):
+    from simulations import cli
+
+    code = cli.main(["bench", "attack", "--services", "pool", "--seconds", "2", "--held", "8",
+                     "--flood", "4", "--clients", "2", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "attack.json").read_text())
+    (row,) = result["rows"]
+    assert row["without_attack"]["calls"] > 0 and row["under_attack"]["calls"] > 0
+    assert row["attack"]["held_opened"] >= 8 and row["attack"]["flood_ok"] > 0
+    assert "pool (ListGates)" in out and code in (0, 1)  # 1: the 2x target missed, said so
