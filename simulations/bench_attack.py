@@ -15,7 +15,10 @@ for): honest p99 within 2x of the run without attackers, no honest call failed.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -25,9 +28,11 @@ from typing import Any, Callable
 import grpc
 import torch
 
+from edge_client.inference_client import InferenceClient
 from edge_client.pool_client import PoolClient
 from shared import crypto
 from shared.methods.perpcs.pieces import Piece
+from simulations.deploy import free_port, wait_for_port
 
 
 def _pieces(n: int = 8) -> list[Piece]:
@@ -147,8 +152,6 @@ def _client_call(kind: str, target: str, certs: str):
             if kind == "pool":
                 client = local.client = PoolClient(target, certs, timeout=60)
             else:
-                from edge_client.inference_client import InferenceClient
-
                 client = local.client = InferenceClient(target, certs, timeout=60)
         if kind == "pool":
             return client.list_gates()
@@ -165,8 +168,6 @@ def _attacker(kind: str, target: str, certs: str, held_method: str, held: int,
         client = PoolClient(target, certs, timeout=60)
         flood_call = client.list_gates
     else:
-        from edge_client.inference_client import InferenceClient
-
         client = InferenceClient(target, certs, timeout=60)
         flood_call = lambda: client.generate(PROMPT, max_new_tokens=4)  # noqa: E731
     ca = (Path(certs) / "ca.pem").read_bytes()
@@ -178,8 +179,6 @@ def _attacker(kind: str, target: str, certs: str, held_method: str, held: int,
 
 def _measure(name: str, kind: str, target: str, certs: str, held_method: str, *,
              clients: int, seconds: float, held: int, flood: int) -> dict[str, Any]:
-    import multiprocessing
-
     honest = _client_call(kind, target, certs)
     honest()  # warm: connections, the first batch
     quiet = _honest(honest, clients, seconds)
@@ -207,11 +206,6 @@ PROMPT = "Rate this item from 1 to 5: a book."
 
 def _service(args: list[str], port: int, log: Path):
     """A service process (``pfl ...``), listening on ``port`` when this returns."""
-    import subprocess
-    import sys
-
-    from simulations.deploy import wait_for_port
-
     process = subprocess.Popen([str(Path(sys.executable).parent / "pfl"), *args],
                                stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -227,8 +221,6 @@ def bench_attack(*, clients: int = 4, seconds: float = 15.0, held: int = 64, flo
                  model: str = "tiny", services=("pool", "serve")) -> dict[str, Any]:
     """Honest latency of each service without and with attackers (see the module). Each
     service runs in its own process, the attackers in another, the honest clients here."""
-    from simulations.deploy import free_port
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         certs = crypto.write_dev_certs(Path(tmp) / "certs").directory

@@ -4,6 +4,7 @@ its default and where the value came from; then the method settings the devices 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from shared.config import RunConfig, read_run_config_file
@@ -57,8 +58,6 @@ def cmd_config_show(args) -> int:
         key, sep, raw = text.partition("=")
         if not sep or not key.strip():
             raise PflError(f"--set expects KEY=VALUE, got {text!r}")
-        import json
-
         try:
             value = json.loads(raw)
         except ValueError:
