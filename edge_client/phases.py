@@ -39,7 +39,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from edge_client.consent import ConsentDenied, ConsentPolicy
-from edge_client.pool_client import PoolClient
+from edge_client.pool_client import PoolClient, PoolError
 from shared import crypto
 from shared.config import options_from_message
 from shared.data import load_dataset
@@ -400,7 +400,7 @@ def failure_code(exc: BaseException) -> int:
     reported with: only the code leaves the device, the detail stays in its log."""
     if isinstance(exc, ConsentDenied):
         return CONSENT_DENIED
-    if isinstance(exc, PoolUnavailable):
+    if isinstance(exc, (PoolUnavailable, PoolError)):  # the pool refused or went away
         return POOL_UNAVAILABLE
     return FAILED
 
