@@ -100,3 +100,29 @@ def small_world(tiny):
             states[(name, user.id)] = (core, core.personalize(runtime, user,
                                                               PromptAugmentation(), None))
     return runtime, roles, states
+
+
+# ------------------------------------------------------------------------ kinds of tests
+#: Files whose tests start real processes (a SuperLink, SuperNodes, a Ray cluster, services
+#: in processes of their own) or time whole runs: ``integration``.
+INTEGRATION_FILES = {"test_deployment.py", "test_deploy_docs.py", "test_ray_cluster.py",
+                     "test_interrupt.py", "test_bench.py", "test_study.py", "test_privacy.py",
+                     "test_docs.py"}
+#: Words in a test's name that mean it runs a federation on Flower's engine (Ray).
+ENGINE_WORDS = ("ray", "flowers_engine")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test by kind: ``real_model`` (it uses SmolLM2 or the HuffPost data),
+    ``integration`` (:data:`INTEGRATION_FILES`, a federation on Ray, or an exported ONNX
+    graph), ``unit`` (the rest, on the tiny model in this process). ``./dev test --fast``
+    runs the unit tests."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & {"smollm2", "huffpost_dir"} or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.real_model)
+        if item.path.name in INTEGRATION_FILES or "onnx_cache" in fixtures or any(
+                word in item.name.lower() for word in ENGINE_WORDS):
+            item.add_marker(pytest.mark.integration)
+        if not (item.get_closest_marker("real_model") or item.get_closest_marker("integration")):
+            item.add_marker(pytest.mark.unit)
