@@ -324,3 +324,18 @@ def run_config_toml(keys: Mapping[str, Any]) -> str:
     lines = [f"{key} = {_toml_value(value)}" for key, value in keys.items() if "." not in key]
     lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items() if "." in key]
     return "\n".join(lines) + "\n"
+
+
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """``max-history=8`` or ``oppu.lr=0.001`` -> (key, value): a ``--set KEY=VALUE`` of a
+    run-config key; the value is JSON when it parses as JSON, else the string."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise PflError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(raw)
+    except ValueError:
+        return key.strip(), raw
+

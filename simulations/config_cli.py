@@ -4,11 +4,9 @@ its default and where the value came from; then the method settings the devices 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from shared.config import RunConfig, read_run_config_file
-from shared.errors import PflError
+from shared.config import RunConfig, parse_key_value, read_run_config_file
 from shared.report import format_table
 
 
@@ -55,14 +53,8 @@ def cmd_config_show(args) -> int:
         for key, value in read_run_config_file(args.run_config).items():
             keys[key], sources[key] = value, args.run_config
     for text in args.set or []:
-        key, sep, raw = text.partition("=")
-        if not sep or not key.strip():
-            raise PflError(f"--set expects KEY=VALUE, got {text!r}")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        keys[key.strip()], sources[key.strip()] = value, "--set"
+        key, value = parse_key_value(text)
+        keys[key], sources[key] = value, "--set"
     print(show(keys, sources))
     return 0
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from shared.config import RunConfig, read_run_config_file, run_config_toml
+from shared.config import (RunConfig, parse_key_value, read_run_config_file,
+                           run_config_toml)
 from shared.crypto import write_dev_certs, write_federation_key, write_supernode_key
 from shared.errors import PflError
 from shared.files import write_json
@@ -364,17 +365,6 @@ def _stop(popen: subprocess.Popen) -> None:
 
 
 # ------------------------------------------------------------------------------ commands
-def _setting(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise PflError(f"--set expects KEY=VALUE, got {text!r}")
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw
-    return key.strip(), value
-
-
 def deploy_run_config(args) -> dict[str, Any]:
     """The run config of ``pfl deploy local``: ``--run-config FILE``, then the flags, then
     ``--set KEY=VALUE`` (each checked as ``flwr run`` would)."""
@@ -385,7 +375,7 @@ def deploy_run_config(args) -> dict[str, Any]:
                        ("task", args.task), ("data-path", args.data)):
         if value is not None:
             keys[key] = str(Path(value).resolve()) if key == "data-path" else value
-    keys.update(_setting(text) for text in args.set or [])
+    keys.update(parse_key_value(text) for text in args.set or [])
     for fixed in ("num-clients", "run-dir", "pool-address", "grant-key"):
         if fixed in keys:
             raise PflError(f"pfl deploy local sets {fixed} itself; leave it out")
