@@ -651,8 +651,8 @@ def log_roles(roles: Roles, status: Status) -> None:
 
 class NothingEvaluated(PflError):
     """A run in which no method was evaluated on any target (``federation.json`` is written
-    first, and is ``summary``): the ServerApp fails, so Flower marks the run failed and
-    ``pfl`` exits non-zero."""
+    first, and is ``summary``): the ServerApp fails, so Flower marks the run
+    ``finished:failed`` with this message (``flwr ls``) and ``pfl`` exits non-zero."""
 
     def __init__(self, message: str, summary: Mapping[str, Any]):
         super().__init__(message)
@@ -662,9 +662,10 @@ class NothingEvaluated(PflError):
 def check_evaluated(summary: Mapping[str, Any]) -> Mapping[str, Any]:
     """``summary`` when at least one method has a result; else :class:`NothingEvaluated`."""
     if not any("metrics" in row for row in summary["methods"].values()):
+        why = "; ".join(f"{name}: {row.get('error', 'no result')}"
+                        for name, row in summary["methods"].items())
         raise NothingEvaluated(
-            f"no method was evaluated on any target ({len(summary['evaluated_targets'])} of "
-            f"{len(summary['targets'])} targets answered); see "
+            f"no method was evaluated on any target ({why}); see "
             f"{Path(summary['run_dir']) / SUMMARY_FILE} and the log", summary)
     return summary
 
