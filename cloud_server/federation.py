@@ -552,8 +552,8 @@ def share(grid: Grid, config: Mapping[str, Any], sharers: Sequence[int],
     ({node: counts}, {pseudonym: hex key} of the sharers whose pieces targets may take,
     why the pool is empty or None when it is not)."""
     if not sharers:
-        return {}, {}, "no sharer was selected (no candidate's consent allows sharing " \
-                       "pieces: upload.perpcs_pieces)"
+        return {}, {}, ("no sharer was selected (the run asks for none, or no candidate's "
+                        "consent allows sharing pieces: upload.perpcs_pieces)")
     lora_only = {k: v for k, v in arrays.items() if k.startswith("lora.")}
     grants = mint_grants(config, sharers)
     replies = exchange(grid, sharers, "train.share", device_config, lora_only,
@@ -641,12 +641,19 @@ def _some(nodes: Sequence[int], limit: int = 12) -> str:
     return f"[{shown}{f', ... ({len(nodes)} in all)' if len(nodes) > limit else ''}]"
 
 
+#: Node ids of one role the status file lists (it is rewritten as replies arrive: a
+#: population of thousands is counted, not listed; federation.json has every id).
+STATUS_IDS = 50
+
+
 def log_roles(roles: Roles, status: Status) -> None:
     """Each device's role, in the log and in the status file."""
     log.info("roles: targets %s; sharers %s; collective %s", _some(roles.targets),
              _some(roles.sharers), _some(roles.collective))
-    status.update(roles={"targets": roles.targets, "sharers": roles.sharers,
-                         "collective": roles.collective})
+    parts = {"targets": roles.targets, "sharers": roles.sharers,
+             "collective": roles.collective}
+    status.update(roles={name: ids[:STATUS_IDS] for name, ids in parts.items()},
+                  role_counts={name: len(ids) for name, ids in parts.items()})
 
 
 class NothingEvaluated(PflError):

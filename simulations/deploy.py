@@ -483,8 +483,11 @@ def cmd_deploy_status(args) -> int:
         line += f" ({status.get('done', 0)}/{status['total']} done, " \
                 f"{status.get('failed', 0)} failed)"
     print(line + f"  [updated {status.get('updated')}]")
+    counts = status.get("role_counts") or {}
     for role, nodes in (status.get("roles") or {}).items():
-        print(f"  {role}: {', '.join(str(n) for n in nodes) or '-'}")
+        more = int(counts.get(role, len(nodes))) - len(nodes)
+        print(f"  {role}: {', '.join(str(n) for n in nodes) or '-'}"
+              f"{f' ... and {more} more' if more > 0 else ''}")
     if status.get("finished"):
         print(f"results: {status.get('results')} (evaluated: "
               f"{', '.join(status.get('evaluated_methods') or []) or 'nothing'})")

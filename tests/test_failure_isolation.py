@@ -49,6 +49,7 @@ def test_the_default_consent_skips_pool_methods_and_keeps_every_other_result(tmp
     assert status["finished"] and status["phase"] == "finished"
     assert status["evaluated_methods"] == ["nonpersonalized", "oppu", "perfit"]
     assert status["roles"]["targets"] == summary["targets"]
+    assert status["role_counts"] == {"targets": 1, "sharers": 0, "collective": 4}
 
 
 def test_sharers_are_chosen_among_devices_that_consent_to_share(tmp_path):
