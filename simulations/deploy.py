@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from edge_client.consent import ConsentPolicy
 from shared.config import (RunConfig, parse_key_value, read_run_config_file,
                            run_config_toml)
 from shared.crypto import write_dev_certs, write_federation_key, write_supernode_key
@@ -122,8 +123,10 @@ class LocalDeployment:
         self.directory = Path(self.directory).expanduser().resolve()
         if self.devices < 1:
             raise PflError("--devices must be at least 1")
-        if self.consent is not None and not Path(self.consent).is_file():
-            raise PflError(f"no consent policy file {self.consent}")
+        if self.consent is not None:  # a bad policy is an error now, before any process
+            if not Path(self.consent).is_file():
+                raise PflError(f"no consent policy file {self.consent}")
+            ConsentPolicy.load(self.consent)
         for tool in ("pfl", "flower-superlink", "flower-supernode", "flwr"):
             if not self.bin(tool).is_file():
                 raise PflError(f"{tool} is not installed beside {sys.executable} "
@@ -152,6 +155,12 @@ class LocalDeployment:
 
     def device_dir(self, index: int) -> Path:
         return self.directory / "devices" / f"device-{index}"
+
+    def consent_policy(self, index: int) -> ConsentPolicy:
+        """Device ``index``'s consent policy, as the device reads it (its file, else the
+        built-in default)."""
+        path = self.device_dir(index) / "consent.toml"
+        return ConsentPolicy.load(path if path.is_file() else None)
 
     def env(self) -> dict[str, str]:
         """The processes' environment: this one, with Flower's home in the deployment, no
@@ -268,9 +277,8 @@ class LocalDeployment:
             self.register(self.device_dir(index) / "supernode.key.pub")
         for index in range(self.devices):
             self.start_device(index)
-        sharing = [i for i in range(self.devices)
-                   if (self.device_dir(i) / "consent.toml").is_file()
-                   and "perpcs_pieces = true" in (self.device_dir(i) / "consent.toml").read_text()]
+        sharing = [i for i in range(self.devices) if self.consent_policy(i).allows(
+            "perpcs_pieces") is not None]
         self.say(f"{self.devices} devices registered and started (folders under "
                  f"{self.directory / 'devices'}); {len(sharing)} consent to share pieces")
 
