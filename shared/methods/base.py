@@ -65,6 +65,18 @@ class PersonalState:
     info: dict = field(default_factory=dict)
 
 
+def options_section(options: Mapping[str, Any], cls, name: str, **defaults):
+    """``cls`` built from the ``NAME`` section of resolved method ``options`` (``NAME.FIELD``
+    settings, a recipe's ``NAME`` table) over ``defaults``; a bad setting is a clear error.
+    What :meth:`Runtime.section` and a device's stage-1 training both build their settings
+    with."""
+    settings = options.get(name) or {}
+    try:
+        return cls(**{**defaults, **settings})
+    except (TypeError, ValueError) as exc:
+        raise PflError(f"bad {name} setting in {settings}: {exc}") from None
+
+
 @dataclass
 class Runtime:
     """What a method runs with: the loaded base model, the task and run options."""
@@ -85,11 +97,7 @@ class Runtime:
     def section(self, cls, name: str, **defaults):
         """``cls`` built from the run's ``NAME.FIELD`` settings (``--set NAME.FIELD=VALUE``, a
         recipe's ``NAME`` table) over ``defaults``; a bad setting is a clear error."""
-        settings = self.option(name, {})
-        try:
-            return cls(**{**defaults, **settings})
-        except (TypeError, ValueError) as exc:
-            raise PflError(f"bad {name} setting in {settings}: {exc}") from None
+        return options_section(self.options, cls, name, **defaults)
 
     @property
     def model(self) -> torch.nn.Module:

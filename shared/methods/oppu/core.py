@@ -21,6 +21,7 @@ import torch
 from shared.config import options_from_message
 from shared.errors import PflError
 from shared.methods.base import (Collective, Core, PersonalState, PromptAugmentation, Runtime,
+                                 options_section,
                                  register_collective, register_core)
 from shared.methods.oppu.config import personal_lora, personal_train, stage1_lora, stage1_train
 from shared.methods.oppu.model import (attach_lora, load_adapter_state, lora_state, merge_lora,
@@ -205,11 +206,8 @@ class LoraStage1(Collective):
         """What :func:`stage1_train_config` gives ``pfl eval``: the run's ``stage1.*`` and
         ``stage1_epochs`` (the message's ``options.*``) over the stage-1 recipe."""
         method_options = options_from_message(options)
-        try:
-            return stage1_train(**{"epochs": method_options.get("stage1_epochs") or 3.0,
-                                   **(method_options.get("stage1") or {})})
-        except (TypeError, ValueError) as exc:
-            raise PflError(f"bad stage1 setting: {exc}") from None
+        return options_section(method_options, stage1_train, "stage1",
+                               epochs=method_options.get("stage1_epochs", 3.0))
 
     def local_update(self, loaded, task, users: Sequence, arrays, train_config, options):
         initial = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True))

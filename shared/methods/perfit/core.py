@@ -17,8 +17,8 @@ import numpy as np
 from shared.config import options_from_message
 from shared.errors import PflError
 from shared.generation import generate
-from shared.methods.base import (Collective, Core, PersonalState, Runtime, register_collective,
-                                 register_core, user_examples)
+from shared.methods.base import (Collective, Core, PersonalState, Runtime, options_section,
+                                 register_collective, register_core, user_examples)
 from shared.methods.perfit.config import PerFitConfig
 from shared.methods.perfit.intervention import orthonormality_error, reorthonormalize
 from shared.methods.perfit.model import (PerFitStage, intervened, new_stages, train_stage1,
@@ -228,13 +228,11 @@ class PerFitStage1(Collective):
         """What :func:`perfit_config` gives ``pfl eval`` and the targets: the run's
         ``perfit.*`` settings (the message's ``options.*``), with the run config's own
         ``collective-rank``, ``personal-rank`` and ``positions`` on top when set."""
-        fields = dict(options_from_message(options).get("perfit") or {})
-        fields.update({field: options[key] for key, field in STAGE_OPTIONS
-                       if options.get(key) not in (None, "", 0)})  # 0, "": unset
-        try:
-            return PerFitConfig(**fields)
-        except (TypeError, ValueError) as exc:
-            raise PflError(f"bad perfit setting in {fields}: {exc}") from None
+        method_options = options_from_message(options)
+        own = {field: options[key] for key, field in STAGE_OPTIONS
+               if options.get(key) not in (None, "", 0)}  # 0, "": unset
+        return options_section({"perfit": {**(method_options.get("perfit") or {}), **own}},
+                               PerFitConfig, "perfit")
 
     def initial_arrays(self, loaded, seed, options):
         stage1, stage2 = new_stages(self.config(options), loaded.num_layers, loaded.hidden_size,
@@ -244,7 +242,7 @@ class PerFitStage1(Collective):
     def train_config(self, options):
         """PerFit stage 1's recipe as ``pfl eval`` trains it (:func:`perfit_stage1`): the
         PerFit settings' lr and weight decay, ``stage1_epochs`` epochs (default 3)."""
-        epochs = options_from_message(options).get("stage1_epochs") or 3.0
+        epochs = options_from_message(options).get("stage1_epochs", 3.0)
         return self.config(options).train_config(epochs=epochs)
 
     def local_update(self, loaded, task, users, arrays, train_config, options):
