@@ -180,6 +180,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: The in-process grid's first node id (simulations.simulate.LocalGrid.FIRST_NODE_ID, not
+#: imported: that module loads Flower, and pfl --help must not): node - it = partition.
+FIRST_NODE_ID = 1001
+
+
 def answers_table(summary: dict, run_dir: str, width: int = 60) -> str:
     """Each target's queries with the truth and every method's answer, as the devices kept
     them (edge_client.phases.ANSWERS_FILE: on the device; the demo's devices are folders of
@@ -188,7 +193,7 @@ def answers_table(summary: dict, run_dir: str, width: int = 60) -> str:
     from edge_client.phases import ANSWERS_FILE
     from edge_client.state import partition_dir
 
-    first = 1001  # simulations.simulate.LocalGrid.FIRST_NODE_ID
+    first = FIRST_NODE_ID
     lines, differ = [], 0
     for node in summary.get("evaluated_targets", []):
         path = partition_dir(run_dir, int(node) - first) / ANSWERS_FILE
@@ -212,7 +217,7 @@ def answers_table(summary: dict, run_dir: str, width: int = 60) -> str:
 
 def audit_table(summary: dict) -> str:
     """One line per device: its role and what left it, from its audit ledger."""
-    first = 1001  # simulations.simulate.LocalGrid.FIRST_NODE_ID
+    first = FIRST_NODE_ID
     roles = {}
     for role in ("targets", "sharers", "collective"):
         for node in summary.get(role, []):

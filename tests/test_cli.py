@@ -153,3 +153,10 @@ def test_console_script_reports_errors_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("pfl: error: unknown task")
     assert "Traceback" not in proc.stderr
+
+
+def test_the_demo_tables_count_nodes_as_the_in_process_grid_does():
+    from simulations.cli import FIRST_NODE_ID
+    from simulations.simulate import LocalGrid
+
+    assert FIRST_NODE_ID == LocalGrid.FIRST_NODE_ID
