@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -176,8 +177,10 @@ def evaluate_method(runtime: Runtime, spec: MethodSpec, dataset, targets: Sequen
                 "stats": metric_stats(runtime.task, [p], [q.gold])}
                for (u, q), p in zip(pairs, predictions)]
     metrics = evaluate(runtime.task, predictions, golds)
+    outcomes = Counter(s.info["outcome"] for s in states if "outcome" in s.info)
     return {
         "metrics": metrics,
+        **({"outcomes": dict(sorted(outcomes.items()))} if outcomes else {}),
         "intervals": {metric: metric_interval(runtime.task, queries, metric, seed=runtime.seed)
                       for metric in metrics},
         "params_per_user": sum(s.params for s in states) / n,

@@ -36,7 +36,7 @@ from shared.embeddings import user_embedding
 from shared.methods.base import Core, PersonalState, Runtime, register_core, user_examples
 from shared.methods.oppu.core import (personal_train_config, stage1_digest, stage1_model,
                                      stage1_updates)
-from shared.methods.perpcs.assembly import assemble
+from shared.methods.perpcs.check import assemble_checked
 from shared.methods.perpcs.config import PerPcsConfig
 from shared.methods.perpcs.gates import select_shared_pieces
 from shared.methods.perpcs.loss_selection import loss_scored_recipe
@@ -218,16 +218,18 @@ class PersonalPieces(Core):
         piece_pool(runtime)
 
     def recipe(self, runtime, user, augmentation, profile):
-        pool = piece_pool(runtime)
-        return assemble(stage1_model(runtime), pool.pool,
-                        user_examples(runtime, user, augmentation, profile),
-                        pad_token_id(runtime.tokenizer), perpcs_config(runtime),
-                        fetch=pool.fetch)
+        """The target's checked recipe (:func:`~shared.methods.perpcs.check.assemble_checked`:
+        gate or loss routing on its history less the held-out items, then the check)."""
+        return assemble_checked(stage1_model(runtime), piece_pool(runtime),
+                                user_examples(runtime, user, augmentation, profile),
+                                pad_token_id(runtime.tokenizer), perpcs_config(runtime))
 
     def personalize(self, runtime, user, augmentation, profile):
         recipe = self.recipe(runtime, user, augmentation, profile)
         weights = sum(len(entries) for entries in recipe.entries.values())
-        return PersonalState(params=weights, bytes=recipe.num_bytes, payload=recipe)
+        check = recipe.config.get("check") or {}
+        info = {"outcome": check["outcome"]} if "outcome" in check else {}
+        return PersonalState(params=weights, bytes=recipe.num_bytes, payload=recipe, info=info)
 
     def remote_personalization(self, runtime, state):
         return {"recipe": state.payload}  # piece ids and weights: the service has the pool
