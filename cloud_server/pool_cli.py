@@ -58,7 +58,8 @@ def cmd_pool_serve(args) -> int:
     """Serve the piece pool until interrupted."""
     return serve(args.db, args.port, args.certs, args.host,
                  model=pool_model(args.model, args.run_config),
-                 open_enrolment=args.open, max_update_norm=args.max_update_norm)
+                 open_enrolment=args.open, max_update_norm=args.max_update_norm,
+                 max_norm_ratio=args.max_norm_ratio)
 
 
 def cmd_pool_check(args) -> int:
@@ -109,6 +110,9 @@ def add_pool_commands(subparsers) -> None:
     serve.add_argument("--max-update-norm", type=float, default=None,
                        help="refuse pieces whose update |scaling * B A| exceeds this "
                             "(default 8; honest SmolLM2 pieces are about 0.1)")
+    serve.add_argument("--max-norm-ratio", type=float, default=None,
+                       help="list no piece whose update norm exceeds this multiple of the "
+                            "median at its layer and module (default 10; 0: off)")
     serve.add_argument("--open", action="store_true",
                        help="open enrolment: take pieces from any device key, without a "
                             "federation grant (development only; the default needs "

@@ -197,11 +197,13 @@ class PoolServer:
 def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
                       host: str = "127.0.0.1", model: str | None = None,
                       open_enrolment: bool | None = None, max_update_norm: float | None = None,
-                      **kwargs) -> PoolServer:
+                      max_norm_ratio: float | None = None, **kwargs) -> PoolServer:
     """Open the pool in ``db`` and serve it with TLS (the server closes the store on stop).
 
     ``model``: check every piece against that model's layers and module shapes.
     ``max_update_norm``: the bound on a piece's |scaling * B A| (default: Limits').
+    ``max_norm_ratio``: gates of pieces above this multiple of the median norm at their layer
+    and module are not listed (default 10; 0: off).
     Enrolment: ``certs_dir/federation.pub`` (from ``pfl certs``) makes the pool take pieces
     only with a grant signed by the federation key; ``open_enrolment=True`` takes any signed
     piece (development); None: grants when that file exists, else open (with a warning)."""
@@ -217,7 +219,8 @@ def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
     shapes = ModelShapes.of(model) if model else None
     limits = DEFAULT_LIMITS if max_update_norm is None else \
         dataclasses.replace(DEFAULT_LIMITS, max_update_norm=float(max_update_norm))
-    store = PoolStore(db, shapes=shapes, federation_key=federation_key, limits=limits)
+    ratio = {} if max_norm_ratio is None else {"max_norm_ratio": float(max_norm_ratio)}
+    store = PoolStore(db, shapes=shapes, federation_key=federation_key, limits=limits, **ratio)
     try:
         return PoolServer(store, certs_dir, port=port, host=host, own_store=True, **kwargs)
     except BaseException:
@@ -227,10 +230,11 @@ def start_pool_server(db: str | Path, certs_dir: str | Path, *, port: int = 0,
 
 def serve(db: str | Path, port: int, certs_dir: str | Path, host: str = "127.0.0.1", *,
           model: str | None = None, open_enrolment: bool = False,
-          max_update_norm: float | None = None) -> int:
+          max_update_norm: float | None = None, max_norm_ratio: float | None = None) -> int:
     """Serve the pool until SIGINT/SIGTERM; returns an exit status."""
     server = start_pool_server(db, certs_dir, port=port, host=host, model=model,
-                               open_enrolment=open_enrolment, max_update_norm=max_update_norm)
+                               open_enrolment=open_enrolment, max_update_norm=max_update_norm,
+                               max_norm_ratio=max_norm_ratio)
     mode = "open enrolment" if server.store.federation_key is None else "federation grants"
     shapes = f", pieces checked against {model}" if model else ""
     run_until_stopped(lambda: server.stop(grace=2.0), lambda: print(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -43,16 +44,19 @@ from typing import Iterable, Sequence
 from shared import crypto
 from shared.errors import PflError
 from shared.files import write_atomic
+from shared.methods.perpcs.check import norm_outliers
+from shared.methods.perpcs.config import PerPcsConfig
 from shared.methods.perpcs.pieces import Piece, tensor_bytes
 from shared.serialization import (DEFAULT_LIMITS, Gate, Grant, InvalidPiece, Limits,
                                   ModelShapes, SignedPiece, check_consent, content_bytes,
                                   is_piece_id, piece_from_content_bytes, tensor_from_proto,
-                                  validate_piece)
+                                  update_norm, validate_piece)
 from shared.wire import pfl_pb2
 
 DB_NAME = "pool.sqlite3"
 BLOB_DIR = "blobs"
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 2  # 2: pieces.update_norm (a version-1 pool gains it when opened)
 _STALE_TMP_SECONDS = 3600
 
 _SCHEMA = """
@@ -80,7 +84,8 @@ CREATE TABLE IF NOT EXISTS pieces (
     signature   BLOB NOT NULL,
     public_key  BLOB NOT NULL,
     consent     TEXT NOT NULL,
-    created_at  REAL NOT NULL
+    created_at  REAL NOT NULL,
+    update_norm REAL
 );
 CREATE INDEX IF NOT EXISTS pieces_by_key ON pieces(layer, module);
 CREATE TABLE IF NOT EXISTS grants (
@@ -124,6 +129,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: the pool's relative bound on a piece's update norm (PerPcsConfig.max_norm_ratio's default)
+DEFAULT_MAX_NORM_RATIO = PerPcsConfig.max_norm_ratio
+
+
 class PoolStore:
     """A piece pool in a directory; safe to share between threads (one lock) and processes.
 
@@ -132,8 +141,11 @@ class PoolStore:
 
     def __init__(self, directory: str | Path, *, limits: Limits = DEFAULT_LIMITS,
                  shapes: ModelShapes | None = None, federation_key: bytes | None = None,
-                 sweep: bool = True):
+                 sweep: bool = True, max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO):
         self.directory = Path(directory)
+        #: :meth:`list_gates` leaves out a piece whose update norm exceeds this multiple of
+        #: the median at its (layer, module) among the listed pieces (0: off)
+        self.max_norm_ratio = float(max_norm_ratio)
         self.limits = limits
         self.shapes = shapes
         self.federation_key = federation_key
@@ -150,14 +162,29 @@ class PoolStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise PflError(f"pool schema version {version} is not supported "
                            f"(this code reads {SCHEMA_VERSION})")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._remove_stale_temp_files()
         if sweep:
             self.sweep_orphans()
+
+    def _migrate(self) -> None:
+        """A version-1 pool: add ``update_norm`` and fill it from the stored blobs."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pieces)")}
+        if "update_norm" in columns:
+            return
+        self._db.execute("ALTER TABLE pieces ADD COLUMN update_norm REAL")
+        for (piece_id,) in self._db.execute("SELECT piece_id FROM pieces").fetchall():
+            try:
+                norm = update_norm(self.piece(piece_id))
+            except (PoolCorruption, PieceNotFound):
+                continue  # verify() reports it; its gate is never listed without a norm
+            self._db.execute("UPDATE pieces SET update_norm=? WHERE piece_id=?",
+                             (norm, piece_id))
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.directory / DB_NAME, isolation_level=None,
@@ -313,7 +340,7 @@ class PoolStore:
             results = []
             for signed in pieces:
                 cursor = db.execute("INSERT OR IGNORE INTO pieces VALUES "
-                                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                     self._row(signed, now))
                 results.append((signed.piece_id, cursor.rowcount == 1))
             db.execute("COMMIT")
@@ -359,7 +386,8 @@ class PoolStore:
         return (p.piece_id, p.sharer, p.layer, p.module, p.rank, p.d_in, p.d_out, p.scaling,
                 json.dumps(dtypes), json.dumps(shapes), p.num_bytes, p.piece_id, gate,
                 dtypes["gate"], None if gate is None else hashlib.sha256(gate).hexdigest(),
-                signed.signature, signed.public_key, json.dumps(dict(signed.consent)), now)
+                signed.signature, signed.public_key, json.dumps(dict(signed.consent)), now,
+                update_norm(p))
 
     def _drop_unreferenced(self, piece_ids: Iterable[str]) -> None:
         for piece_id in piece_ids:
@@ -401,7 +429,11 @@ class PoolStore:
 
     def list_gates(self, layers: Iterable[int] = (), modules: Iterable[str] = (),
                    sharers: Iterable[str] = ()) -> list[Gate]:
-        """Gates of the gated pieces matching the filters (an empty filter matches all)."""
+        """Gates of the gated pieces matching the filters (an empty filter matches all),
+        less those whose update norm exceeds :attr:`max_norm_ratio` x the median of the
+        matching pieces at their (layer, module) (:func:`~shared.methods.perpcs.check.
+        norm_outliers`): one sharer's outsized pieces never reach a target that assembles
+        from gates, whoever submitted first."""
         where, args = [], []
         for column, values in (("layer", layers), ("module", modules), ("sharer", sharers)):
             values = list(values)
@@ -409,11 +441,19 @@ class PoolStore:
                 where.append(f"{column} IN ({','.join('?' * len(values))})")
                 args.extend(values)
         sql = ("SELECT piece_id, sharer, layer, module, rank, d_in, gate, gate_dtype, "
-               "gate_sha256, signature, public_key FROM pieces WHERE gate IS NOT NULL"
+               "gate_sha256, signature, public_key, update_norm FROM pieces WHERE gate IS NOT "
+               "NULL AND update_norm IS NOT NULL"
                + "".join(f" AND {w}" for w in where) + " ORDER BY layer, module, rowid")
         rows = self._reader().execute(sql, args).fetchall()
+        outliers = norm_outliers(rows, self.max_norm_ratio, norm=lambda row: row["update_norm"],
+                                 key=lambda row: (row["layer"], row["module"], row["piece_id"]))
+        if outliers:
+            log.warning("listing gates: %d pieces left out, their update norm exceeds %g x the "
+                        "median at their layer and module", len(outliers), self.max_norm_ratio)
         gates = []
         for row in rows:
+            if row["piece_id"] in outliers:
+                continue
             tensor = pfl_pb2.Tensor(dtype=row["gate_dtype"], shape=[row["d_in"]],
                                     data=bytes(row["gate"]), sha256=row["gate_sha256"])
             try:

@@ -25,7 +25,11 @@ LaMP-2N), the two trivial predictors a personalized model has to beat:
   queries (ties: the label used most recently). It knows the user and not the query: an
   author who always writes for one section is predicted without reading the article.
 
-None runs the model; all are rows of ``pfl eval`` and ``pfl tune``, never of a federation.
+And for PER-PCS' pool, on any task: ``perpcs-oracle``, the best single sharer for each target
+chosen with the target's query answers (a cheating ceiling, :class:`PoolOracle`).
+
+None but ``perpcs-oracle`` runs the model; all are rows of ``pfl eval`` and ``pfl tune``,
+never of a federation.
 Importing this module registers them as method cores.
 """
 
@@ -36,6 +40,10 @@ from collections import Counter, defaultdict
 from shared.data.synthetic import TOPICS, SyntheticDataset
 from shared.errors import PflError
 from shared.methods.base import Core, PersonalState, register_core
+from shared.methods.perpcs.core import PersonalPieces, perpcs_config, piece_pool
+from shared.methods.perpcs.loss_selection import pieces_by_sharer
+from shared.methods.perpcs.recipe import Recipe
+from shared.metrics import HIGHER_IS_BETTER, evaluate
 
 #: (phrase, topic) of every item phrase, longest first (no phrase is a prefix of another).
 _PHRASES = sorted(((p, t) for t, ps in TOPICS.items() for p in ps), key=lambda x: -len(x[0]))
@@ -169,3 +177,49 @@ class Majority(_Reference):
 
 for _core in (PersonaOracle, PopulationMean, BestSharer, UserMajority, Majority):
     register_core(_core.name, _core)
+
+
+class PoolOracle(PersonalPieces):
+    """``perpcs-oracle``: a cheating upper bound of what PER-PCS' pool can give a target,
+    labelled as such. For each target, every sharer's pooled pieces (weight 1, the adapter
+    loss routing would pick) answer the target's queries, and the row keeps the sharer whose
+    answers score best on them (the task's first metric, against the queries' gold answers;
+    ties: the lower pseudonym). No method can do this: it reads the answers it is scored on.
+    It tells whether any single sharer of this pool helps a target at all, so that a method
+    that does not personalize is explained by evidence. Its cost is one generation pass per
+    sharer per target."""
+
+    name = "perpcs-oracle"
+    federated = False
+
+    def personalize(self, runtime, user, augmentation, profile) -> PersonalState:
+        config = perpcs_config(runtime)
+        sharers = pieces_by_sharer(piece_pool(runtime).whole(), config.target_modules)
+        if not sharers:
+            raise PflError("perpcs-oracle needs a pool with pieces: it is empty")
+        recipes = {s: Recipe({p.key: ((p.piece_id, 1.0),) for p in pieces},
+                             config.combination, {"method": self.name, "sharer": s},
+                             {p.piece_id: s for p in pieces})
+                   for s, pieces in sharers.items()}
+        return PersonalState(payload={"recipes": recipes,
+                                      "golds": [q.gold for q in user.queries]})
+
+    def answer(self, runtime, state, prompts, generation, *, desc="generate", progress=False):
+        golds = state.payload["golds"]
+        if len(prompts) != len(golds):
+            raise ValueError(f"{len(prompts)} prompts for {len(golds)} queries")
+        best, best_value, best_answers = None, None, None
+        for sharer, recipe in state.payload["recipes"].items():
+            answers = super().answer(runtime, PersonalState(payload=recipe), prompts,
+                                     generation, desc=desc, progress=False)
+            metrics = evaluate(runtime.task, answers, golds)
+            metric = next(iter(metrics))
+            value = metrics[metric]
+            if best_value is None or (value > best_value if HIGHER_IS_BETTER.get(metric, True)
+                                      else value < best_value):
+                best, best_value, best_answers = sharer, value, answers
+        state.info["sharer"] = best
+        return best_answers
+
+
+register_core(PoolOracle.name, PoolOracle)

@@ -426,3 +426,36 @@ def test_cli_registration_certs_and_pool_check(tmp_path, keys, capsys):
     assert (serve.port, serve.host) == (0, "127.0.0.1")
     with pytest.raises(PflError, match="no pool"):
         args.func(parser.parse_args(["pool", "check", "--db", str(tmp_path / "none")]))
+
+
+def test_store_lists_no_gate_of_a_piece_far_above_the_median_at_its_layer_and_module(
+        tmp_path, keys):
+    """The pool's relative bound: of four pieces at one (layer, module), the one whose update
+    is 50x the others' (well inside the absolute bound) is not listed, whoever submitted it
+    first; at a (layer, module) with two pieces there is no median to speak of, both are
+    listed; ratio 0 lists all. A version-1 pool (no norm column) gains the norms when opened."""
+    import sqlite3
+
+    def scaled(piece, factor):
+        return Piece(piece.sharer, piece.layer, piece.module, piece.A, piece.B * factor,
+                     piece.scaling, piece.gate)
+
+    big = scaled(make_piece("bob", seed=10), 5.0)
+    honest = [scaled(make_piece("alice", seed=s), 0.1) for s in (11, 12, 13)]
+    pair = [scaled(make_piece("alice", layer=2, seed=14), 0.1),
+            scaled(make_piece("bob", layer=2, seed=15), 5.0)]
+    with PoolStore(tmp_path / "pool") as store:
+        store.submit([signed(big, keys["bob"]), signed(pair[1], keys["bob"])])
+        store.submit([signed(p, keys["alice"]) for p in honest + pair[:1]])
+        listed = {g.piece_id for g in store.list_gates()}
+        assert big.piece_id not in listed
+        assert {p.piece_id for p in honest + pair} <= listed
+    with PoolStore(tmp_path / "pool", max_norm_ratio=0) as store:
+        assert big.piece_id in {g.piece_id for g in store.list_gates()}
+    db = sqlite3.connect(tmp_path / "pool" / "pool.sqlite3")
+    db.execute("ALTER TABLE pieces DROP COLUMN update_norm")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with PoolStore(tmp_path / "pool") as store:
+        assert {g.piece_id for g in store.list_gates()} == listed

@@ -57,16 +57,23 @@ def split_history(examples: Sequence[Example], config: PerPcsConfig
     return examples[:len(examples) - held], examples[len(examples) - held:]
 
 
+def _piece_key(piece) -> tuple[int, str, str]:
+    return piece.layer, piece.module, piece.piece_id
+
+
 def norm_outliers(pieces: Sequence, ratio: float, *,
-                  norm: Callable[[Piece], float] = update_norm) -> set[str]:
+                  norm: Callable[[Piece], float] = update_norm,
+                  key: Callable = _piece_key) -> set[str]:
     """Ids of the pieces whose update norm exceeds ``ratio`` x the median norm of the pieces
     at their (layer, module) (only where there are at least :data:`MIN_GROUP`); empty when
-    ``ratio`` is 0 (off)."""
+    ``ratio`` is 0 (off). ``norm`` and ``key`` (-> layer, module, id) read other records
+    than pieces (the pool's rows)."""
     if not ratio:
         return set()
     groups: dict = defaultdict(list)
     for piece in pieces:
-        groups[(piece.layer, piece.module)].append((piece.piece_id, norm(piece)))
+        layer, module, piece_id = key(piece)
+        groups[(layer, module)].append((piece_id, norm(piece)))
     out = set()
     for members in groups.values():
         if len(members) < MIN_GROUP:
