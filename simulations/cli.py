@@ -581,6 +581,26 @@ def cmd_bench_serve(args) -> int:
     return 1 if load and (load["failed"] or load["wrong_answers"]) else code
 
 
+def cmd_bench_poison(args) -> int:
+    """PER-PCS targets against 0, 1, 2, 5 ... in-bound attacking sharers (pieces just under
+    the pool's norm bound, gates aimed at the mean input): each variant's score with its
+    interval, paired against no attacker, and the answers the attack changed."""
+    # lazy: a command loads only what it runs (pfl --help loads no torch)
+    from simulations.bench_poison import PoisonConfig, bench_poison, poison_table
+
+    result = bench_poison(PoisonConfig(
+        task=args.task, data=args.data, model=args.model, users=args.users,
+        sharers=args.sharers, collective=args.collective, max_history=args.max_history,
+        attackers=[int(k) for k in _csv(args.attackers)], variants=_csv(args.variants),
+        options=_method_settings(args), recipe=args.recipe, seed=args.seed,
+        cache_dir=args.cache_dir, progress=not args.quiet))
+    print(poison_table(result))
+    out = Path(args.out_dir) / "poison.json"
+    write_json(str(out), result, indent=2)
+    print(f"results written to {out}")
+    return 0
+
+
 def cmd_bench_attack(args) -> int:
     """Honest clients' p50/p99 latency on the piece pool and pfl serve, alone and beside
     held-open streams and a flooding connection; exit 1 if an honest call failed or the
@@ -1045,6 +1065,29 @@ def _add_bench_serve(bench) -> None:
     ba.add_argument("--out-dir", default="results/bench",
                     help="attack.json goes here (default %(default)s)")
     ba.set_defaults(func=cmd_bench_attack)
+    bp = bench.add_parser("poison", help="PER-PCS targets against hostile sharers: the score "
+                          "and the answers changed for 0, 1, 2, 5 attackers",
+                          description=cmd_bench_poison.__doc__)
+    bp.add_argument("--task", default="synthetic", help="default synthetic")
+    bp.add_argument("--data", default=None, help="data path (HuffPost folder or .jsonl)")
+    bp.add_argument("--model", default="tiny", help="default tiny (smollm2-135m for numbers)")
+    bp.add_argument("--users", type=int, default=20, help="targets (default 20)")
+    bp.add_argument("--sharers", type=int, default=10, help="honest sharers (default 10)")
+    bp.add_argument("--collective", type=int, default=10,
+                    help="collective users (default 10; the first one aims the attack)")
+    bp.add_argument("--max-history", type=int, default=16, help="default 16")
+    bp.add_argument("--attackers", default="0,1,2,5", help="attacker counts (default 0,1,2,5)")
+    bp.add_argument("--variants", default="gates-undefended,gates,loss",
+                    help="gates-undefended (the papers' assembly alone), gates, loss")
+    bp.add_argument("--set", type=_setting, action="append", metavar="METHOD.KEY=VALUE",
+                    help="a method setting, as in pfl eval (repeatable)")
+    bp.add_argument("--recipe", default="tuned", help="as in pfl eval (default tuned)")
+    bp.add_argument("--seed", type=int, default=0)
+    bp.add_argument("--cache-dir", default=None)
+    bp.add_argument("--quiet", action="store_true", help="no progress bars")
+    bp.add_argument("--out-dir", default="results/bench",
+                    help="poison.json goes here (default %(default)s)")
+    bp.set_defaults(func=cmd_bench_poison)
 
 
 def _add_bench_device(bench) -> None:

@@ -264,3 +264,23 @@ def test_bench_attack_measures_honest_calls_alone_and_beside_attackers(tmp_path,
     assert row["without_attack"]["calls"] > 0 and row["under_attack"]["calls"] > 0
     assert row["attack"]["held_opened"] >= 8 and row["attack"]["flood_ok"] > 0
     assert "pool (ListGates)" in out and code in (0, 1)  # 1: the 2x target missed, said so
+
+
+def test_bench_poison_on_the_tiny_model(tmp_path, capsys):
+    """``pfl bench poison``: one in-bound attacker changes every answer of the papers'
+    assembly alone and none of the defended variants'; the rows pair each against the same
+    variant with no attacker."""
+    from simulations import cli
+
+    code = cli.main(["bench", "poison", "--model", "tiny", "--users", "3", "--sharers", "3",
+                     "--collective", "2", "--max-history", "8", "--set", "perpcs.gate_steps=5",
+                     "--set", "perpcs.gate_lr=0.01", "--attackers", "0,1", "--quiet",
+                     "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "vs no attacker" in out
+    rows = {(r["attackers"], r["variant"]): r for r in
+            json.loads((tmp_path / "poison.json").read_text())["rows"]}
+    assert rows[(1, "gates-undefended")]["changed_answers"] > 0
+    assert rows[(1, "gates")]["changed_answers"] == 0
+    assert rows[(1, "loss")]["changed_answers"] == 0
+    assert "vs_no_attacker" in rows[(1, "gates")] and "vs_no_attacker" not in rows[(0, "gates")]

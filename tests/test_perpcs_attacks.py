@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from shared.data.synthetic import SyntheticDataset
 from shared.methods.perpcs import PerPcsConfig, assemble, rebuild, train_sharer_pieces
 from shared.methods.perpcs.check import (assemble_checked, cap_shares, check_recipe,
                                          norm_outliers, split_history)
 from shared.methods.perpcs.core import PiecePool
-from shared.methods.perpcs.pieces import Piece, get_module, updates_installed
+from shared.methods.perpcs.pieces import Piece, updates_installed
 from shared.methods.perpcs.recipe import Recipe
 from shared.prompts import build_prompt
 from shared.serialization import DEFAULT_LIMITS, update_norm
@@ -33,6 +32,7 @@ from shared.tasks import SYNTHETIC
 from shared.models import LoadedModel, build_tiny_model
 from shared.training import TrainConfig, history_examples
 from shared.training import train as train_loop
+from simulations.bench_poison import aimed_pieces, mean_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -81,32 +81,6 @@ def world(trained):
             "prompts": prompts}
 
 
-def mean_inputs(model, pool, examples, pad_id) -> dict:
-    """The mean unit module input at each (layer, module) on ``examples`` (what the gates
-    score), read through assembly's trace hook."""
-    seen: dict = {}
-
-    def on_score(layer, module, inputs, alphas, ids):
-        seen.setdefault((layer, module), []).append(F.normalize(inputs, dim=-1).mean(dim=0))
-
-    assemble(model, pool, examples, pad_id, CONFIG, on_score=on_score)
-    return {key: torch.stack(v).mean(dim=0) for key, v in seen.items()}
-
-
-def aimed_pieces(model, sharer: str, aims: dict, norm: float, seed: int) -> list[Piece]:
-    """A piece at every aimed (layer, module): random rank-4 factors with update norm
-    ``norm``, its gate the aim scaled up (cosine ~1 with the mean input)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for (layer, module), aim in sorted(aims.items()):
-        d_out, d_in = get_module(model, (layer, module)).weight.shape
-        A, B = torch.randn(4, d_in, generator=gen), torch.randn(d_out, 4, generator=gen)
-        piece = Piece(sharer, layer, module, A, B, 1.0, aim.float() * 100)
-        scale = (norm / update_norm(piece)) ** 0.5
-        out.append(Piece(sharer, layer, module, A * scale, B * scale, 1.0, aim.float() * 100))
-    return out
-
-
 def answers(tiny, recipe: Recipe | None, lookup) -> list[list[int]]:
     """The greedy continuation of each query prompt, 4 tokens (end of text suppressed: the
     tiny random model would often end at once, and 4 tokens show any change)."""
@@ -135,7 +109,7 @@ def attack(trained, world):
     tiny = trained
     pad_id = tiny.tokenizer.pad_token_id
     _PROMPTS[:] = world["prompts"]
-    aims = mean_inputs(tiny.model, world["honest"], world["proxy"], pad_id)
+    aims = mean_inputs(tiny.model, world["honest"], world["proxy"], pad_id, CONFIG)
     honest = PiecePool.of({p.piece_id: p for p in world["honest"]})
     clean = assemble_checked(tiny.model, honest, world["target"], pad_id, CONFIG)
     return {"aims": aims, "pad_id": pad_id, "stage1": answers(tiny, None, {}),
