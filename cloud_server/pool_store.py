@@ -278,7 +278,8 @@ class PoolStore:
         and its signature must verify (``crypto.SignatureError``); a pseudonym stays bound to
         the first public key it was submitted with. With a federation key, ``grant`` must be
         signed by it, unexpired, bound to this batch's one device key and not used up
-        (:class:`NotPermitted`). Resubmitting a stored piece changes nothing (created=False).
+        (:class:`NotPermitted`), and each piece's sharer must be its key's pseudonym
+        (``crypto.sharer_pseudonym``). Resubmitting a stored piece changes nothing (created=False).
         """
         if not pieces:
             raise InvalidPiece("an empty batch")
@@ -307,6 +308,10 @@ class PoolStore:
             if len(set(keys.values())) != 1:
                 raise NotPermitted("a grant covers one device key; this batch has "
                                    f"{len(set(keys.values()))}")
+            for sharer, key in keys.items():  # no squatting another device's pseudonym
+                if sharer != crypto.sharer_pseudonym(key):
+                    raise NotPermitted(f"sharer {sharer[:40]!r} is not the pseudonym of the "
+                                       "key that signs its pieces")
         # blobs first, outside the lock: content-addressed, so concurrent writers agree
         written = [signed.piece_id for signed in pieces
                    if self._write_blob(signed.piece_id, content_bytes(signed.piece))]

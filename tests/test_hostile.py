@@ -152,6 +152,17 @@ def test_a_grant_covers_one_device_key_per_batch(federation):
             lambda c: c.submit_signed(batch, grant), "one device key")
 
 
+def test_a_granted_key_cannot_squat_another_devices_pseudonym(federation):
+    """A selected sharer signs pieces named for the honest sharer's pseudonym: refused (it
+    would otherwise take that name's place, and the honest device would be refused)."""
+    squatter = crypto.generate_device_key()
+    grant = Grant.mint(federation["fed_key"], "run-1", 10)
+    victim = pseudonym(crypto.generate_device_key())
+    refused(federation, grpc.StatusCode.PERMISSION_DENIED,
+            lambda c: c.submit([piece(victim, seed=6)], squatter, POOL, grant),
+            "not the pseudonym")
+
+
 def _granted_submit(federation, make, consent=POOL):
     """A selected sharer (a valid grant) that turned hostile, with a client that checks
     nothing before sending."""
