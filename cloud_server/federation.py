@@ -311,10 +311,18 @@ def mint_grants(config: Mapping[str, Any], sharers: Sequence[int]) -> dict[int, 
     key = crypto.load_device_key(str(config["grant-key"]))
     shapes = ModelShapes.of(str(config["model"]))
     allowed = shapes.num_layers * len(shapes.modules)
-    run = "run-" + hashlib.sha256(str(config["run-dir"]).encode()).hexdigest()[:16]
+    run = grant_run(config)
     return {int(n): Grant.mint(key, run, allowed,
                                ttl_seconds=float(config["phase-timeout"]) * 2).to_text()
             for n in sharers}
+
+
+def grant_run(config: Mapping[str, Any]) -> str:
+    """The run name this run's grants carry ("" without a grant key: an open pool, no
+    grants): the pool lists this run's targets only the pieces submitted under them."""
+    if not config.get("grant-key"):
+        return ""
+    return "run-" + hashlib.sha256(str(config["run-dir"]).encode()).hexdigest()[:16]
 
 
 def sharer_keys(replies: Mapping[int, Message]) -> dict[str, str]:
@@ -710,7 +718,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dic
                        if core_class(parse_method(m).core).uses_pool}
     runnable = [m for m in plan.methods if m not in skipped]
     personalized, evaluated = personalize_and_evaluate(grid, plan, roles.targets, arrays,
-                                                       pool_sharers, seconds, runnable, status)
+                                                       pool_sharers, seconds, runnable, status,
+                                                       pool_run=grant_run(config))
     task = _task_of(evaluated, config.task)
     results = {name: ({"error": skipped[name], "skipped": True} if name in skipped
                       else method_results(name, task, evaluated, personalized))
@@ -728,17 +737,20 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dic
 def personalize_and_evaluate(grid: Grid, plan: Plan, targets: Sequence[int],
                              arrays: Mapping[str, np.ndarray], pool_sharers: Mapping[str, str],
                              seconds: dict, methods: Sequence[str] | None = None,
-                             status: Status | None = None
+                             status: Status | None = None, pool_run: str = ""
                              ) -> tuple[dict[int, Message], dict[int, Message]]:
     """Phases 5 and 6: every target personalizes with every method (``methods``, default the
     run's; costs come back), then answers its held-out queries (metric statistics come
-    back)."""
+    back). ``pool_run``: the run the sharers' grants named; targets list only the pieces
+    submitted under it."""
     methods = list(plan.methods if methods is None else methods)
     if not methods:
         return {}, {}
     config = {**plan.device_config(), "methods": ",".join(methods)}
     if pool_sharers:  # targets take pieces from these sharers only
         config["pool-sharers"] = json.dumps(pool_sharers, sort_keys=True)
+    if pool_run:  # ... and only those they submitted under this run's grants
+        config["pool-run"] = pool_run
     timeout = plan.config.phase_timeout
     t0 = time.perf_counter()
     if arrays:  # a device keeps the collective arrays by digest between the two phases

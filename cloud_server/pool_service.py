@@ -34,7 +34,7 @@ from cloud_server.pool_store import NotPermitted, PieceNotFound, PoolCorruption,
 from cloud_server.rpc import Admission, guard, run_until_stopped, target_of, tls_server
 from shared import crypto
 from shared.errors import PflError
-from shared.serialization import (DEFAULT_LIMITS, Grant, InvalidPiece, SignedPiece,
+from shared.serialization import (DEFAULT_LIMITS, RUN_NAME, Grant, InvalidPiece, SignedPiece,
                                   check_names, is_piece_id)
 from shared.serialization import ModelShapes
 from shared.wire import pfl_pb2, pfl_pb2_grpc
@@ -115,9 +115,11 @@ class PiecePoolServicer(pfl_pb2_grpc.PiecePoolServicer):
                 check_names(sharer, 0, "filter")
         except InvalidPiece as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"filter: {exc}")
+        if request.run and not RUN_NAME.fullmatch(request.run):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "filter: malformed run name")
         try:
             gates = self.store.list_gates(filters["layers"], filters["modules"],
-                                          filters["sharers"])
+                                          filters["sharers"], run=request.run)
         except PoolCorruption as exc:
             context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         for gate in gates:

@@ -88,6 +88,13 @@ CREATE TABLE IF NOT EXISTS pieces (
     update_norm REAL
 );
 CREATE INDEX IF NOT EXISTS pieces_by_key ON pieces(layer, module);
+CREATE TABLE IF NOT EXISTS piece_grants (
+    piece_id    TEXT NOT NULL REFERENCES pieces(piece_id),
+    grant_id    TEXT NOT NULL,
+    run         TEXT NOT NULL,
+    PRIMARY KEY (piece_id, grant_id)
+);
+CREATE INDEX IF NOT EXISTS piece_grants_by_run ON piece_grants(run);
 CREATE TABLE IF NOT EXISTS grants (
     grant_id    TEXT PRIMARY KEY,
     run         TEXT NOT NULL,
@@ -348,6 +355,9 @@ class PoolStore:
                                     "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                     self._row(signed, now))
                 results.append((signed.piece_id, cursor.rowcount == 1))
+                if grant is not None:  # the run whose targets may list it
+                    db.execute("INSERT OR IGNORE INTO piece_grants VALUES (?, ?, ?)",
+                               (signed.piece_id, grant.grant_id, grant.run))
             db.execute("COMMIT")
             return results
         except BaseException:
@@ -433,18 +443,25 @@ class PoolStore:
         return None if row is None else bytes(row[0])
 
     def list_gates(self, layers: Iterable[int] = (), modules: Iterable[str] = (),
-                   sharers: Iterable[str] = ()) -> list[Gate]:
+                   sharers: Iterable[str] = (), run: str = "") -> list[Gate]:
         """Gates of the gated pieces matching the filters (an empty filter matches all),
         less those whose update norm exceeds :attr:`max_norm_ratio` x the median of the
         matching pieces at their (layer, module) (:func:`~shared.methods.perpcs.check.
         norm_outliers`): one sharer's outsized pieces never reach a target that assembles
-        from gates, whoever submitted first."""
+        from gates, whoever submitted first. With ``run``, only pieces submitted under a grant
+        of that run (signed by the key the grant is bound to): pieces of other runs, or of a
+        grant minted for another run, are not this run's targets' candidates."""
         where, args = [], []
         for column, values in (("layer", layers), ("module", modules), ("sharer", sharers)):
             values = list(values)
             if values:
                 where.append(f"{column} IN ({','.join('?' * len(values))})")
                 args.extend(values)
+        if run:
+            where.append("piece_id IN (SELECT pg.piece_id FROM piece_grants pg JOIN grants g "
+                         "ON g.grant_id = pg.grant_id WHERE pg.run = ? AND g.run = ? AND "
+                         "g.public_key = pieces.public_key)")
+            args.extend([run, run])
         sql = ("SELECT piece_id, sharer, layer, module, rank, d_in, gate, gate_dtype, "
                "gate_sha256, signature, public_key, update_norm FROM pieces WHERE gate IS NOT "
                "NULL AND update_norm IS NOT NULL"

@@ -323,6 +323,7 @@ def _pool(options: Mapping[str, Any], context: Context, loaded) -> phases.PoolPi
     directory = _device_dir(context, required=False)
     return phases.PoolPieces(target, ca, interceptors=interceptors,
                              trusted_keys=phases.trusted_sharers(options),
+                             run=str(options.get("pool-run") or ""),
                              shapes=ModelShapes.of(loaded.model),
                              # pieces kept by content id: evaluation reuses personalization's
                              cache_dir=None if directory is None else directory / "pieces")

@@ -250,12 +250,14 @@ class PoolPieces:
     """The piece pool service as a device reads it, and the piece source of the PER-PCS core
     (:mod:`shared.methods.perpcs.core`): every signature and content id verified; with
     ``trusted_keys`` only those sharers' pieces, with ``shapes`` only pieces that fit this
-    model. ``received`` adds up the tensor bytes that came down."""
+    model; with ``run`` only pieces submitted under that run's grants. ``received`` adds up
+    the tensor bytes that came down."""
 
     def __init__(self, target: str, ca: str | Path, *, interceptors: Sequence = (),
                  trusted_keys: Mapping[str, bytes] | None = None, shapes=None,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, run: str = ""):
         self.target, self.ca, self.interceptors = target, ca, interceptors
+        self.run = run
         self.trusted, self.shapes = trusted_keys, shapes
         self.received = 0
         self._open: PoolClient | None = None
@@ -293,13 +295,14 @@ class PoolPieces:
         sharers = sorted(self.trusted or ())
         path = None
         if self.cache_dir is not None:
-            request = json.dumps({"modules": list(modules), "sharers": {
+            request = json.dumps({"modules": list(modules), "run": self.run, "sharers": {
                 s: (self.trusted or {})[s].hex() for s in sharers}}, sort_keys=True)
             path = self.cache_dir / f"gates-{hashlib.sha256(request.encode()).hexdigest()}"
             kept = self._kept_gates(path)
             if kept is not None:
                 return kept
-        gates = self._call(lambda c: c.list_gates(modules=list(modules), sharers=sharers))
+        gates = self._call(lambda c: c.list_gates(modules=list(modules), sharers=sharers,
+                                                  run=self.run))
         if path is not None:
             blobs = [g.to_proto().SerializeToString() for g in gates]
             write_atomic(path, b"".join(len(b).to_bytes(4, "big") + b for b in blobs))

@@ -116,10 +116,11 @@ class PoolClient:
         return [(r.piece_id, r.created) for r in reply.results]
 
     def list_gates(self, layers: Iterable[int] = (), modules: Iterable[str] = (),
-                   sharers: Iterable[str] = ()) -> list[Gate]:
-        """Gates of the pooled gated pieces matching the filters, signatures verified."""
+                   sharers: Iterable[str] = (), run: str = "") -> list[Gate]:
+        """Gates of the pooled gated pieces matching the filters, signatures verified; with
+        ``run``, only pieces submitted under that run's grants."""
         request = pfl_pb2.ListGatesRequest(layers=list(layers), modules=list(modules),
-                                           sharers=list(sharers))
+                                           sharers=list(sharers), run=run)
         gates = []
         try:
             for msg in self._stub.ListGates(request, timeout=self.timeout):

@@ -311,7 +311,7 @@ class SignedPiece:
 
 # --------------------------------------------------------------------------- grants
 _GRANT_ID = re.compile(r"[0-9a-f]{32}")
-_RUN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -342,7 +342,7 @@ class Grant:
         """Well-formed fields (:class:`InvalidPiece` otherwise)."""
         if not _GRANT_ID.fullmatch(self.grant_id or ""):
             raise InvalidPiece("grant: malformed grant id")
-        if not _RUN.fullmatch(self.run or ""):
+        if not RUN_NAME.fullmatch(self.run or ""):
             raise InvalidPiece("grant: malformed run name")
         if not 1 <= self.max_pieces <= 1 << 20 or not math.isfinite(self.expires_at):
             raise InvalidPiece("grant: max_pieces or expiry out of range")

@@ -163,6 +163,32 @@ def test_a_granted_key_cannot_squat_another_devices_pseudonym(federation):
             "not the pseudonym")
 
 
+def test_a_runs_targets_list_only_the_pieces_submitted_under_its_grants(federation):
+    """Pieces are tied to the grant and run they came with: a grant minted for another run
+    puts nothing in this run's listing, and a key cannot carry pieces from one run into the
+    next (the pool lists by run; the same content under both runs is in both)."""
+    store = federation["server"].store
+    a, b = crypto.generate_device_key(), crypto.generate_device_key()
+    this_run = Grant.mint(federation["fed_key"], "run-a", 4)
+    other_run = Grant.mint(federation["fed_key"], "run-b", 4)
+    again = Grant.mint(federation["fed_key"], "run-b", 4)
+    p_a, p_b = piece(pseudonym(a), layer=2, seed=40), piece(pseudonym(b), layer=2, seed=41)
+    with PoolClient(federation["server"].target, federation["certs"]) as client:
+        client.submit([p_a], a, POOL, this_run)
+        client.submit([p_b], b, POOL, other_run)
+        client.submit([p_a], a, POOL, again)  # a's piece of run-a, submitted again in run-b
+        run_a = {g.piece_id for g in client.list_gates(run="run-a")}
+        run_b = {g.piece_id for g in client.list_gates(run="run-b")}
+        everything = {g.piece_id for g in client.list_gates()}
+        with pytest.raises(PoolError) as info:
+            client.list_gates(run="bad run!")
+    assert run_a == {p_a.piece_id}
+    assert run_b == {p_a.piece_id, p_b.piece_id}
+    assert {p_a.piece_id, p_b.piece_id} < everything  # the honest sharer's piece of run-1 too
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not {g.piece_id for g in store.list_gates(run="run-none")}
+
+
 def _granted_submit(federation, make, consent=POOL):
     """A selected sharer (a valid grant) that turned hostile, with a client that checks
     nothing before sending."""

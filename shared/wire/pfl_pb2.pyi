@@ -140,14 +140,16 @@ class SubmitPiecesReply(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[SubmitResult, _Mapping]]] = ...) -> None: ...
 
 class ListGatesRequest(_message.Message):
-    __slots__ = ("layers", "modules", "sharers")
+    __slots__ = ("layers", "modules", "sharers", "run")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     SHARERS_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     modules: _containers.RepeatedScalarFieldContainer[str]
     sharers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, layers: _Optional[_Iterable[int]] = ..., modules: _Optional[_Iterable[str]] = ..., sharers: _Optional[_Iterable[str]] = ...) -> None: ...
+    run: str
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., modules: _Optional[_Iterable[str]] = ..., sharers: _Optional[_Iterable[str]] = ..., run: _Optional[str] = ...) -> None: ...
 
 class FetchPiecesRequest(_message.Message):
     __slots__ = ("piece_ids",)
