@@ -299,10 +299,13 @@ def good_replies(replies: Iterable[Message], node_ids: Sequence[int], phase: str
     return good
 
 
-def mint_grants(config: Mapping[str, Any], sharers: Sequence[int]) -> dict[int, str]:
+def mint_grants(config: Mapping[str, Any], sharers: Sequence[int],
+                keys: Mapping[int, bytes] | None = None) -> dict[int, str]:
     """{sharer node: its grant} signed with the federation key (run config ``grant-key``):
     what lets a selected sharer, and no one else, submit to the pool. Each grant allows one
-    piece per layer and module of the model. {} without a grant key (an open pool)."""
+    piece per layer and module of the model, for this run, and is bound to the device key
+    the sharer reported at selection (``keys``; a given sharer, never asked, gets a grant
+    the pool binds to the first key that uses it). {} without a grant key (an open pool)."""
     if not config.get("grant-key") or not sharers:
         if sharers:
             log.warning("no grant-key in the run config: sharers submit without grants "
@@ -312,8 +315,10 @@ def mint_grants(config: Mapping[str, Any], sharers: Sequence[int]) -> dict[int, 
     shapes = ModelShapes.of(str(config["model"]))
     allowed = shapes.num_layers * len(shapes.modules)
     run = grant_run(config)
+    keys = keys or {}
     return {int(n): Grant.mint(key, run, allowed,
-                               ttl_seconds=float(config["phase-timeout"]) * 2).to_text()
+                               ttl_seconds=float(config["phase-timeout"]) * 2,
+                               public_key=keys.get(int(n), b"")).to_text()
             for n in sharers}
 
 
@@ -325,17 +330,30 @@ def grant_run(config: Mapping[str, Any]) -> str:
     return "run-" + hashlib.sha256(str(config["run-dir"]).encode()).hexdigest()[:16]
 
 
-def sharer_keys(replies: Mapping[int, Message]) -> dict[str, str]:
-    """{pseudonym: hex public key} of the sharers that reported their key after sharing."""
+def reported_key(reply: Message) -> bytes | None:
+    """The device key a reply carries (``arrays["sharer-key"]``), None when it has none or
+    a malformed one."""
+    arrays = reply.content.array_records.get("arrays")
+    if arrays is None or "sharer-key" not in arrays:
+        return None
+    return crypto.key_from_array(arrays["sharer-key"].numpy())
+
+
+def sharer_keys(replies: Mapping[int, Message],
+                expected: Mapping[int, bytes] | None = None) -> dict[str, str]:
+    """{pseudonym: hex public key} of the sharers that reported their key after sharing;
+    with ``expected`` (the keys reported at selection, which their grants are bound to), a
+    sharer reporting another key is left out."""
     out = {}
     for node, reply in replies.items():
-        arrays = reply.content.array_records.get("arrays")
-        if arrays is None or "sharer-key" not in arrays:
-            continue
-        key = crypto.key_from_array(arrays["sharer-key"].numpy())
+        key = reported_key(reply)
         if key is None:
-            log.warning("share: node %s sent a malformed sharer key; its pieces are not used",
-                        node)
+            log.warning("share: node %s sent no or a malformed sharer key; its pieces are "
+                        "not used", node)
+            continue
+        if expected and node in expected and expected[node] != key:
+            log.warning("share: node %s reports another key than at selection; its pieces "
+                        "are not used", node)
             continue
         out[crypto.sharer_pseudonym(key)] = key.hex()
     return out
@@ -349,11 +367,12 @@ def _metrics(reply: Message) -> dict[str, float]:
 def kmeans_round(grid: Grid, candidates: Sequence[int], centroids: np.ndarray | None,
                  device_config: Mapping, timeout: float, phase: str,
                  sizes: dict[int, int], clusters: dict[int, int], willing: set[int],
-                 status: Status | None = None) -> int:
+                 status: Status | None = None, keys: dict[int, bytes] | None = None) -> int:
     """One round of federated k-means: every candidate reports its nearest centroid, its
-    history size and whether its consent lets it share pieces (``sizes``, ``clusters``,
-    ``willing`` are updated); each centroid moves to the mean of its consenting members'
-    embeddings (in place). Returns how many embeddings came."""
+    history size and whether its consent lets it share pieces, with its device key when it
+    does (``sizes``, ``clusters``, ``willing``, ``keys`` are updated); each centroid moves to
+    the mean of its consenting members' embeddings (in place). Returns how many embeddings
+    came."""
     arrays = {"centroids": centroids} if centroids is not None else None
     replies = exchange(grid, candidates, "query.select", device_config, arrays, timeout, phase,
                        status=status, role="candidate")
@@ -361,8 +380,11 @@ def kmeans_round(grid: Grid, candidates: Sequence[int], centroids: np.ndarray | 
     for node, reply in replies.items():
         metrics = _metrics(reply)
         sizes[node] = int(metrics.get("history-size", 0))
-        if metrics.get("may-share") == 1.0:
+        key = reported_key(reply)
+        if metrics.get("may-share") == 1.0 and key is not None:
             willing.add(node)
+            if keys is not None:
+                keys[node] = key
         else:
             willing.discard(node)
         if "cluster-index" not in metrics:
@@ -405,7 +427,8 @@ def pick_sharers(wanted: int, sizes: Mapping[int, int], clusters: Mapping[int, i
 
 
 def select_sharers(grid: Grid, candidates: Sequence[int], config: RunConfig,
-                   device_config: Mapping, status: Status | None = None) -> dict[str, Any]:
+                   device_config: Mapping, status: Status | None = None,
+                   keys: dict[int, bytes] | None = None) -> dict[str, Any]:
     """Federated k-means (or most-active) over the candidates; returns the chosen node ids
     and what was learnt (cluster sizes, consenting embeddings)."""
     if config.sharers <= 0 or not candidates:
@@ -422,7 +445,7 @@ def select_sharers(grid: Grid, candidates: Sequence[int], config: RunConfig,
     for it in range(max(1, config.kmeans_iterations if kmeans else 1)):
         consenting = kmeans_round(grid, candidates, centroids if kmeans else None,
                                   device_config, config.phase_timeout, f"select-{it}", sizes,
-                                  clusters, willing, status)
+                                  clusters, willing, status, keys)
     sharers = pick_sharers(config.sharers, sizes, clusters if kmeans else {},
                            config.small_cluster_items, willing)
     log.info("sharer selection (%s): %d sharers from %d candidates (%d consent to share "
@@ -474,6 +497,9 @@ class Roles:
     given_sharers: list[int] = field(default_factory=list)
     sharers: list[int] = field(default_factory=list)
     collective: list[int] = field(default_factory=list)
+    #: the device key each consenting candidate reported at selection: a sharer's grant is
+    #: minted for it, so no other key can use the grant
+    device_keys: dict[int, bytes] = field(default_factory=dict)
 
 
 def choose_targets(grid: Grid, config: Mapping[str, Any]) -> Roles:
@@ -506,7 +532,8 @@ def choose_sharers(grid: Grid, config: Mapping[str, Any], roles: Roles, cores: s
         selection = {"sharers": [n for n in roles.given_sharers if n not in roles.targets],
                      "strategy": "given"}
     else:
-        selection = select_sharers(grid, asked, config, device_config, status)
+        selection = select_sharers(grid, asked, config, device_config, status,
+                                   roles.device_keys)
     roles.sharers = selection["sharers"]
     roles.collective = [n for n in roles.candidates if n not in roles.sharers]
     if int(config["collective"]) > 0:
@@ -555,7 +582,8 @@ def train_collective(grid: Grid, plan: Plan, roles: Roles, run_dir: Path,
 
 def share(grid: Grid, config: Mapping[str, Any], sharers: Sequence[int],
           arrays: Mapping[str, np.ndarray], device_config: Mapping,
-          status: Status | None = None) -> tuple[dict, dict, str | None]:
+          status: Status | None = None, keys: Mapping[int, bytes] | None = None
+          ) -> tuple[dict, dict, str | None]:
     """Phase 4: the sharers train and submit their pieces with their grants; returns
     ({node: counts}, {pseudonym: hex key} of the sharers whose pieces targets may take,
     why the pool is empty or None when it is not)."""
@@ -563,13 +591,13 @@ def share(grid: Grid, config: Mapping[str, Any], sharers: Sequence[int],
         return {}, {}, ("no sharer was selected (the run asks for none, or no candidate's "
                         "consent allows sharing pieces: upload.perpcs_pieces)")
     lora_only = {k: v for k, v in arrays.items() if k.startswith("lora.")}
-    grants = mint_grants(config, sharers)
+    grants = mint_grants(config, sharers, keys)
     replies = exchange(grid, sharers, "train.share", device_config, lora_only,
                        float(config["phase-timeout"]), "share",
                        per_node={n: {"pool-grant": g} for n, g in grants.items()},
                        status=status, role="sharer")
     shared = {str(n): _metrics(r) for n, r in replies.items()}
-    keys = sharer_keys(replies)
+    keys = sharer_keys(replies, keys)
     if not any(m.get("pieces-submitted", 0) for m in shared.values()):
         why = (f"no sharer submitted pieces ({len(sharers)} selected, {len(replies)} "
                "answered; a sharer's log says why, e.g. the pool refused them)")
@@ -711,7 +739,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any] | RunConfig) -> dic
     if pool_needed(plan.cores):
         t0 = time.perf_counter()
         shared, pool_sharers, empty = share(grid, config, roles.sharers, arrays,
-                                            device_config, status)
+                                            device_config, status, roles.device_keys)
         seconds["share"] = time.perf_counter() - t0
         if empty:  # the methods that read the pool cannot run; the others still do
             skipped = {m: f"skipped: {empty}" for m in plan.methods

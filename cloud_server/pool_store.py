@@ -366,7 +366,10 @@ class PoolStore:
             raise
 
     def _use_grant(self, grant: Grant, key: bytes, count: int, now: float) -> None:
-        """Bind ``grant`` to ``key`` (first use) and count ``count`` pieces against it."""
+        """Bind ``grant`` to ``key`` (first use; a grant minted for a device key is bound to
+        that key from the start) and count ``count`` pieces against it."""
+        if grant.public_key and grant.public_key != key:
+            raise NotPermitted(f"grant {grant.grant_id[:8]} is bound to another device key")
         row = self._db.execute("SELECT public_key, used, max_pieces FROM grants WHERE "
                                "grant_id=?", (grant.grant_id,)).fetchone()
         used = 0

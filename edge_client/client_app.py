@@ -346,13 +346,19 @@ def _run_phase(msg: Message, context: Context, kind: str, work) -> Message:
     return _reply(msg, context, rule, metrics, out_arrays)
 
 
+def _device_key_path(context: Context) -> Path:
+    """The device's signing key (node config ``device-key``, else ``DEVICE_DIR/device.key``;
+    created on first use)."""
+    return Path(str(context.node_config.get("device-key") or _device_dir(context) / "device.key"))
+
+
 @guarded
 def select(msg: Message, context: Context) -> Message:
     """Sharer selection: cluster index and history size (embedding only with consent)."""
     def work(options, policy, rule, arrays):
         _, task, user = _device_user(options, context, model=False)
         return phases.cluster_report(task, user, arrays.get("centroids"), policy,
-                              _device_dir(context))
+                                     _device_dir(context), _device_key_path(context))
 
     return _run_phase(msg, context, "cluster_index", work)
 
@@ -363,10 +369,9 @@ def share(msg: Message, context: Context) -> Message:
     def work(options, policy, rule, arrays):
         loaded, task, user = _device_user(options, context)
         target, ca, interceptors = _pool_access(options, context)
-        key_path = Path(str(context.node_config.get("device-key")
-                            or _device_dir(context) / "device.key"))
         metrics, key = phases.share_pieces(loaded, task, user, options, arrays, policy,
-                                    key_path=key_path, pool_target=target, pool_ca=ca,
+                                    key_path=_device_key_path(context), pool_target=target,
+                                    pool_ca=ca,
                                     interceptors=interceptors)
         return metrics, key, "upload.perpcs_pieces(pool)+metrics.may_report"
 

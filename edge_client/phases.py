@@ -166,14 +166,16 @@ def cached_user_embedding(task, user, device_dir: Path | None) -> np.ndarray:
 
 
 def cluster_report(task, user, centroids: np.ndarray | None, consent: ConsentPolicy,
-                   device_dir: Path | None = None
+                   device_dir: Path | None = None, key_path: Path | None = None
                    ) -> tuple[dict[str, float], dict[str, np.ndarray], str]:
     """(metrics, arrays, consent rule) for sharer selection.
 
     Metrics: ``history-size``, ``may-share`` (1 when the policy allows sharing pieces) and,
     given centroids, ``cluster-index`` (nearest by cosine).
-    Arrays: ``user-embedding`` (the mean of the history embeddings, one vector) only when
-    the policy allows ``embeddings``; per-item embeddings never leave.
+    Arrays: ``sharer-key`` (the device's public key, ``key_path``) when it may share: the
+    grant a selected sharer gets is bound to it; ``user-embedding`` (the mean of the history
+    embeddings, one vector) only when the policy allows ``embeddings``; per-item embeddings
+    never leave.
     """
     rule = consent.require("cluster_index")
     # whether this device would share pieces if selected: the server picks sharers among
@@ -186,6 +188,11 @@ def cluster_report(task, user, centroids: np.ndarray | None, consent: ConsentPol
         sims = (c @ embedding) / (np.linalg.norm(c, axis=1) * np.linalg.norm(embedding) + 1e-12)
         metrics["cluster-index"] = float(int(np.argmax(sims)))
     arrays: dict[str, np.ndarray] = {}
+    share_rule = consent.allows("perpcs_pieces")
+    if share_rule is not None and key_path is not None:
+        public = crypto.public_key_bytes(crypto.device_key(key_path))
+        arrays["sharer-key"] = crypto.key_to_array(public)
+        rule = f"{rule}+{share_rule}"
     embedding_rule = consent.allows("embeddings")
     if embedding_rule is not None:
         arrays["user-embedding"] = embedding

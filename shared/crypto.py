@@ -323,10 +323,13 @@ FEDERATION_KEY = "federation.key"   # the cloud server's grant-signing key (priv
 FEDERATION_PUB = "federation.pub"   # its raw public key, which the pool trusts
 
 
-def grant_signing_message(grant_id: str, run: str, max_pieces: int, expires_at: float) -> bytes:
-    """What the federation key signs: domain tag, NUL, canonical JSON of the grant's fields."""
+def grant_signing_message(grant_id: str, run: str, max_pieces: int, expires_at: float,
+                          public_key: bytes = b"") -> bytes:
+    """What the federation key signs: domain tag, NUL, canonical JSON of the grant's fields
+    (the device key it is bound to included)."""
     body = json.dumps({"expires_at": float(expires_at).hex(), "grant_id": str(grant_id),
-                       "max_pieces": int(max_pieces), "run": str(run)},
+                       "max_pieces": int(max_pieces), "public_key": bytes(public_key).hex(),
+                       "run": str(run)},
                       sort_keys=True, separators=(",", ":"))
     return GRANT_DOMAIN + b"\0" + body.encode("utf-8")
 

@@ -316,27 +316,35 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 
 @dataclass(frozen=True)
 class Grant:
-    """A selected sharer's permission to submit pieces, signed by the federation key."""
+    """A selected sharer's permission to submit pieces, signed by the federation key.
+
+    ``public_key``: the sharer's device key, reported at selection and signed into the grant;
+    the pool takes the grant from that key only, so a grant read off the wire is of no use to
+    anyone else (empty: bound to the first key that uses it, an older grant)."""
 
     grant_id: str
     run: str
     max_pieces: int
     expires_at: float
     signature: bytes = b""
+    public_key: bytes = b""
 
     @classmethod
-    def mint(cls, key, run: str, max_pieces: int, ttl_seconds: float = 86400.0) -> "Grant":
-        """A fresh grant (random id) for ``run``, signed with the federation ``key``."""
+    def mint(cls, key, run: str, max_pieces: int, ttl_seconds: float = 86400.0, *,
+             public_key: bytes = b"") -> "Grant":
+        """A fresh grant (random id) for ``run`` and the device key ``public_key``, signed
+        with the federation ``key``."""
         import secrets
         import time
 
-        grant = cls(secrets.token_hex(16), run, int(max_pieces), time.time() + ttl_seconds)
+        grant = cls(secrets.token_hex(16), run, int(max_pieces), time.time() + ttl_seconds,
+                    public_key=bytes(public_key))
         grant.check()
         return replace(grant, signature=crypto.sign(key, grant.signing_message()))
 
     def signing_message(self) -> bytes:
         return crypto.grant_signing_message(self.grant_id, self.run, self.max_pieces,
-                                            self.expires_at)
+                                            self.expires_at, self.public_key)
 
     def check(self) -> "Grant":
         """Well-formed fields (:class:`InvalidPiece` otherwise)."""
@@ -346,6 +354,8 @@ class Grant:
             raise InvalidPiece("grant: malformed run name")
         if not 1 <= self.max_pieces <= 1 << 20 or not math.isfinite(self.expires_at):
             raise InvalidPiece("grant: max_pieces or expiry out of range")
+        if len(self.public_key) not in (0, 32):
+            raise InvalidPiece("grant: the bound device key is not 32 bytes")
         return self
 
     def verify(self, federation_key: bytes, now: float) -> "Grant":
@@ -359,18 +369,19 @@ class Grant:
     def to_proto(self) -> pfl_pb2.SharerGrant:
         return pfl_pb2.SharerGrant(grant_id=self.grant_id, run=self.run,
                                    max_pieces=self.max_pieces, expires_at=self.expires_at,
-                                   signature=self.signature)
+                                   signature=self.signature, public_key=self.public_key)
 
     @classmethod
     def from_proto(cls, msg: pfl_pb2.SharerGrant) -> "Grant":
         return cls(msg.grant_id, msg.run, int(msg.max_pieces), float(msg.expires_at),
-                   bytes(msg.signature)).check()
+                   bytes(msg.signature), bytes(msg.public_key)).check()
 
     def to_text(self) -> str:
         """The grant as one JSON line (how the server hands it to a sharer in a message)."""
         return json.dumps({"grant_id": self.grant_id, "run": self.run,
                            "max_pieces": self.max_pieces, "expires_at": self.expires_at,
-                           "signature": self.signature.hex()}, sort_keys=True)
+                           "signature": self.signature.hex(),
+                           "public_key": self.public_key.hex()}, sort_keys=True)
 
     @classmethod
     def from_text(cls, text: str) -> "Grant":
@@ -378,7 +389,8 @@ class Grant:
         try:
             data = json.loads(text)
             return cls(str(data["grant_id"]), str(data["run"]), int(data["max_pieces"]),
-                       float(data["expires_at"]), bytes.fromhex(data["signature"])).check()
+                       float(data["expires_at"]), bytes.fromhex(data["signature"]),
+                       bytes.fromhex(str(data.get("public_key", "")))).check()
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidPiece(f"grant: malformed ({type(exc).__name__})") from None
 

@@ -215,8 +215,11 @@ def test_consented_embeddings_move_the_kmeans_centroids(tmp_path, tiny):
         for entry in audit.read_entries(path):
             if entry["message_type"] != "query.select":
                 continue
-            (array,) = entry["arrays"]  # one vector, never per-item embeddings
-            assert array["name"].endswith("user-embedding") and array["shape"] == [384]
+            # one vector, never per-item embeddings, and the device key its grant is bound to
+            by_name = {a["name"].rsplit("/", 1)[-1]: a for a in entry["arrays"]}
+            assert set(by_name) == {"user-embedding", "sharer-key"}, by_name
+            array = by_name["user-embedding"]
+            assert array["shape"] == [384] and by_name["sharer-key"]["shape"] == [32]
             assert "embeddings" in entry["consent_rule"]
             expected = user_embedding(task, users.user(int(pid))).astype(np.float32)
             assert array["sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
@@ -229,8 +232,10 @@ def test_default_policy_keeps_embeddings_on_the_device(federation):
     assert summary["selection"]["embeddings_received"] == 0
     for path in summary["ledgers"].values():
         for entry in audit.read_entries(path):
-            if entry["message_type"] == "query.select":
-                assert entry["arrays"] == []
+            if entry["message_type"] == "query.select":  # at most the device key leaves
+                assert [a["name"] for a in entry["arrays"]] in ([], ["arrays/sharer-key"])
+                if entry["arrays"]:
+                    assert "perpcs_pieces" in entry["consent_rule"]
 
 
 def test_pfl_simulate_on_flowers_engine_equals_the_inprocess_grid(tmp_path):
@@ -303,8 +308,9 @@ def test_traffic_per_phase_from_the_ledgers(federation):
     phases = {p["phase"]: p for p in result["phases"]}
     assert {"selection", "stage 1 (lora)", "stage 1 (perfit)", "share", "personalize",
             "evaluate"} <= set(phases)
-    # selection: two numbers up, the centroids down
-    assert 0 < phases["selection"]["up_max"] < 1000
+    # selection: two numbers up (and from a device that may share, its 32-byte key), the
+    # centroids down
+    assert 0 < phases["selection"]["up_max"] < 2000
     assert phases["selection"]["down_median"] > 4 * 384 * len(summary["selection"]["cluster_sizes"])
     # stage 1: a client sends back arrays as large as it received
     lora = phases["stage 1 (lora)"]

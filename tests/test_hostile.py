@@ -6,6 +6,7 @@ the pool's rows, the device's ledger, the global model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -150,6 +151,25 @@ def test_a_grant_covers_one_device_key_per_batch(federation):
              SignedPiece.sign(piece(pseudonym(b), seed=21), b, POOL)]
     refused(federation, grpc.StatusCode.PERMISSION_DENIED,
             lambda c: c.submit_signed(batch, grant), "one device key")
+
+
+def test_a_grant_minted_for_a_device_key_is_useless_to_whoever_reads_it_first(federation):
+    """A grant bound at selection to the sharer's key: a thief who presents it first (before
+    the sharer) is refused, and the sharer can still use it. The key is signed into the grant:
+    editing it breaks the signature."""
+    sharer, thief = crypto.generate_device_key(), crypto.generate_device_key()
+    grant = Grant.mint(federation["fed_key"], "run-1", 4,
+                       public_key=crypto.public_key_bytes(sharer))
+    refused(federation, grpc.StatusCode.PERMISSION_DENIED,
+            lambda c: c.submit([piece(pseudonym(thief), seed=7)], thief, POOL, grant),
+            "bound to another device key")
+    edited = dataclasses.replace(grant, public_key=crypto.public_key_bytes(thief))
+    refused(federation, grpc.StatusCode.PERMISSION_DENIED,
+            lambda c: c.submit([piece(pseudonym(thief), seed=7)], thief, POOL, edited),
+            "grant refused")
+    with PoolClient(federation["server"].target, federation["certs"]) as client:
+        assert client.submit([piece(pseudonym(sharer), seed=8)], sharer, POOL, grant)
+    assert Grant.from_text(grant.to_text()) == grant
 
 
 def test_a_granted_key_cannot_squat_another_devices_pseudonym(federation):

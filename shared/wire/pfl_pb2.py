@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tpfl.proto\x12\x06pfl.v1\"D\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xd3\x02\n\x05Piece\x12\x10\n\x08piece_id\x18\x01 \x01(\t\x12\x0e\n\x06sharer\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0e\n\x06module\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x0f\n\x07scaling\x18\x06 \x01(\x01\x12\x19\n\x01\x61\x18\x07 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x19\n\x01\x62\x18\x08 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x1c\n\x04gate\x18\t \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x12\n\npublic_key\x18\x0b \x01(\x0c\x12+\n\x07\x63onsent\x18\x0c \x03(\x0b\x32\x1a.pfl.v1.Piece.ConsentEntry\x12\x12\n\ncreated_at\x18\r \x01(\x01\x1a.\n\x0c\x43onsentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"\x9f\x01\n\tGateEntry\x12\x10\n\x08piece_id\x18\x01 \x01(\t\x12\x0e\n\x06sharer\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0e\n\x06module\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x1c\n\x04gate\x18\x06 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x11\n\tsignature\x18\x07 \x01(\x0c\x12\x12\n\npublic_key\x18\x08 \x01(\x0c\".\n\nRecipeItem\x12\x10\n\x08piece_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"O\n\x0bRecipeEntry\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12!\n\x05items\x18\x03 \x03(\x0b\x32\x12.pfl.v1.RecipeItem\"X\n\x06Recipe\x12\x13\n\x0b\x63ombination\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12$\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x13.pfl.v1.RecipeEntry\"g\n\x0bSharerGrant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x12\n\nmax_pieces\x18\x03 \x01(\r\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"X\n\x13SubmitPiecesRequest\x12\x1d\n\x06pieces\x18\x01 \x03(\x0b\x32\r.pfl.v1.Piece\x12\"\n\x05grant\x18\x02 \x01(\x0b\x32\x13.pfl.v1.SharerGrant\"1\n\x0cSubmitResult\x12\x10\n\x08piece_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\":\n\x11SubmitPiecesReply\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.pfl.v1.SubmitResult\"Q\n\x10ListGatesRequest\x12\x0e\n\x06layers\x18\x01 \x03(\r\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x0f\n\x07sharers\x18\x03 \x03(\t\x12\x0b\n\x03run\x18\x04 \x01(\t\"\'\n\x12\x46\x65tchPiecesRequest\x12\x11\n\tpiece_ids\x18\x01 \x03(\t\"r\n\nLoraFactor\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x19\n\x01\x61\x18\x03 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x19\n\x01\x62\x18\x04 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x0f\n\x07scaling\x18\x05 \x01(\x01\";\n\x14UploadAdapterRequest\x12#\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32\x12.pfl.v1.LoraFactor\"9\n\x12UploadAdapterReply\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"s\n\x11InterventionLayer\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x01r\x18\x02 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x19\n\x01w\x18\x03 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x19\n\x01\x62\x18\x04 \x01(\x0b\x32\x0e.pfl.v1.Tensor\"9\n\x0cPerFitParams\x12)\n\x06layers\x18\x01 \x03(\x0b\x32\x19.pfl.v1.InterventionLayer\"\xd6\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x0e\n\x04\x62\x61se\x18\x07 \x01(\x08H\x00\x12 \n\x06perpcs\x18\x03 \x01(\x0b\x32\x0e.pfl.v1.RecipeH\x00\x12&\n\x06perfit\x18\x04 \x01(\x0b\x32\x14.pfl.v1.PerFitParamsH\x00\x12\x16\n\x0coppu_adapter\x18\x05 \x01(\tH\x00\x12\x16\n\x0emin_new_tokens\x18\x06 \x01(\rB\x11\n\x0fpersonalization\"u\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x12\n\nbatch_rows\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x32\xcb\x01\n\tPiecePool\x12\x46\n\x0cSubmitPieces\x12\x1b.pfl.v1.SubmitPiecesRequest\x1a\x19.pfl.v1.SubmitPiecesReply\x12:\n\tListGates\x12\x18.pfl.v1.ListGatesRequest\x1a\x11.pfl.v1.GateEntry0\x01\x12:\n\x0b\x46\x65tchPieces\x12\x1a.pfl.v1.FetchPiecesRequest\x1a\r.pfl.v1.Piece0\x01\x32\x92\x01\n\tInference\x12I\n\rUploadAdapter\x12\x1c.pfl.v1.UploadAdapterRequest\x1a\x1a.pfl.v1.UploadAdapterReply\x12:\n\x08Generate\x12\x17.pfl.v1.GenerateRequest\x1a\x15.pfl.v1.GenerateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tpfl.proto\x12\x06pfl.v1\"D\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xd3\x02\n\x05Piece\x12\x10\n\x08piece_id\x18\x01 \x01(\t\x12\x0e\n\x06sharer\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0e\n\x06module\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x0f\n\x07scaling\x18\x06 \x01(\x01\x12\x19\n\x01\x61\x18\x07 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x19\n\x01\x62\x18\x08 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x1c\n\x04gate\x18\t \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x12\n\npublic_key\x18\x0b \x01(\x0c\x12+\n\x07\x63onsent\x18\x0c \x03(\x0b\x32\x1a.pfl.v1.Piece.ConsentEntry\x12\x12\n\ncreated_at\x18\r \x01(\x01\x1a.\n\x0c\x43onsentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"\x9f\x01\n\tGateEntry\x12\x10\n\x08piece_id\x18\x01 \x01(\t\x12\x0e\n\x06sharer\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0e\n\x06module\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x1c\n\x04gate\x18\x06 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x11\n\tsignature\x18\x07 \x01(\x0c\x12\x12\n\npublic_key\x18\x08 \x01(\x0c\".\n\nRecipeItem\x12\x10\n\x08piece_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"O\n\x0bRecipeEntry\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12!\n\x05items\x18\x03 \x03(\x0b\x32\x12.pfl.v1.RecipeItem\"X\n\x06Recipe\x12\x13\n\x0b\x63ombination\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12$\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x13.pfl.v1.RecipeEntry\"{\n\x0bSharerGrant\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x12\n\nmax_pieces\x18\x03 \x01(\r\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x12\n\npublic_key\x18\x06 \x01(\x0c\"X\n\x13SubmitPiecesRequest\x12\x1d\n\x06pieces\x18\x01 \x03(\x0b\x32\r.pfl.v1.Piece\x12\"\n\x05grant\x18\x02 \x01(\x0b\x32\x13.pfl.v1.SharerGrant\"1\n\x0cSubmitResult\x12\x10\n\x08piece_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\":\n\x11SubmitPiecesReply\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.pfl.v1.SubmitResult\"Q\n\x10ListGatesRequest\x12\x0e\n\x06layers\x18\x01 \x03(\r\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x0f\n\x07sharers\x18\x03 \x03(\t\x12\x0b\n\x03run\x18\x04 \x01(\t\"\'\n\x12\x46\x65tchPiecesRequest\x12\x11\n\tpiece_ids\x18\x01 \x03(\t\"r\n\nLoraFactor\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x19\n\x01\x61\x18\x03 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x19\n\x01\x62\x18\x04 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x0f\n\x07scaling\x18\x05 \x01(\x01\";\n\x14UploadAdapterRequest\x12#\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32\x12.pfl.v1.LoraFactor\"9\n\x12UploadAdapterReply\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"s\n\x11InterventionLayer\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x01r\x18\x02 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x19\n\x01w\x18\x03 \x01(\x0b\x32\x0e.pfl.v1.Tensor\x12\x19\n\x01\x62\x18\x04 \x01(\x0b\x32\x0e.pfl.v1.Tensor\"9\n\x0cPerFitParams\x12)\n\x06layers\x18\x01 \x03(\x0b\x32\x19.pfl.v1.InterventionLayer\"\xd6\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x0e\n\x04\x62\x61se\x18\x07 \x01(\x08H\x00\x12 \n\x06perpcs\x18\x03 \x01(\x0b\x32\x0e.pfl.v1.RecipeH\x00\x12&\n\x06perfit\x18\x04 \x01(\x0b\x32\x14.pfl.v1.PerFitParamsH\x00\x12\x16\n\x0coppu_adapter\x18\x05 \x01(\tH\x00\x12\x16\n\x0emin_new_tokens\x18\x06 \x01(\rB\x11\n\x0fpersonalization\"u\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x12\n\nbatch_rows\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x32\xcb\x01\n\tPiecePool\x12\x46\n\x0cSubmitPieces\x12\x1b.pfl.v1.SubmitPiecesRequest\x1a\x19.pfl.v1.SubmitPiecesReply\x12:\n\tListGates\x12\x18.pfl.v1.ListGatesRequest\x1a\x11.pfl.v1.GateEntry0\x01\x12:\n\x0b\x46\x65tchPieces\x12\x1a.pfl.v1.FetchPiecesRequest\x1a\r.pfl.v1.Piece0\x01\x32\x92\x01\n\tInference\x12I\n\rUploadAdapter\x12\x1c.pfl.v1.UploadAdapterRequest\x1a\x1a.pfl.v1.UploadAdapterReply\x12:\n\x08Generate\x12\x17.pfl.v1.GenerateRequest\x1a\x15.pfl.v1.GenerateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECIPE']._serialized_start=724
   _globals['_RECIPE']._serialized_end=812
   _globals['_SHARERGRANT']._serialized_start=814
-  _globals['_SHARERGRANT']._serialized_end=917
-  _globals['_SUBMITPIECESREQUEST']._serialized_start=919
-  _globals['_SUBMITPIECESREQUEST']._serialized_end=1007
-  _globals['_SUBMITRESULT']._serialized_start=1009
-  _globals['_SUBMITRESULT']._serialized_end=1058
-  _globals['_SUBMITPIECESREPLY']._serialized_start=1060
-  _globals['_SUBMITPIECESREPLY']._serialized_end=1118
-  _globals['_LISTGATESREQUEST']._serialized_start=1120
-  _globals['_LISTGATESREQUEST']._serialized_end=1201
-  _globals['_FETCHPIECESREQUEST']._serialized_start=1203
-  _globals['_FETCHPIECESREQUEST']._serialized_end=1242
-  _globals['_LORAFACTOR']._serialized_start=1244
-  _globals['_LORAFACTOR']._serialized_end=1358
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1360
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1419
-  _globals['_UPLOADADAPTERREPLY']._serialized_start=1421
-  _globals['_UPLOADADAPTERREPLY']._serialized_end=1478
-  _globals['_INTERVENTIONLAYER']._serialized_start=1480
-  _globals['_INTERVENTIONLAYER']._serialized_end=1595
-  _globals['_PERFITPARAMS']._serialized_start=1597
-  _globals['_PERFITPARAMS']._serialized_end=1654
-  _globals['_GENERATEREQUEST']._serialized_start=1657
-  _globals['_GENERATEREQUEST']._serialized_end=1871
-  _globals['_GENERATEREPLY']._serialized_start=1873
-  _globals['_GENERATEREPLY']._serialized_end=1990
-  _globals['_PIECEPOOL']._serialized_start=1993
-  _globals['_PIECEPOOL']._serialized_end=2196
-  _globals['_INFERENCE']._serialized_start=2199
-  _globals['_INFERENCE']._serialized_end=2345
+  _globals['_SHARERGRANT']._serialized_end=937
+  _globals['_SUBMITPIECESREQUEST']._serialized_start=939
+  _globals['_SUBMITPIECESREQUEST']._serialized_end=1027
+  _globals['_SUBMITRESULT']._serialized_start=1029
+  _globals['_SUBMITRESULT']._serialized_end=1078
+  _globals['_SUBMITPIECESREPLY']._serialized_start=1080
+  _globals['_SUBMITPIECESREPLY']._serialized_end=1138
+  _globals['_LISTGATESREQUEST']._serialized_start=1140
+  _globals['_LISTGATESREQUEST']._serialized_end=1221
+  _globals['_FETCHPIECESREQUEST']._serialized_start=1223
+  _globals['_FETCHPIECESREQUEST']._serialized_end=1262
+  _globals['_LORAFACTOR']._serialized_start=1264
+  _globals['_LORAFACTOR']._serialized_end=1378
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1380
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1439
+  _globals['_UPLOADADAPTERREPLY']._serialized_start=1441
+  _globals['_UPLOADADAPTERREPLY']._serialized_end=1498
+  _globals['_INTERVENTIONLAYER']._serialized_start=1500
+  _globals['_INTERVENTIONLAYER']._serialized_end=1615
+  _globals['_PERFITPARAMS']._serialized_start=1617
+  _globals['_PERFITPARAMS']._serialized_end=1674
+  _globals['_GENERATEREQUEST']._serialized_start=1677
+  _globals['_GENERATEREQUEST']._serialized_end=1891
+  _globals['_GENERATEREPLY']._serialized_start=1893
+  _globals['_GENERATEREPLY']._serialized_end=2010
+  _globals['_PIECEPOOL']._serialized_start=2013
+  _globals['_PIECEPOOL']._serialized_end=2216
+  _globals['_INFERENCE']._serialized_start=2219
+  _globals['_INFERENCE']._serialized_end=2365
 # @@protoc_insertion_point(module_scope)

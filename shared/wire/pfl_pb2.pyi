@@ -104,18 +104,20 @@ class Recipe(_message.Message):
     def __init__(self, combination: _Optional[str] = ..., config_json: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[RecipeEntry, _Mapping]]] = ...) -> None: ...
 
 class SharerGrant(_message.Message):
-    __slots__ = ("grant_id", "run", "max_pieces", "expires_at", "signature")
+    __slots__ = ("grant_id", "run", "max_pieces", "expires_at", "signature", "public_key")
     GRANT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     MAX_PIECES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     grant_id: str
     run: str
     max_pieces: int
     expires_at: float
     signature: bytes
-    def __init__(self, grant_id: _Optional[str] = ..., run: _Optional[str] = ..., max_pieces: _Optional[int] = ..., expires_at: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    public_key: bytes
+    def __init__(self, grant_id: _Optional[str] = ..., run: _Optional[str] = ..., max_pieces: _Optional[int] = ..., expires_at: _Optional[float] = ..., signature: _Optional[bytes] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class SubmitPiecesRequest(_message.Message):
     __slots__ = ("pieces", "grant")
