@@ -32,7 +32,9 @@ from shared.types import recent_history
 #: adapter, one more forward pass per step; the paper's ~7x compute ratio was measured so.
 METHODS = {"oppu": ("oppu", {}),
            "oppu-ckpt": ("oppu", {"oppu": {"gradient_checkpointing": True}}),
-           "perpcs": ("perpcs", {}), "perfit": ("perfit", {})}
+           "perpcs": ("perpcs", {}), "perfit": ("perfit", {}),
+           # loss routing: one forward pass per sharer over the selection items
+           "perpcs-loss-routing": ("perpcs", {"perpcs": {"routing": "loss"}})}
 
 
 def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
@@ -64,7 +66,7 @@ def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
     pool = piece_pool(shared)
     pool_seconds = time.perf_counter() - t0
     if progress:
-        print(f"pool: {len(pool['pool'])} pieces from {sharers} sharers in {pool_seconds:.0f} s",
+        print(f"pool: {len(pool.pool)} pieces from {sharers} sharers in {pool_seconds:.0f} s",
               flush=True)
     rows = []
     for n in lengths:
@@ -107,6 +109,10 @@ def personalize_table(result: dict[str, Any]) -> str:
         if ckpt:
             line += f" {r['oppu-ckpt']:>9.2f} {r['oppu-ckpt'] / r['perpcs']:>17.1f}x"
         lines.append(line)
+    if all("perpcs-loss-routing" in r for r in result["rows"]):
+        lines.append(f"{'history':>8} {'PER-PCS (loss routing)':>23} {'OPPU/it':>8}")
+        lines += [f"{r['history']:>8} {r['perpcs-loss-routing']:>23.2f} "
+                  f"{r['oppu'] / r['perpcs-loss-routing']:>7.1f}x" for r in result["rows"]]
     if ckpt:
         lines.append("OPPU-ckpt: the same training with gradient checkpointing, as the authors' "
                      "code trains (the paper's ~7x was measured that way)")

@@ -23,10 +23,11 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from shared.errors import PflError
 from shared.generation import left_pad
@@ -34,6 +35,7 @@ from shared.methods.perfit.model import window_start
 from shared.methods.perfit.positions import intervention_mask
 from shared.methods.perpcs.pieces import Key, MODULE_PARENT, decoder_layers, key_order
 from shared.serving.rows import RowAdapter, module_shapes
+from shared.training import target_positions
 
 #: Modules the engine can carry updates on (every linear module of a Llama decoder layer).
 SERVED_MODULES = tuple(MODULE_PARENT)
@@ -150,8 +152,9 @@ class BatchedEngine:
         self.shapes = module_shapes(model, modules)
         self.num_layers = len(decoder_layers(model))
         self.hidden_size = int(model.config.hidden_size)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
+        # no tokenizer: an engine that only scores (target_losses), never generates
+        self.pad_id = None if tokenizer is None else tokenizer.pad_token_id \
+            if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._lock = threading.Lock()
         self._wrappers: dict[Key, MultiLoraLinear] = {}
         self._interventions = _Interventions()
@@ -245,6 +248,36 @@ class BatchedEngine:
             position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             logits = self.model(**batch, position_ids=position_ids).logits
         return logits[:, -1].float()
+
+    @torch.inference_mode()
+    def target_losses(self, batch: Mapping[str, torch.Tensor],
+                      adapters: Sequence[RowAdapter | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced cross-entropy of each row's target tokens, row i personalized by
+        ``adapters[i]`` (None: the base model), in one forward pass: (sum over the row's
+        target tokens, their count), both (rows,) on the CPU. ``batch`` is a training batch
+        (``input_ids``, ``attention_mask``, ``labels`` with -100 off target;
+        :func:`shared.training.batches`); PER-PCS' loss routing scores several candidate
+        adapters on the same items this way, reading the weights once for all of them."""
+        rows = batch["input_ids"].shape[0]
+        if rows != len(adapters) or not rows:
+            raise ValueError("give one adapter per row, and at least one row")
+        for adapter in adapters:
+            self.check(adapter, values=self._placed.get(id(adapter)) is not adapter)
+        with self._lock:
+            lengths = batch["attention_mask"].sum(-1).tolist()
+            self._set_batch(adapters, lengths, batch["input_ids"].shape[1])
+            try:
+                hidden = self.model.get_decoder()(
+                    input_ids=batch["input_ids"].to(self.device),
+                    attention_mask=batch["attention_mask"].to(self.device)).last_hidden_state
+            finally:
+                self._clear()
+        (where, cols), targets = target_positions(batch["labels"].to(self.device))
+        logits = self.model.get_output_embeddings()(hidden[where, cols]).float()
+        losses = F.cross_entropy(logits, targets, reduction="none").cpu().double()
+        where = where.cpu()
+        sums = torch.zeros(rows, dtype=torch.float64).index_add_(0, where, losses)
+        return sums, torch.bincount(where, minlength=rows)
 
     @contextmanager
     def _batch(self, prompts, adapters):

@@ -35,8 +35,8 @@ import torch
 
 from shared.methods.perpcs.assembly import assemble
 from shared.methods.perpcs.config import PerPcsConfig
-from shared.methods.perpcs.loss_selection import history_loss, loss_scored_recipe
-from shared.methods.perpcs.pieces import Piece, updates_installed
+from shared.methods.perpcs.loss_selection import candidate_losses, loss_scored_recipe
+from shared.methods.perpcs.pieces import Piece
 from shared.methods.perpcs.recipe import Recipe, rebuild
 from shared.serialization import update_norm
 from shared.training import Example
@@ -104,11 +104,6 @@ def cap_shares(recipe: Recipe, cap: float) -> Recipe:
     return Recipe(entries, recipe.combination, recipe.config, recipe.sources)
 
 
-def _loss(model, recipe: Recipe, lookup, examples, pad_id: int, batch_size: int) -> float:
-    with updates_installed(model, rebuild(recipe, lookup)):
-        return history_loss(model, examples, pad_id, batch_size)
-
-
 def without_sharers(recipe: Recipe, sharers: set[str]) -> Recipe:
     """The recipe less every piece of ``sharers`` (a (layer, module) left empty is dropped)."""
     entries = {key: tuple((pid, w) for pid, w in items
@@ -124,13 +119,14 @@ def check_recipe(model: torch.nn.Module, recipe: Recipe,
     """``recipe`` checked on the ``held_out`` items against the stage-1 ``model``: kept,
     pruned (sharers dropped) or refused (an empty recipe: stage 1). The returned recipe's
     settings carry ``check`` = {outcome, items, stage1_loss, loss, dropped}."""
-    batch = config.assembly_batch_size
     info: dict = {"items": len(held_out), "dropped": []}
     if not held_out or not recipe.entries:
         info["outcome"] = "unchecked" if not held_out else "kept"
         return _with_check(recipe, info)
-    base = history_loss(model, held_out, pad_id, batch)
-    loss = _loss(model, recipe, lookup, held_out, pad_id, batch)
+    # stage 1 and the adapter side by side in one batch (then each pruning round's trials)
+    first = candidate_losses(model, {"stage1": {}, "recipe": rebuild(recipe, lookup)},
+                             held_out, pad_id)
+    base, loss = first["stage1"], first["recipe"]
     info.update(stage1_loss=round(base, 6), assembled_loss=round(loss, 6))
     current = recipe
     for _ in range(config.prune_rounds):
@@ -140,8 +136,9 @@ def check_recipe(model: torch.nn.Module, recipe: Recipe,
         if len(present) < 2:
             break
         trials = {s: without_sharers(current, {s}) for s in present}
-        scores = {s: _loss(model, r, lookup, held_out, pad_id, batch)
-                  for s, r in trials.items() if r.entries}
+        trials = {s: r for s, r in trials.items() if r.entries}
+        scores = candidate_losses(model, {s: rebuild(r, lookup) for s, r in trials.items()},
+                                  held_out, pad_id) if trials else {}
         if not scores:
             break
         drop = min(scores, key=lambda s: (scores[s], s))
