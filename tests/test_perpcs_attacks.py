@@ -244,3 +244,29 @@ def test_loss_routing_is_checked_too(trained, world, attack):
     assert recipe.config["check"]["norm_outliers"] == len(hostile)
     assert "zz-attacker" not in set(recipe.sources.values())
     assert "zz-attacker" not in recipe.config["losses"]
+
+
+def test_pool_oracle_keeps_the_sharer_whose_answers_score_best(small_world):
+    """``perpcs-oracle`` (a labelled cheating ceiling): each target's answers are those of the
+    single sharer whose answers to its queries score best against their gold answers."""
+    from shared.generation import GenerationConfig
+    from shared.methods.base import PersonalState, PromptAugmentation, augmented_prompts
+    from shared.metrics import evaluate
+    from simulations.references import PoolOracle
+
+    runtime, roles, _ = small_world
+    oracle = PoolOracle()
+    generation = GenerationConfig(max_new_tokens=4)
+    for user in roles["targets"]:
+        state = oracle.personalize(runtime, user, PromptAugmentation(), None)
+        prompts = augmented_prompts(runtime, user, PromptAugmentation(), None)
+        golds = [q.gold for q in user.queries]
+        chosen = oracle.answer(runtime, state, prompts, generation)
+        scores = {}
+        for sharer, recipe in state.payload["recipes"].items():
+            answers = super(PoolOracle, oracle).answer(
+                runtime, PersonalState(payload=recipe), prompts, generation)
+            scores[sharer] = (evaluate(runtime.task, answers, golds)["mae"], answers)
+        assert len(scores) == len(roles["sharers"])  # every sharer was tried
+        best = min(scores, key=lambda s: (scores[s][0], s))
+        assert state.info["sharer"] == best and chosen == scores[best][1]
