@@ -270,3 +270,4 @@ def test_pool_oracle_keeps_the_sharer_whose_answers_score_best(small_world):
         assert len(scores) == len(roles["sharers"])  # every sharer was tried
         best = min(scores, key=lambda s: (scores[s][0], s))
         assert state.info["sharer"] == best and chosen == scores[best][1]
+

@@ -170,6 +170,8 @@ def assemble_checked(model: torch.nn.Module, pool, examples: Sequence[Example], 
         pieces = pool.whole()
         refused = norm_outliers(pieces, config.max_norm_ratio)
         usable = [p for p in pieces if p.piece_id not in refused]
+        if not any(p.module in config.target_modules for p in usable):
+            return _nothing_usable(config, len(refused))
         recipe = loss_scored_recipe(model, usable, select, pad_id, config)
         lookup = {p.piece_id: p for p in usable}
     else:
@@ -186,6 +188,8 @@ def assemble_checked(model: torch.nn.Module, pool, examples: Sequence[Example], 
         if pool.fetch is None:  # every piece at hand: bound each against all at its key
             refused = norm_outliers(candidates, config.max_norm_ratio)
             candidates = [p for p in candidates if p.piece_id not in refused]
+            if not any(p.module in config.target_modules for p in candidates):
+                return _nothing_usable(config, len(refused))
         recipe = assemble(model, candidates, select, pad_id, config, fetch=fetch)
         fetch(sorted(recipe.piece_ids() - set(fetched)))  # scored on stage 1 (no autoregression)
         # a pool of gates (the pool service bounds what it lists): the pieces assembly
@@ -204,3 +208,10 @@ def assemble_checked(model: torch.nn.Module, pool, examples: Sequence[Example], 
         settings["check"] = {**settings["check"], "norm_outliers": len(refused)}
         checked = Recipe(checked.entries, checked.combination, settings, checked.sources)
     return checked
+
+
+def _nothing_usable(config: PerPcsConfig, outliers: int) -> Recipe:
+    """Every piece was left out (norm outliers): the target answers with stage 1."""
+    return _with_check(Recipe({}, config.combination, config.to_dict()),
+                       {"items": 0, "dropped": [], "outcome": "refused",
+                        "norm_outliers": outliers, "why": "no usable piece"})
