@@ -16,7 +16,7 @@ is used:
    the whole adapter, is exempt because the held-out check below must support it.
 3. :func:`check_recipe`: the target's latest ``check_items`` history items are held out of
    selection. The assembled adapter's mean target-token loss on them must not exceed the
-   stage-1 model's. If it does, the sharer whose removal lowers that loss most is dropped, up
+   stage-1 model's (times 1 + ``check_margin``). If it does, the sharer whose removal lowers that loss most is dropped, up
    to ``prune_rounds`` times; if it is still worse, the recipe is refused and the target
    answers with stage 1 (an empty recipe). Only forward passes: no training.
 
@@ -128,6 +128,7 @@ def check_recipe(model: torch.nn.Module, recipe: Recipe,
                              held_out, pad_id)
     base, loss = first["stage1"], first["recipe"]
     info.update(stage1_loss=round(base, 6), assembled_loss=round(loss, 6))
+    base *= 1.0 + config.check_margin  # the loss the adapter may reach and still pass
     current = recipe
     for _ in range(config.prune_rounds):
         if loss <= base:

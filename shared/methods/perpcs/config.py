@@ -38,7 +38,10 @@ class PerPcsConfig:
     - ``check_items``: the target's latest this many history items (at most half of it) are
       held out of selection and the assembled adapter must not do worse than stage 1 on them,
       else sharers are pruned (``prune_rounds`` at most) or the recipe is refused (stage 1);
-      0: no check (:mod:`shared.methods.perpcs.check`).
+      0: no check (:mod:`shared.methods.perpcs.check`). ``check_margin``: the adapter passes
+      when its held-out loss is at most (1 + margin) x stage 1's (0: no worse at all; a few
+      held-out items are a noisy measure, and an honest sharer's adapter can lose to stage 1
+      on them by a little).
     - ``max_sharer_share``: where several sharers were selected at a (layer, module), one
       sharer's weight is cut to at most this share (gate routing; 1: no cap).
     - ``max_norm_ratio``: a piece whose update norm exceeds this multiple of the median at
@@ -64,6 +67,7 @@ class PerPcsConfig:
     loss_items: int = 0
     routing: str = "gates"
     check_items: int = 4
+    check_margin: float = 0.0
     prune_rounds: int = 2
     max_sharer_share: float = 0.5
     max_norm_ratio: float = 10.0
@@ -93,6 +97,8 @@ class PerPcsConfig:
                              f"got {self.routing!r}")
         if self.check_items < 0 or self.prune_rounds < 0:
             raise ValueError("check_items and prune_rounds must be >= 0")
+        if not 0.0 <= self.check_margin <= 10.0:
+            raise ValueError(f"check_margin must be in 0..10, got {self.check_margin}")
         if not 0.0 < self.max_sharer_share <= 1.0:
             raise ValueError(f"max_sharer_share must be in (0, 1], got {self.max_sharer_share}")
         if not (self.max_norm_ratio == 0 or 1.0 <= self.max_norm_ratio <= 1e6):
