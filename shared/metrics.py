@@ -26,6 +26,13 @@ HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "mae": False, "rmse": False,
                     "rouge-1": True, "rouge-L": True, "valid": True}
 
 
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (None: nothing yet; ties do not)."""
+    if best is None:
+        return True
+    return value > best if HIGHER_IS_BETTER.get(metric, True) else value < best
+
+
 def label_index(prediction: str, labels: Sequence[str]) -> int:
     """LaMP's mapping: exact match of the stripped text into the label list, else -1."""
     text = prediction.strip()

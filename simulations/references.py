@@ -43,7 +43,7 @@ from shared.methods.base import Core, PersonalState, register_core
 from shared.methods.perpcs.core import PersonalPieces, perpcs_config, piece_pool
 from shared.methods.perpcs.loss_selection import pieces_by_sharer
 from shared.methods.perpcs.recipe import Recipe
-from shared.metrics import HIGHER_IS_BETTER, evaluate
+from shared.metrics import evaluate, is_better
 
 #: (phrase, topic) of every item phrase, longest first (no phrase is a prefix of another).
 _PHRASES = sorted(((p, t) for t, ps in TOPICS.items() for p in ps), key=lambda x: -len(x[0]))
@@ -215,8 +215,7 @@ class PoolOracle(PersonalPieces):
             metrics = evaluate(runtime.task, answers, golds)
             metric = next(iter(metrics))
             value = metrics[metric]
-            if best_value is None or (value > best_value if HIGHER_IS_BETTER.get(metric, True)
-                                      else value < best_value):
+            if is_better(metric, value, best_value):
                 best, best_value, best_answers = sharer, value, answers
         state.info["sharer"] = best
         return best_answers

@@ -32,7 +32,7 @@ from shared.data import load_dataset
 from shared.errors import PflError
 from shared.generation import GenerationConfig
 from shared.methods.base import Runtime, parse_method
-from shared.metrics import HIGHER_IS_BETTER
+from shared.metrics import is_better
 from shared.models import canonical_name, load_model
 from shared.recipes import FORMAT, check_options, merge_options
 from shared.report import format_table
@@ -93,12 +93,6 @@ def check_grid(grid: dict, stages: Sequence[str]) -> None:
                 isinstance(v, list) and v for v in axes.values()):
             raise PflError(f"the grid of {stage} needs at least one axis with values")
         check_options({stage: {k: v[0] for k, v in axes.items()}}, f"grid of {stage}")
-
-
-def _better(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value > best if HIGHER_IS_BETTER.get(metric, True) else value < best
 
 
 def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dict:
@@ -169,7 +163,7 @@ def tune(config: TuneConfig, on_trial=None, previous: dict | None = None) -> dic
             metric = next(iter(trial["metrics"]))
             value = trial["metrics"][metric]
             log.info("tune %s %s: %s %.4f", stage, setting, metric, value)
-            if _better(metric, value, best_value):
+            if is_better(metric, value, best_value):
                 best, best_value = setting, value
             if on_trial is not None:
                 on_trial(recipe)

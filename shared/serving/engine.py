@@ -261,17 +261,14 @@ class BatchedEngine:
         rows = batch["input_ids"].shape[0]
         if rows != len(adapters) or not rows:
             raise ValueError("give one adapter per row, and at least one row")
-        for adapter in adapters:
-            self.check(adapter, values=self._placed.get(id(adapter)) is not adapter)
-        with self._lock:
-            lengths = batch["attention_mask"].sum(-1).tolist()
-            self._set_batch(adapters, lengths, batch["input_ids"].shape[1])
-            try:
-                hidden = self.model.get_decoder()(
-                    input_ids=batch["input_ids"].to(self.device),
-                    attention_mask=batch["attention_mask"].to(self.device)).last_hidden_state
-            finally:
-                self._clear()
+        if any(a is not None and a.intervention is not None for a in adapters):
+            # interventions sit at prompt positions of a left-padded batch; this one is not
+            raise ValueError("target_losses scores low-rank updates only, no intervention")
+        with self._rows(adapters, batch["attention_mask"].sum(-1).tolist(),
+                        batch["input_ids"].shape[1]):
+            hidden = self.model.get_decoder()(
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device)).last_hidden_state
         (where, cols), targets = target_positions(batch["labels"].to(self.device))
         logits = self.model.get_output_embeddings()(hidden[where, cols]).float()
         losses = F.cross_entropy(logits, targets, reduction="none").cpu().double()
@@ -283,13 +280,20 @@ class BatchedEngine:
     def _batch(self, prompts, adapters):
         """The left-padded batch, with each row's updates and interventions in place for
         the block (checked first; one batch at a time)."""
+        batch = left_pad(prompts, self.pad_id, self.device)
+        with self._rows(adapters, [len(p) for p in prompts], batch["input_ids"].shape[1]):
+            yield batch
+
+    @contextmanager
+    def _rows(self, adapters, lengths, width):
+        """Each row's updates and interventions in place for the block (checked first; one
+        batch at a time)."""
         for adapter in adapters:  # values once per placed adapter: a GPU check syncs
             self.check(adapter, values=self._placed.get(id(adapter)) is not adapter)
         with self._lock:
-            batch = left_pad(prompts, self.pad_id, self.device)
-            self._set_batch(adapters, [len(p) for p in prompts], batch["input_ids"].shape[1])
+            self._set_batch(adapters, lengths, width)
             try:
-                yield batch
+                yield
             finally:
                 self._clear()
 

@@ -43,7 +43,6 @@ from shared.training import Example
 
 #: a (layer, module) needs this many pieces before its median bounds them
 MIN_GROUP = 3
-OUTCOMES = ("kept", "pruned", "refused", "unchecked")
 
 
 def split_history(examples: Sequence[Example], config: PerPcsConfig
@@ -104,22 +103,29 @@ def cap_shares(recipe: Recipe, cap: float) -> Recipe:
     return Recipe(entries, recipe.combination, recipe.config, recipe.sources)
 
 
-def without_sharers(recipe: Recipe, sharers: set[str]) -> Recipe:
-    """The recipe less every piece of ``sharers`` (a (layer, module) left empty is dropped)."""
-    entries = {key: tuple((pid, w) for pid, w in items
-                          if recipe.sources.get(pid) not in sharers)
+def without_pieces(recipe: Recipe, drop: Callable[[str], bool]) -> Recipe:
+    """The recipe less every piece whose id ``drop`` names (a (layer, module) left empty is
+    dropped)."""
+    entries = {key: tuple((pid, w) for pid, w in items if not drop(pid))
                for key, items in recipe.entries.items()}
     return Recipe({k: v for k, v in entries.items() if v}, recipe.combination, recipe.config,
                   recipe.sources)
 
 
+def without_sharers(recipe: Recipe, sharers: set[str]) -> Recipe:
+    """The recipe less every piece of ``sharers``."""
+    return without_pieces(recipe, lambda pid: recipe.sources.get(pid) in sharers)
+
+
 def check_recipe(model: torch.nn.Module, recipe: Recipe,
                  lookup: Mapping[str, Piece] | Callable[[str], Piece],
-                 held_out: Sequence[Example], pad_id: int, config: PerPcsConfig) -> Recipe:
+                 held_out: Sequence[Example], pad_id: int, config: PerPcsConfig,
+                 **noted) -> Recipe:
     """``recipe`` checked on the ``held_out`` items against the stage-1 ``model``: kept,
     pruned (sharers dropped) or refused (an empty recipe: stage 1). The returned recipe's
-    settings carry ``check`` = {outcome, items, stage1_loss, loss, dropped}."""
-    info: dict = {"items": len(held_out), "dropped": []}
+    settings carry ``check`` = {outcome, items, stage1_loss, loss, dropped} and ``noted``
+    (what the caller found before, e.g. ``norm_outliers``)."""
+    info: dict = {"items": len(held_out), "dropped": [], **noted}
     if not held_out or not recipe.entries:
         info["outcome"] = "unchecked" if not held_out else "kept"
         return _with_check(recipe, info)
@@ -197,18 +203,11 @@ def assemble_checked(model: torch.nn.Module, pool, examples: Sequence[Example], 
         # selected, also checked against each other at their (layer, module)
         refused |= norm_outliers(list(fetched.values()), config.max_norm_ratio)
         if refused:
-            recipe = Recipe({k: tuple((pid, w) for pid, w in items if pid not in refused)
-                             for k, items in recipe.entries.items()
-                             if any(pid not in refused for pid, _ in items)},
-                            recipe.combination, recipe.config, recipe.sources)
+            recipe = without_pieces(recipe, refused.__contains__)
         recipe = cap_shares(recipe, config.max_sharer_share)
         lookup = fetched
-    checked = check_recipe(model, recipe, lookup, held_out, pad_id, config)
-    if refused:
-        settings = dict(checked.config)
-        settings["check"] = {**settings["check"], "norm_outliers": len(refused)}
-        checked = Recipe(checked.entries, checked.combination, settings, checked.sources)
-    return checked
+    noted = {"norm_outliers": len(refused)} if refused else {}
+    return check_recipe(model, recipe, lookup, held_out, pad_id, config, **noted)
 
 
 def _nothing_usable(config: PerPcsConfig, outliers: int) -> Recipe:
