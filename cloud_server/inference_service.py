@@ -15,13 +15,19 @@ Requests wait at most ``max_wait_ms`` for others to join them, then go through
 the batch, each row's own LoRA factors and PerFit intervention. Greedy answers equal the same
 request's answer alone.
 
-Every inbound payload is bounded and validated before it touches the model; a bad request
-gets a status and changes nothing:
+Every call is signed with the caller's device key (:mod:`cloud_server.client_auth`): the
+key is the caller's identity, an uploaded adapter is usable only by the key that uploaded
+it, and each key's adapters count against its own quota (``adapter_quota_mb``) before the
+whole cache's. Every inbound payload is bounded and validated before it touches the model;
+a bad request gets a status and changes nothing:
 
+    UNAUTHENTICATED     an unsigned, stale or replayed call, or a signature that does not
+                        verify
+    PERMISSION_DENIED   a key that is not on the service's client list (``--clients``)
     INVALID_ARGUMENT    malformed or out-of-bounds parameters (NaN, shapes or ranks that do
                         not fit the model, a prompt over the token limit, too many tokens)
     NOT_FOUND           piece ids the pool does not hold (e.g. a recipe from another pool),
-                        an unknown adapter id
+                        an adapter id this caller has not uploaded (or that was evicted)
     FAILED_PRECONDITION PerFit parameters when the service has no PerFit stage 1
     RESOURCE_EXHAUSTED  the queue is full, or one client has too many requests in flight
     DEADLINE_EXCEEDED   the answer took longer than the request's deadline
@@ -47,6 +53,7 @@ import grpc
 import numpy as np
 import torch
 
+from cloud_server.client_auth import AuthError, Caller, RequestAuth
 from cloud_server.rpc import Admission, guard, run_until_stopped, target_of, tls_server
 from shared.errors import PflError
 from shared.methods import Runtime, split_arrays
@@ -79,7 +86,8 @@ class ServeLimits:
     max_pending: int = 1024         # requests queued or running, all clients together
     max_per_client: int = 64        # requests in flight from one client
     max_rank: int = 256             # of a row's update on one module (stage 1 included)
-    adapter_cache_mb: float = 1024  # uploaded OPPU adapters kept (LRU)
+    adapter_cache_mb: float = 1024  # uploaded OPPU adapters kept (LRU), all clients
+    adapter_quota_mb: float = 64    # of which one client's adapters may use at most
     recipe_cache_mb: float = 512    # assembled PER-PCS adapters kept (LRU)
 
     def __post_init__(self):
@@ -138,6 +146,54 @@ class _Lru:
         return len(self.items)
 
 
+class _OwnedLru:
+    """Values by (owner, key): each owner's share bounded by ``quota`` bytes (its own least
+    recently used are evicted first), all owners together by ``capacity`` bytes (the least
+    recently used of anyone's beyond that). One owner cannot push out another's entries
+    while the cache has room for both, and never finds an entry another owner put."""
+
+    def __init__(self, capacity: int, quota: int):
+        self.capacity, self.quota = int(capacity), int(min(quota, capacity))
+        self.items: collections.OrderedDict = collections.OrderedDict()
+        self.usage: collections.Counter = collections.Counter()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, owner, key):
+        with self.lock:
+            if (owner, key) not in self.items:
+                return None
+            self.items.move_to_end((owner, key))
+            return self.items[(owner, key)][0]
+
+    def _drop(self, item) -> None:
+        _, size = self.items.pop(item)
+        self.size -= size
+        self.usage[item[0]] -= size
+        if self.usage[item[0]] <= 0:
+            del self.usage[item[0]]
+
+    def put(self, owner, key, value, size: int) -> bool:
+        """Keep ``value``; False (and nothing kept) if it alone exceeds the owner's quota."""
+        with self.lock:
+            if size > self.quota:
+                return False
+            if (owner, key) in self.items:
+                self.items.move_to_end((owner, key))
+                return True
+            while self.usage[owner] + size > self.quota:  # the owner's own oldest first
+                self._drop(next(item for item in self.items if item[0] == owner))
+            self.items[(owner, key)] = (value, size)
+            self.size += size
+            self.usage[owner] += size
+            while self.size > self.capacity:
+                self._drop(next(iter(self.items)))
+            return True
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 def _updates_bytes(updates) -> int:
     return sum(u.A.numel() * u.A.element_size() + u.B.numel() * u.B.element_size()
                for u in updates.values())
@@ -157,7 +213,8 @@ class Personalizer:
         self.stage1 = dict(stage1 or {})
         self.perfit_stage1, self.perfit_positions = perfit_stage1, perfit_positions
         self.pool = pool
-        self.adapters = _Lru(int(limits.adapter_cache_mb * (1 << 20)))
+        self.adapters = _OwnedLru(int(limits.adapter_cache_mb * (1 << 20)),
+                                  int(limits.adapter_quota_mb * (1 << 20)))
         self.recipes = _Lru(int(limits.recipe_cache_mb * (1 << 20)))
         self.base_row = engine.place(RowAdapter(self.stage1, name="stage1")
                                      if self.stage1 else None)
@@ -172,7 +229,9 @@ class Personalizer:
         except PflError as exc:
             raise _bad(str(exc)) from None
 
-    def row(self, request: pfl_pb2.GenerateRequest) -> RowAdapter | None:
+    def row(self, request: pfl_pb2.GenerateRequest, owner: bytes) -> RowAdapter | None:
+        """The row answering ``request`` from the caller whose key is ``owner`` (an OPPU
+        adapter is looked up among the ones this caller uploaded)."""
         kind = request.WhichOneof("personalization")
         if kind is None:
             return self.base_row
@@ -182,7 +241,7 @@ class Personalizer:
             return self._perpcs(request.perpcs)
         if kind == "perfit":
             return self._perfit(request.perfit)
-        return self._oppu(request.oppu_adapter)
+        return self._oppu(request.oppu_adapter, owner)
 
     def _perpcs(self, msg: pfl_pb2.Recipe) -> RowAdapter:
         if self.pool is None:
@@ -229,27 +288,30 @@ class Personalizer:
         return self._checked(RowAdapter(intervention=RowIntervention(
             (self.perfit_stage1, stage2), self.perfit_positions), name="perfit"))
 
-    def _oppu(self, adapter: str) -> RowAdapter:
-        row = self.adapters.get(adapter)
+    def _oppu(self, adapter: str, owner: bytes) -> RowAdapter:
+        row = self.adapters.get(owner, adapter)
         if row is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"unknown adapter {adapter[:70]!r}: upload it first")
+                               f"unknown adapter {adapter[:70]!r}: this client has not "
+                               "uploaded it, or it was evicted (upload it again)")
         return row
 
-    def upload(self, msg: pfl_pb2.UploadAdapterRequest) -> tuple[str, bool]:
+    def upload(self, msg: pfl_pb2.UploadAdapterRequest, owner: bytes) -> tuple[str, bool]:
+        """Keep an adapter for the caller whose key is ``owner``: (its id, whether it was
+        new to this caller). Another caller's uploads are neither visible nor usable."""
         try:
             pieces = adapter_from_proto(msg, DEFAULT_LIMITS, max_factors=len(self.engine.shapes))
         except InvalidPiece as exc:
             raise _bad(str(exc)) from None
         ident = adapter_id(pieces)
-        if self.adapters.get(ident) is not None:
+        if self.adapters.get(owner, ident) is not None:
             return ident, False
         updates = piece_updates(pieces)
         self._checked(RowAdapter(updates, name="oppu"), place=False)  # alone: shapes fit?
         row = self._checked(RowAdapter(concat(self.stage1, updates), name="oppu"))
-        if not self.adapters.put(ident, row, _updates_bytes(updates)):
+        if not self.adapters.put(owner, ident, row, _updates_bytes(updates)):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               "the adapter is larger than the service's adapter cache")
+                               "the adapter is larger than a client's adapter quota")
         return ident, True
 
 
@@ -399,22 +461,30 @@ class InferenceServicer(pfl_pb2_grpc.InferenceServicer):
     """Generate and UploadAdapter over a :class:`Personalizer` and a :class:`Batcher`."""
 
     def __init__(self, personalizer: Personalizer, batcher: Batcher, tokenizer,
-                 limits: ServeLimits):
+                 limits: ServeLimits, auth: RequestAuth):
         self.personalizer, self.batcher = personalizer, batcher
-        self.tokenizer, self.limits = tokenizer, limits
+        self.tokenizer, self.limits, self.auth = tokenizer, limits, auth
+
+    def _caller(self, context, method: str, request) -> Caller:
+        try:
+            return self.auth.check(context, method, request)
+        except AuthError as exc:
+            context.abort(exc.code, str(exc))
 
     @guard
     def UploadAdapter(self, request, context):
+        caller = self._caller(context, "UploadAdapter", request)
         try:
-            ident, created = self.personalizer.upload(request)
+            ident, created = self.personalizer.upload(request, caller.key)
         except RequestError as exc:
             context.abort(exc.code, str(exc))
         return pfl_pb2.UploadAdapterReply(adapter_id=ident, created=created)
 
     @guard
     def Generate(self, request, context):
+        caller = self._caller(context, "Generate", request)
         try:
-            prompt, max_new, row = self._parse(request)
+            prompt, max_new, row = self._parse(request, caller.key)
             future = self.batcher.submit(prompt, row, max_new, _client_of(context),
                                          min_new_tokens=request.min_new_tokens)
         except RequestError as exc:
@@ -432,7 +502,7 @@ class InferenceServicer(pfl_pb2_grpc.InferenceServicer):
         return pfl_pb2.GenerateReply(text=text, new_tokens=len(tokens), batch_rows=rows,
                                      queue_seconds=queued, compute_seconds=seconds)
 
-    def _parse(self, request) -> tuple[list[int], int, RowAdapter | None]:
+    def _parse(self, request, owner: bytes) -> tuple[list[int], int, RowAdapter | None]:
         limits = self.limits
         max_new = request.max_new_tokens or limits.default_new_tokens
         if max_new > limits.max_new_tokens:
@@ -448,7 +518,7 @@ class InferenceServicer(pfl_pb2_grpc.InferenceServicer):
         if len(prompt) > limits.max_prompt_tokens:
             raise _bad(f"prompt of {len(prompt)} tokens exceeds the limit "
                        f"{limits.max_prompt_tokens}")
-        return prompt, max_new, self.personalizer.row(request)
+        return prompt, max_new, self.personalizer.row(request, owner)
 
 
 class InferenceServer:
@@ -456,10 +526,13 @@ class InferenceServer:
 
     def __init__(self, engine: BatchedEngine, personalizer: Personalizer, certs_dir, *,
                  limits: ServeLimits, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 64, interceptors: Sequence = ()):
+                 max_workers: int = 64, interceptors: Sequence = (),
+                 auth: RequestAuth | None = None):
         self.engine, self.personalizer, self.limits = engine, personalizer, limits
+        self.auth = auth or RequestAuth()
         self.batcher = Batcher(engine, limits)
-        servicer = InferenceServicer(personalizer, self.batcher, engine.tokenizer, limits)
+        servicer = InferenceServicer(personalizer, self.batcher, engine.tokenizer, limits,
+                                     self.auth)
         self.host = host
         try:
             self.server, self.port = tls_server(
@@ -520,10 +593,12 @@ def start_inference_server(certs_dir: str | Path, *, model: str | None = None,
                            arrays: str | Path | None = None, pool_db: str | Path | None = None,
                            limits: ServeLimits = ServeLimits(), host: str = "127.0.0.1",
                            port: int = 0, device: str | None = None, cache=None,
-                           loaded=None) -> InferenceServer:
+                           loaded=None, clients: frozenset[bytes] | None = None
+                           ) -> InferenceServer:
     """Load the base model (once), the federation's collective arrays and the pool, and serve.
 
-    ``loaded``: an already loaded model to serve (tests); else ``model`` is loaded."""
+    ``loaded``: an already loaded model to serve (tests); else ``model`` is loaded.
+    ``clients``: the device public keys that may call (None: any signed key)."""
     from shared.models import load_model  # a caller that passes ``loaded`` needs no loader
 
     loaded = loaded or load_model(model, device=device, cache=cache)
@@ -538,7 +613,7 @@ def start_inference_server(certs_dir: str | Path, *, model: str | None = None,
                                     perfit_positions=positions,
                                     pool=store)
         server = InferenceServer(engine, personalizer, certs_dir, limits=limits, host=host,
-                                 port=port)
+                                 port=port, auth=RequestAuth(clients))
     except BaseException:
         engine.close()
         if store is not None:
@@ -563,7 +638,8 @@ def serve(certs_dir, *, host: str = "127.0.0.1", port: int = 50071, **kwargs) ->
         f"pfl serve: {len(engine.shapes)} servable modules, stage 1 "
         f"{'on' if server.personalizer.stage1 else 'off'}, PerFit "
         f"{'on' if server.personalizer.perfit_stage1 is not None else 'off'}, pool "
-        f"{'on' if server.store is not None else 'off'}; listening on {server.target} (TLS)",
-        flush=True))
+        f"{'on' if server.store is not None else 'off'}, clients "
+        f"{'any signed key' if server.auth.allowed is None else len(server.auth.allowed)}; "
+        f"listening on {server.target} (TLS)", flush=True))
     print("pfl serve: stopped", flush=True)
     return 0

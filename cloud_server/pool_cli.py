@@ -141,9 +141,17 @@ def cmd_serve(args) -> int:
               "the raw base model, without stage 1 or PerFit", flush=True)
     if args.pool_db is None:
         print("pfl serve: note: no --pool-db: PER-PCS users are refused", flush=True)
+    clients = None
+    if args.clients is not None:
+        from shared.crypto import read_public_keys  # lazy: only a client list is read
+
+        clients = read_public_keys(args.clients)
+    else:
+        print("pfl serve: note: no --clients: any device key may call (each key sees only "
+              "its own adapters)", flush=True)
     return serve_inference(args.certs, host=args.host, port=args.port, model=model,
                            arrays=arrays, pool_db=args.pool_db, limits=limits,
-                           device=args.device)
+                           device=args.device, clients=clients)
 
 
 def serve_inputs(run: str | None, model: str | None, arrays: str | None
@@ -186,6 +194,9 @@ def add_serve_command(subparsers) -> None:
                                 "the raw base, no PerFit)")
     serve_cmd.add_argument("--pool-db", default=None,
                            help="the piece pool's directory, to resolve PER-PCS recipes")
+    serve_cmd.add_argument("--clients", default=None, metavar="FILE",
+                           help="the device public keys that may call, one a line (`pfl "
+                                "device-key` prints a device's); default: any device key")
     defaults = ServeLimits()
     for f in fields(ServeLimits):
         serve_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name,

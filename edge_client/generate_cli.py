@@ -7,7 +7,9 @@
 
 Remote answering needs the consent rule ``inference.remote`` (off by default); each request
 is an entry of the device's audit ledger (``--ledger``, default STATE/ledger.jsonl) with the
-rule, the destination, the prompt's sha256 and every tensor sent.
+rule, the destination, the prompt's sha256 and every tensor sent. Each request is signed
+with the device key (``--device-key``, default STATE/device.key): the service knows the
+device by it, and an adapter this device uploads is usable by this key only.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def _remote_client(args):
     from edge_client.audit import AuditClientInterceptor
     from edge_client.consent import ConsentPolicy
     from edge_client.inference_client import InferenceClient, inference_describer
+    from shared import crypto
 
     if not args.ca:
         raise PflError("--remote needs --ca (the CA certificate or `pfl certs` directory)")
@@ -66,9 +69,13 @@ def _remote_client(args):
     ledger = args.ledger or (Path(args.state) / "ledger.jsonl" if args.state else None)
     if ledger is None:
         raise PflError("--remote needs --ledger (or --state, whose ledger.jsonl is used)")
+    key_path = args.device_key or (Path(args.state) / "device.key" if args.state else None)
+    if key_path is None:
+        raise PflError("--remote needs --device-key (or --state, whose device.key is used)")
     interceptor = AuditClientInterceptor(ledger, "inference-grpc", args.remote,
                                          inference_describer(policy))
-    return InferenceClient(args.remote, args.ca, interceptors=[interceptor])
+    return InferenceClient(args.remote, args.ca, key=crypto.device_key(key_path),
+                           interceptors=[interceptor])
 
 
 def add_generate_command(subparsers) -> None:
@@ -98,6 +105,9 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--ca", default=None, help="CA certificate or `pfl certs` directory")
     gen.add_argument("--consent", default=None, help="the device's consent policy (TOML)")
     gen.add_argument("--ledger", default=None, help="the device's audit ledger")
+    gen.add_argument("--device-key", default=None,
+                     help="the key that signs remote calls (default STATE/device.key, created "
+                          "if missing; the service knows this device by it)")
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--backend", default="torch",
                      choices=BACKENDS,

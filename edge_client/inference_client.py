@@ -1,6 +1,6 @@
 """A device's client of the cloud's inference service (gRPC over TLS).
 
-    with InferenceClient("127.0.0.1:50071", "certs/") as cloud:
+    with InferenceClient("127.0.0.1:50071", "certs/", key=device_key) as cloud:
         text = cloud.generate(prompt)                              # the stage-1 model
         text = cloud.generate(prompt, recipe=recipe)               # PER-PCS
         text = cloud.generate(prompt, perfit=personal_stage)       # PerFit
@@ -9,7 +9,10 @@
 What a request sends is the prompt text and the user's personal parameters: whether a device
 may do that is its consent rule ``inference.remote`` (off by default), checked by the caller
 (:func:`edge_client.phases.remote_answers`), and every request passes the device's audit
-ledger when ``interceptors`` hold it.
+ledger when ``interceptors`` hold it. Every call is signed with the device key
+(:func:`shared.crypto.sign_request`): the service knows the caller by its key, and an
+adapter uploaded with one key is usable only with that key (the ledger's adapter id is the
+adapter's content hash, not a credential).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import crypto
 from shared.errors import PflError
@@ -40,8 +44,10 @@ class InferenceClient:
     """Upload a personal adapter to, and generate answers with, an inference service."""
 
     def __init__(self, target: str, root_certificates: bytes | str | Path, *,
-                 interceptors: Sequence = (), timeout: float = 120.0,
-                 server_name: str | None = None):
+                 key: Ed25519PrivateKey | None = None, interceptors: Sequence = (),
+                 timeout: float = 120.0, server_name: str | None = None):
+        """``key``: the device key that signs every call (None: a new key for this client
+        alone, whose uploads no later client can use)."""
         self._channel, channel = crypto.tls_channel(
             target, root_certificates, max_message_bytes=MAX_MESSAGE_BYTES,
             server_name=server_name, interceptors=interceptors)
@@ -49,6 +55,17 @@ class InferenceClient:
         self.target, self.timeout = target, timeout
         self.last_reply: pfl_pb2.GenerateReply | None = None
         self._uploaded: set[str] = set()
+        self.key = key if key is not None else crypto.generate_device_key()
+
+    def _call(self, name: str, request):
+        """``name``'s stub called with ``request``, signed; :class:`InferenceError` on a
+        status."""
+        metadata = crypto.sign_request(self.key, name,
+                                       request.SerializeToString(deterministic=True))
+        try:
+            return getattr(self._stub, name)(request, timeout=self.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            raise InferenceError(exc.code(), exc.details()) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -62,11 +79,7 @@ class InferenceClient:
     def upload(self, pieces) -> str:
         """Upload a personal LoRA (ungated pieces: :func:`shared.serving.rows.lora_state_pieces`);
         returns its adapter id."""
-        try:
-            reply = self._stub.UploadAdapter(adapter_to_proto(pieces), timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise InferenceError(exc.code(), exc.details()) from None
-        return reply.adapter_id
+        return self._call("UploadAdapter", adapter_to_proto(pieces)).adapter_id
 
     def request(self, prompt: str, *, recipe=None, perfit=None, adapter: str | None = None,
                 base: bool = False, max_new_tokens: int = 0,
@@ -89,23 +102,29 @@ class InferenceClient:
 
     def answer(self, prompt: str, personalization: dict, **kwargs) -> str:
         """:meth:`generate` with a core's ``remote_personalization``: an ``adapter_pieces``
-        entry is uploaded first (once per adapter on this client) and named by its id."""
+        entry is uploaded first (once per adapter on this client, and again when the
+        service no longer holds it) and named by its id."""
         personalization = dict(personalization)
         pieces = personalization.pop("adapter_pieces", None)
-        if pieces is not None:
-            ident = adapter_id(pieces)
-            if ident not in self._uploaded:
-                self._uploaded.add(self.upload(pieces))
-            personalization["adapter"] = ident
+        if pieces is None:
+            return self.generate(prompt, **personalization, **kwargs)
+        ident = adapter_id(pieces)
+        if ident not in self._uploaded:
+            self._uploaded.add(self.upload(pieces))
+        personalization["adapter"] = ident
+        try:
+            return self.generate(prompt, **personalization, **kwargs)
+        except InferenceError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+        self._uploaded.discard(ident)  # evicted (or the service restarted): once more
+        self._uploaded.add(self.upload(pieces))
         return self.generate(prompt, **personalization, **kwargs)
 
     def generate(self, prompt: str, **kwargs) -> str:
         """The service's greedy answer to ``prompt`` with the given personalization (none:
         the stage-1 model). The reply's timings are kept in :attr:`last_reply`."""
-        try:
-            reply = self._stub.Generate(self.request(prompt, **kwargs), timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise InferenceError(exc.code(), exc.details()) from None
+        reply = self._call("Generate", self.request(prompt, **kwargs))
         self.last_reply = reply
         return reply.text
 

@@ -8,13 +8,18 @@ given host names and IP addresses (ECDSA P-256, SHA-256). Servers load
 Device keys: Ed25519. A sharer signs each piece it submits; the pool and targets verify.
 The signed message is :func:`piece_signing_message`: a domain tag, the 32 raw bytes of the
 piece's content id and the sharer pseudonym, so a signature binds content and provenance.
+A device signs each call to the inference service (:func:`sign_request`): the call's
+method, time, nonce and request body, so the service knows which key asks.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -315,6 +320,59 @@ def verify_piece(public_key: bytes, piece_id: str, sharer: str, signature: bytes
         verify(public_key, piece_signing_message(piece_id, sharer), signature)
     except SignatureError as exc:
         raise SignatureError(f"piece {piece_id[:12]} from {sharer!r}: {exc}") from None
+
+
+# ------------------------------------------------------------------ signed requests
+REQUEST_DOMAIN = b"pfl-request/1"
+#: the gRPC metadata of a signed request: the device's raw public key, the signing time
+#: (unix milliseconds), a random nonce and the signature
+REQUEST_KEY, REQUEST_TIME, REQUEST_NONCE, REQUEST_SIG = (
+    "pfl-key-bin", "pfl-time", "pfl-nonce-bin", "pfl-sig-bin")
+NONCE_BYTES = 16
+
+
+def request_signing_message(method: str, body: bytes, time_ms: int, nonce: bytes) -> bytes:
+    """What a device signs for one call: domain tag, the gRPC method, the time, the nonce and
+    the sha256 of the request's deterministic serialization, NUL-separated."""
+    return b"\0".join((REQUEST_DOMAIN, method.encode("utf-8"), str(int(time_ms)).encode(),
+                       bytes(nonce), hashlib.sha256(body).digest()))
+
+
+def sign_request(key: Ed25519PrivateKey, method: str, body: bytes, *,
+                 time_ms: int | None = None, nonce: bytes | None = None
+                 ) -> tuple[tuple[str, bytes | str], ...]:
+    """The metadata that signs one call of ``method`` whose request serializes (deterministic)
+    to ``body``, with the device key ``key``."""
+    time_ms = int(time.time() * 1000) if time_ms is None else int(time_ms)
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else bytes(nonce)
+    signature = sign(key, request_signing_message(method, body, time_ms, nonce))
+    return ((REQUEST_KEY, public_key_bytes(key)), (REQUEST_TIME, str(time_ms)),
+            (REQUEST_NONCE, nonce), (REQUEST_SIG, signature))
+
+
+def read_public_keys(path: str | Path) -> frozenset[bytes]:
+    """Raw device public keys from a text file: one key a line as 64 hex digits (what
+    ``pfl device-key`` prints), blank lines and ``#`` comments ignored."""
+    keys = set()
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise PflError(f"cannot read the client key list {path}: {exc.strerror}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            raw = bytes.fromhex(line)
+        except ValueError:
+            raw = b""
+        if len(raw) != PUBLIC_KEY_BYTES:
+            raise PflError(f"{path}:{number}: not a public key (64 hex digits, from "
+                           "`pfl device-key`)")
+        keys.add(raw)
+    if not keys:
+        raise PflError(f"{path}: no public keys")
+    return frozenset(keys)
 
 
 # ---------------------------------------------------------------------- sharer grants

@@ -36,7 +36,7 @@ from pathlib import Path
 from cloud_server.pool_cli import add_certs_command, add_pool_commands, add_serve_command
 from edge_client.generate_cli import add_generate_command
 from edge_client.ondevice import BACKENDS
-from edge_client.node_cli import add_node_key_command
+from edge_client.node_cli import add_device_key_command, add_node_key_command
 from edge_client.ondevice.cli import add_export_command
 from edge_client.audit import add_audit_commands
 from edge_client.audit import summary as ledger_summary
@@ -1146,7 +1146,8 @@ def build_parser() -> argparse.ArgumentParser:
                 add_tune_command, add_compare_command, add_claims_command, add_data_command,
                 add_bench_commands, add_audit_commands, add_certs_command, add_pool_commands,
                 add_serve_command, add_generate_command, add_export_command,
-                add_node_key_command, add_deploy_commands, add_config_commands):
+                add_node_key_command, add_device_key_command,
+                add_deploy_commands, add_config_commands):
         add(commands)
     return parser
 

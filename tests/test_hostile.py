@@ -704,3 +704,152 @@ def test_hostile_files_and_settings_give_one_line_errors(tmp_path, capsys):
                 {"epochs": float("inf")}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
+
+
+# ------------------------------------------------------------ pfl serve: who is asking
+def _adapter(shapes: dict, seed: int, rank: int = 2) -> list[Piece]:
+    """A personal LoRA on the first two (layer, module)s of the served model."""
+    generator = torch.Generator().manual_seed(seed)
+    return [Piece("user", layer, module, torch.randn(rank, d_in, generator=generator) * 0.1,
+                  torch.randn(d_out, rank, generator=generator) * 0.1, 2.0)
+            for (layer, module), (d_out, d_in) in sorted(shapes.items())[:2]]
+
+
+def _adapter_bytes(pieces) -> int:
+    return sum(4 * (p.A.numel() + p.B.numel()) for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):
+    """`pfl serve` on the tiny model (raw base, no pool), an adapter cache that holds four
+    of these adapters and one client's quota two; and a second one that admits one key."""
+    from cloud_server.inference_service import ServeLimits, start_inference_server
+    from shared.serving.rows import module_shapes
+
+    root = tmp_path_factory.mktemp("serve-auth")
+    certs = crypto.write_dev_certs(root / "certs").directory
+    shapes = module_shapes(tiny.model, ("q_proj", "v_proj"))
+    mb = _adapter_bytes(_adapter(shapes, 0)) / (1 << 20)
+    limits = ServeLimits(max_wait_ms=1, max_new_tokens=8, default_new_tokens=4,
+                         adapter_cache_mb=4.5 * mb, adapter_quota_mb=2.5 * mb)
+    member = crypto.generate_device_key()
+    server = start_inference_server(certs, loaded=tiny, limits=limits)
+    closed = start_inference_server(certs, loaded=tiny, limits=limits,
+                                    clients=frozenset({crypto.public_key_bytes(member)}))
+    yield {"server": server, "closed": closed, "certs": certs, "shapes": shapes,
+           "member": member}
+    for running in (server, closed):
+        running.stop(grace=0)
+        running.engine.close()
+
+
+def _serve_client(served, key=None, which="server"):
+    from edge_client.inference_client import InferenceClient
+
+    return InferenceClient(served[which].target, served["certs"], key=key, timeout=30)
+
+
+def test_unsigned_forged_altered_replayed_and_stale_calls_to_serve_are_refused(served):
+    from edge_client.inference_client import InferenceError
+
+    key, other = crypto.generate_device_key(), crypto.generate_device_key()
+    with _serve_client(served, key) as client:
+        request = client.request("hello there", max_new_tokens=2)
+        body = request.SerializeToString(deterministic=True)
+
+        def send(metadata, message=request):
+            with pytest.raises(grpc.RpcError) as caught:
+                client._stub.Generate(message, timeout=30, metadata=metadata)
+            return caught.value.code(), caught.value.details()
+
+        assert send(())[0] == grpc.StatusCode.UNAUTHENTICATED  # unsigned
+        # another key's public half beside this key's signature
+        signed = dict(crypto.sign_request(key, "Generate", body))
+        signed[crypto.REQUEST_KEY] = crypto.public_key_bytes(other)
+        assert send(tuple(signed.items()))[0] == grpc.StatusCode.UNAUTHENTICATED
+        # the body changed after signing (a longer answer asked for)
+        longer = client.request("hello there", max_new_tokens=8)
+        assert send(crypto.sign_request(key, "Generate", body), longer)[0] == \
+            grpc.StatusCode.UNAUTHENTICATED
+        # signed for UploadAdapter, sent to Generate
+        assert send(crypto.sign_request(key, "UploadAdapter", body))[0] == \
+            grpc.StatusCode.UNAUTHENTICATED
+        # an hour old
+        stale = crypto.sign_request(key, "Generate", body, time_ms=(time.time() - 3600) * 1000)
+        code, details = send(stale)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "clock" in details
+        # the same signed call twice: answered once
+        once = crypto.sign_request(key, "Generate", body)
+        assert client._stub.Generate(request, timeout=30, metadata=once).new_tokens >= 1
+        code, details = send(once)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "replayed" in details
+        # and the signed client itself is answered
+        assert client.generate("hello there", max_new_tokens=2) is not None
+    with _serve_client(served, key, which="closed") as stranger:
+        with pytest.raises(InferenceError) as caught:
+            stranger.generate("hello there", max_new_tokens=2)
+        assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with _serve_client(served, served["member"], which="closed") as member:
+        assert member.generate("hello there", max_new_tokens=2) is not None
+
+
+def test_an_adapter_is_usable_only_by_the_key_that_uploaded_it(served):
+    """The adapter id (what the device's ledger keeps) is not a credential: another key gets
+    NOT_FOUND with it, and uploading the same adapter tells it nothing (created=True)."""
+    from edge_client.inference_client import InferenceError
+    from shared.serialization import adapter_to_proto
+
+    pieces = _adapter(served["shapes"], 1)
+    with _serve_client(served) as owner, _serve_client(served) as stranger:
+        first = owner._call("UploadAdapter", adapter_to_proto(pieces))
+        assert first.created
+        assert not owner._call("UploadAdapter", adapter_to_proto(pieces)).created
+        mine = owner.generate("hello there", adapter=first.adapter_id, max_new_tokens=4)
+        with pytest.raises(InferenceError) as caught:
+            stranger.generate("hello there", adapter=first.adapter_id, max_new_tokens=4)
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        # the stranger's own upload of the same content: new to it, no oracle of the owner's
+        assert stranger._call("UploadAdapter", adapter_to_proto(pieces)).created
+        assert stranger.generate("hello there", adapter=first.adapter_id,
+                                 max_new_tokens=4) == mine
+
+
+def test_a_stranger_evicts_only_its_own_adapters_and_an_owner_uploads_again(served):
+    """One key uploading ten adapters into a cache of four (quota two) evicts only its own;
+    when many keys do push an owner's adapter out, the owner's client uploads it again on
+    NOT_FOUND and answers as before."""
+    cache = served["server"].personalizer.adapters
+    owner_pieces = _adapter(served["shapes"], 2)
+    with _serve_client(served) as owner:
+        before = owner.answer("hello there", {"adapter_pieces": owner_pieces},
+                              max_new_tokens=4)
+        ident = next(iter(owner._uploaded))
+        owner_key = crypto.public_key_bytes(owner.key)
+        with _serve_client(served) as stranger:
+            for seed in range(100, 110):
+                stranger.upload(_adapter(served["shapes"], seed))
+        assert cache.get(owner_key, ident) is not None
+        assert max(cache.usage.values()) <= cache.quota
+        # four keys with two adapters each: more than the whole cache holds
+        for k in range(4):
+            with _serve_client(served) as other:
+                for seed in range(200 + 10 * k, 202 + 10 * k):
+                    other.upload(_adapter(served["shapes"], seed))
+        assert cache.get(owner_key, ident) is None and cache.size <= cache.capacity
+        again = owner.answer("hello there", {"adapter_pieces": owner_pieces},
+                             max_new_tokens=4)
+        assert again == before and cache.get(owner_key, ident) is not None
+
+
+def test_device_key_prints_a_key_that_serve_clients_reads(tmp_path, capsys):
+    from simulations import cli
+
+    assert cli.main(["device-key", str(tmp_path / "device.key")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    key = crypto.load_device_key(tmp_path / "device.key")
+    assert bytes.fromhex(line) == crypto.public_key_bytes(key)
+    (tmp_path / "clients.txt").write_text(f"# devices\n{line}\n\n")
+    assert crypto.read_public_keys(tmp_path / "clients.txt") == {bytes.fromhex(line)}
+    (tmp_path / "bad.txt").write_text(f"{line}\nnot-a-key\n")
+    with pytest.raises(PflError, match="bad.txt:2"):
+        crypto.read_public_keys(tmp_path / "bad.txt")
