@@ -7,7 +7,8 @@ gets once, with :meth:`RunConfig.parse`, and an unknown key is an error (a typo 
 silently).
 
 Keys are dashed (``fraction-train``). Method settings are dotted keys ``SECTION.FIELD``
-(``stage1.lr``, ``oppu.epochs``, ``perpcs.top_k``, ``perfit.positions`` ...), laid over the
+(``stage1.lr``, ``oppu.epochs``, ``perpcs.top_k``, ``perfit.positions`` ...; each section
+registered by its method folder, :mod:`shared.settings`), laid over the
 training recipe (:mod:`shared.recipes`) with ``max-history``, ``stage1-epochs`` and
 ``personal-epochs``; they are the same settings as ``pfl eval --set SECTION.FIELD=VALUE``.
 """
@@ -20,9 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from shared.errors import PflError
+from shared.settings import check_settings, section as settings_section, sections
 
-#: The sections of method settings (dotted keys ``SECTION.FIELD``).
-SECTIONS = ("stage1", "oppu", "perpcs", "perfit")
 #: Top-level recipe keys that are also run-config keys (dashed there).
 RECIPE_KEYS = ("max_history", "stage1_epochs", "personal_epochs")
 #: The method settings pyproject declares, each "unset" (0 or ""): ``flwr run --run-config``
@@ -128,9 +128,10 @@ class RunConfig:
         settings: dict[str, dict[str, Any]] = {}
         for key, value in run_config.items():
             section, dot, name = str(key).partition(".")
-            if dot and section in SECTIONS and name:
-                if value in (0, "") and name in DECLARED_SETTINGS.get(section, {}):
-                    continue  # a declared setting left unset: the recipe decides
+            if dot and value in (0, "") and name in DECLARED_SETTINGS.get(section, {}):
+                continue  # a declared setting left unset: the recipe decides
+            if dot and section and name:
+                settings_section(section, f"run-config key {key!r}")  # a known section?
                 settings.setdefault(section, {})[name] = value
             elif key in known:
                 values[known[key].name] = _convert(key, value, known[key].type)
@@ -138,8 +139,9 @@ class RunConfig:
                 close = difflib.get_close_matches(str(key), list(known), n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise PflError(f"unknown run-config key {key!r} ({hint}known: "
-                               f"{', '.join(sorted(known))}, and SECTION.FIELD for "
-                               f"{', '.join(SECTIONS)})")
+                               f"{', '.join(sorted(known))}, and SECTION.FIELD of a "
+                               "method's settings)")
+        check_settings(settings, "run config")
         config = cls(**values, settings=settings)
         config.check()
         return config
@@ -203,13 +205,13 @@ def settings_keys(options: Mapping[str, Any]) -> dict[str, Any]:
     keys (``{"max-history": 8, "perpcs.gate_steps": 20}``): the inverse of the parsing."""
     out: dict[str, Any] = {}
     for key, value in options.items():
-        if key in SECTIONS and isinstance(value, Mapping):
-            out.update({f"{key}.{name}": v for name, v in value.items()})
-        elif key in RECIPE_KEYS:
+        if key in RECIPE_KEYS:
             out[key.replace("_", "-")] = value
+        elif isinstance(value, Mapping) and key in sections():
+            out.update({f"{key}.{name}": v for name, v in value.items()})
         else:
             raise PflError(f"unknown method option {key!r} (known: "
-                           f"{', '.join(RECIPE_KEYS + SECTIONS)})")
+                           f"{', '.join(RECIPE_KEYS + tuple(sorted(sections())))})")
     return out
 
 

@@ -30,6 +30,26 @@ def run_config_rows() -> list[tuple[str, str, str]]:
     return rows
 
 
+def method_settings_lines() -> list[str]:
+    """A table per registered settings section (:mod:`shared.settings`): every field and
+    its default, from the dataclass the method folder registered."""
+    from shared.settings import sections  # noqa: PLC0415 (imports the method folders)
+
+    lines = ["", "## Method settings", "",
+             "Each method folder registers its settings section (`shared.settings`); these are",
+             "their fields and the code's defaults (the papers'; a shipped recipe in",
+             "`shared/recipes/MODEL/TASK.json` may set some of them for its model and task). Set",
+             "one with `SECTION.FIELD` in a run config, `pfl eval --set SECTION.FIELD=VALUE`,",
+             "`pfl simulate --set ...`, or a recipe's `options.SECTION`. An unknown field is an",
+             "error naming the closest one."]
+    for name, known in sorted(sections().items()):
+        lines += ["", f"### `{name}`: {known.doc}", "", "| field | default |", "|---|---|"]
+        for field, value in known.defaults().items():
+            shown = list(value) if isinstance(value, tuple) else value
+            lines.append(f"| `{name}.{field}` | `{shown!r}` |")
+    return lines
+
+
 def render() -> str:
     from edge_client.client_app import DEVICE_SETTINGS  # noqa: PLC0415 (loads Flower)
 
@@ -57,6 +77,7 @@ def render() -> str:
     ]
     for key, value, note in run_config_rows():
         lines.append(f"| `{key}` | `{value}` | {note.replace('|', '/')} |")
+    lines += method_settings_lines()
     lines += [
         "",
         "## A device's own settings",

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from shared.config import RunConfig
+from shared.errors import PflError
 from shared.methods import base, collective, collective_kinds, core_class, core_names
+from shared.settings import sections, unregister_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "cloud_server", "edge_client", "simulations")
@@ -28,10 +31,23 @@ def test_every_method_folder_registers_its_cores_and_collective_kinds():
 
 
 TOY = '''
-"""A toy method: answers every query with the user's most frequent history output."""
+"""A toy method: answers every query with the user's most frequent history output, or with
+its setting ``toy.answer`` when set."""
 from collections import Counter
+from dataclasses import dataclass
 
 from shared.methods.base import Core, PersonalState, register_core
+from shared.settings import register_settings
+
+
+@dataclass
+class ToySettings:
+    """The toy method's own settings section."""
+
+    answer: str = ""  # "": the user's most frequent output
+
+
+register_settings("toy", ToySettings)
 
 
 class MostFrequent(Core):
@@ -41,6 +57,7 @@ class MostFrequent(Core):
     def personalize(self, runtime, user, augmentation, profile):
         field = runtime.task.output_field
         top = Counter(str(item[field]) for item in user.history).most_common(1)[0][0]
+        top = runtime.section(ToySettings, "toy").answer or top
         return PersonalState(params=0, bytes=len(top.encode()), payload=top)
 
     def answer(self, runtime, state, prompts, generation, *, desc="", progress=False):
@@ -70,6 +87,7 @@ def toy_method(tmp_path, monkeypatch):
     importlib.import_module("shared.methods.toy")
     yield "toy-frequent"
     base._CORES.pop("toy-frequent", None)
+    unregister_settings("toy")
     sys.modules.pop("shared.methods.toy", None)
 
 
@@ -91,6 +109,29 @@ def test_adding_a_method_takes_one_folder(toy_method, tmp_path):
     core.save(state, tmp_path / "state")
     again = core.load(tmp_path / "state", runtime=None)
     assert (again.payload, again.bytes) == ("4", 1)
+
+
+def test_a_method_folder_brings_its_own_settings_section(toy_method):
+    """The toy folder registers section ``toy``: `pfl eval --set toy.answer=5` reaches its
+    personalization, the run config takes ``toy.answer``, and a misspelt field is refused
+    with the closest name, in both."""
+    from simulations.evaluate import EvalConfig, run_eval
+
+    assert sections()["toy"].defaults() == {"answer": ""}
+
+    def run(**options):
+        return run_eval(EvalConfig(task="synthetic", methods=[toy_method], model="tiny",
+                                   users=3, device="cpu", sharers=0, collective=0,
+                                   progress=False, options=options))
+
+    plain, fives = run(), run(toy={"answer": "5"})
+    assert fives["methods"][toy_method]["metrics"] != plain["methods"][toy_method]["metrics"]
+    assert {q["prediction"] for q in fives["methods"][toy_method]["queries"]} == {"5"}
+    with pytest.raises(PflError, match="did you mean toy.answer"):
+        run(toy={"answr": "5"})
+    assert RunConfig.parse({"toy.answer": "5"}).settings == {"toy": {"answer": "5"}}
+    with pytest.raises(PflError, match="did you mean toy.answer"):
+        RunConfig.parse({"toy.answr": "5"})
 
 
 def _modules() -> dict[str, Path]:

@@ -128,10 +128,10 @@ def test_data_stats_huffpost_table(capsys, huffpost_dir):
     (["eval", "--task", "synthetic", "--model", "gpt-17", "--users", "1"], "unknown model"),
     (["data", "stats", "/no/such/file.json"], "neither a task"),
     (["eval", "--task", "synthetic", "--model", "tiny", "--methods", "perpcs", "--users", "1",
-      "--set", "perpcs.bogus=1"], "bad perpcs setting"),
+      "--set", "perpcs.bogus=1"], "unknown setting perpcs.bogus"),
     (["eval", "--task", "synthetic", "--model", "tiny", "--methods", "oppu", "--users", "1",
       "--collective", "2", "--stage1-epochs", "0.2", "--set", "oppu.bogus=1"],
-     "bad oppu setting"),
+     "unknown setting oppu.bogus"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)

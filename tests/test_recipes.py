@@ -28,7 +28,7 @@ def test_resolve_paper_tuned_and_files(tmp_path):
                                        "news-category"):
         resolve_recipe(str(good), "tiny", "news-category")
     bad = write_recipe(tmp_path / "bad.json", {"opu": {"lr": 1e-3}})
-    with pytest.raises(PflError, match="unknown option section 'opu'"):
+    with pytest.raises(PflError, match="unknown settings section 'opu' \(did you mean 'oppu'"):
         resolve_recipe(str(bad), "tiny", "synthetic")
     nested = write_recipe(tmp_path / "nested.json", {"oppu": {"lr": {"x": 1}}})
     with pytest.raises(PflError, match="plain values"):
@@ -139,8 +139,11 @@ def test_pfl_tune_scores_validation_users_only_and_resumes(capsys, tmp_path):
     assert wide["options"]["stage1"] == chosen
     assert [t["options"]["stage1"] for t in wide["trials"] if t["stage"] == "oppu"] == [chosen]
     # another axis is another search
-    other_axis = [a if a != "stage1.epochs=1" else "stage1.rank=4" for a in widened]
+    other_axis = [a if a != "stage1.epochs=1" else "stage1.batch_size=2" for a in widened]
     assert main(other_axis) == 2 and "cannot resume" in capsys.readouterr().err
+    # an axis no section has is refused before anything runs, with the closest field
+    typo = [a if a != "stage1.epochs=1" else "stage1.epoch=2" for a in widened]
+    assert main(typo) == 2 and "did you mean stage1.epochs" in capsys.readouterr().err
 
 
 def test_epoch_flags_win_over_the_recipes_epochs_and_set_wins_over_both():

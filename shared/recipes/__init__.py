@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared.errors import PflError
+from shared.settings import section as settings_section
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pfl-recipe/1"
 PACKAGED = Path(__file__).resolve().parent
-#: option sections a recipe may set (each a dict of one dataclass's fields)
-SECTIONS = ("stage1", "oppu", "perpcs", "perfit")
 #: top-level options a recipe may set
 TOP_LEVEL = ("stage1_epochs", "personal_epochs")
 
@@ -52,13 +51,12 @@ def check_options(options: Any, where: str) -> dict:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise PflError(f"{where}: {key} must be a positive number")
             continue
-        if key not in SECTIONS:
-            raise PflError(f"{where}: unknown option section {key!r} (known: "
-                           f"{', '.join(SECTIONS + TOP_LEVEL)})")
+        known = settings_section(key, where)  # registered by a method folder
         if not isinstance(value, dict) or not all(
                 isinstance(k, str) and isinstance(v, (int, float, str, bool, type(None)))
                 for k, v in value.items()):
             raise PflError(f"{where}: {key} must map field names to plain values")
+        known.check(value, where)
     return options
 
 
@@ -110,7 +108,11 @@ FLAG_FIELDS = {"stage1_epochs": ("stage1", "epochs"), "personal_epochs": ("oppu"
 def over_recipe(recipe: Mapping[str, Any], options: Mapping[str, Any]) -> dict:
     """A run's ``options`` laid over its ``recipe``: the options win field by field, and
     their epoch flags (``stage1_epochs``, ``personal_epochs``) also win over the recipe's
-    ``stage1.epochs`` / ``oppu.epochs``."""
+    ``stage1.epochs`` / ``oppu.epochs``. A section or field that no method registered is
+    an error naming the closest known one."""
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            settings_section(key, "settings").check(value, "settings")
     flagged = merge_options({}, options)  # a copy, sections included
     for flag, (section, key) in FLAG_FIELDS.items():
         if flag in options and key not in (options.get(section) or {}):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.errors import PflError
+from shared.settings import register_settings
 from shared.training import TrainConfig
 
 STAGE1_TARGETS = ("q_proj", "k_proj", "v_proj")
@@ -89,6 +90,12 @@ def personal_lora() -> LoraSpec:
 def personal_train(**overrides) -> TrainConfig:
     """Personal recipe: 2 epochs, lr 1e-4 (AdamW wd 0.01, 10% warm-up, clip 0.3)."""
     return TrainConfig(**{"epochs": 2.0, "lr": 1e-4, **overrides})
+
+
+register_settings("stage1", stage1_train, "the stage-1 task LoRA's training (LoRA-C, the "
+                  "base of OPPU), on the collective users")
+register_settings("oppu", personal_train, "the personal LoRA's training (OPPU, LoRA-P, a "
+                  "PER-PCS sharer's LoRA)")
 
 
 @dataclass

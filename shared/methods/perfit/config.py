@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from shared.methods.perfit.positions import parse_positions
+from shared.settings import register_settings
 from shared.training import TrainConfig
 
 #: Where the single default intervened layer sits, as a fraction of depth.
@@ -81,3 +82,7 @@ class PerFitConfig:
         if data.get("layers") is not None:
             data["layers"] = tuple(data["layers"])
         return cls(**data)
+
+
+register_settings("perfit", PerFitConfig, "PerFit: intervened layers and positions, ranks, "
+                  "training of both stages")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from shared.methods.perpcs.pieces import COMBINATIONS, MODULE_PARENT
+from shared.settings import register_settings
 
 SCORE_POSITIONS = ("output", "target_tokens", "all")
 #: how a target chooses pieces: the papers' gates, or the sharer whose pieces fit its history
@@ -126,3 +127,7 @@ class PerPcsConfig:
         if unknown:
             raise ValueError(f"unknown PER-PCS settings: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+register_settings("perpcs", PerPcsConfig, "PER-PCS: pieces, gates, sharing, sharer selection, "
+                  "assembly and the target's check")
