@@ -733,8 +733,16 @@ def served(tiny, tmp_path_factory):
     limits = ServeLimits(max_wait_ms=1, max_new_tokens=8, default_new_tokens=4,
                          adapter_cache_mb=4.5 * mb, adapter_quota_mb=2.5 * mb)
     member = crypto.generate_device_key()
-    server = start_inference_server(certs, loaded=tiny, limits=limits)
-    closed = start_inference_server(certs, loaded=tiny, limits=limits,
+
+    def copy_of_tiny():  # each engine wraps its own copy: the shared fixture stays as it is
+        import copy
+
+        from shared.models import LoadedModel
+
+        return LoadedModel("tiny", copy.deepcopy(tiny.model), tiny.tokenizer, tiny.device)
+
+    server = start_inference_server(certs, loaded=copy_of_tiny(), limits=limits)
+    closed = start_inference_server(certs, loaded=copy_of_tiny(), limits=limits,
                                     clients=frozenset({crypto.public_key_bytes(member)}))
     yield {"server": server, "closed": closed, "certs": certs, "shapes": shapes,
            "member": member}
