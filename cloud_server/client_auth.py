@@ -24,19 +24,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from cloud_server.rpc import RequestError
 from shared import crypto
 
 
-class AuthError(Exception):
-    """A call the service does not answer: ``code`` is the status, the message says why."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        self.code = code
-        super().__init__(message)
-
-
-def _unauthenticated(message: str) -> AuthError:
-    return AuthError(grpc.StatusCode.UNAUTHENTICATED, message)
+def _unauthenticated(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.UNAUTHENTICATED, message)
 
 
 @dataclass(frozen=True)
@@ -67,7 +60,8 @@ class RequestAuth:
 
     def check(self, context, method: str, request) -> Caller:
         """The caller of ``method`` (its short name, e.g. ``"Generate"``) with ``request``,
-        from the call's metadata; :class:`AuthError` when it is not answered."""
+        from the call's metadata; :class:`~cloud_server.rpc.RequestError` when it is not
+        answered."""
         meta: dict[str, bytes | str] = {}
         for item in context.invocation_metadata() or ():
             if item.key in meta:
@@ -95,7 +89,7 @@ class RequestAuth:
             raise _unauthenticated(f"the call's time is more than {self.max_skew:g} s from "
                                    "the service's clock")
         if self.allowed is not None and key not in self.allowed:
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+            raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
                             f"key {crypto.key_fingerprint(key)} is not a client of this "
                             "service")
         with self._lock:

@@ -53,8 +53,9 @@ import grpc
 import numpy as np
 import torch
 
-from cloud_server.client_auth import AuthError, Caller, RequestAuth
-from cloud_server.rpc import Admission, guard, run_until_stopped, target_of, tls_server
+from cloud_server.client_auth import Caller, RequestAuth
+from cloud_server.rpc import (Admission, RequestError, guard, run_until_stopped, target_of,
+                              tls_server)
 from shared.errors import PflError
 from shared.methods import Runtime, split_arrays
 from shared.methods.oppu.config import stage1_lora
@@ -97,14 +98,6 @@ class ServeLimits:
                 raise PflError(f"serve: {f.name} must be positive, got {getattr(self, f.name)}")
         if self.default_new_tokens > self.max_new_tokens:
             raise PflError("serve: default_new_tokens exceeds max_new_tokens")
-
-
-class RequestError(PflError):
-    """A request the service refuses: ``code`` is the gRPC status it answers with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        self.code = code
-        super().__init__(message)
 
 
 def _bad(message: str) -> RequestError:
@@ -468,7 +461,7 @@ class InferenceServicer(pfl_pb2_grpc.InferenceServicer):
     def _caller(self, context, method: str, request) -> Caller:
         try:
             return self.auth.check(context, method, request)
-        except AuthError as exc:
+        except RequestError as exc:
             context.abort(exc.code, str(exc))
 
     @guard

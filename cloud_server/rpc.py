@@ -24,6 +24,14 @@ from shared.errors import PflError
 log = logging.getLogger(__name__)
 
 
+class RequestError(PflError):
+    """A request a service refuses: ``code`` is the gRPC status it answers with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        super().__init__(message)
+
+
 def _internal(method, exc: Exception, context) -> None:
     """Re-raise an abort the handler chose; anything else becomes INTERNAL (logged here)."""
     if isinstance(exc, grpc.RpcError) or context.code() is not None:
