@@ -43,8 +43,10 @@ def make_core(self):
         h = hashlib.sha256(); digest(s.payload, h)
         states.setdefault(self.name, {})[user.id] = [h.hexdigest(), s.params, s.bytes]
         for key in ("stage1", "perfit_stage1"):
-            if key in runtime.cache and key not in states:
-                h = hashlib.sha256(); digest(runtime.cache[key], h); states[key] = h.hexdigest()
+            part = runtime.cache.get(key) if isinstance(runtime.cache, dict) else \
+                getattr(runtime.cache, key)  # a dict before the typed RunState
+            if part is not None and key not in states:
+                h = hashlib.sha256(); digest(part, h); states[key] = h.hexdigest()
         return s
     core.personalize = personalize
     return core

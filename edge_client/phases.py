@@ -75,7 +75,7 @@ def device_runtime(loaded, task, options: Mapping[str, Any], arrays: Mapping[str
     for kind, part in split_arrays(arrays).items():
         collective(kind).install(runtime, part)
     if pool is not None:
-        runtime.cache["perpcs_pool"] = pool
+        runtime.cache.perpcs_pool = pool
     return runtime
 
 
@@ -212,7 +212,7 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
     consent.check_model(loaded.num_layers)
     started = time.perf_counter()
     runtime = device_runtime(loaded, task, options, arrays)
-    if "stage1" not in runtime.cache:
+    if runtime.cache.stage1 is None:
         raise PflError("sharing needs the stage-1 LoRA arrays (lora.*) in the message")
     grant = Grant.from_text(str(options["pool-grant"])) if options.get("pool-grant") else None
     key = crypto.device_key(key_path)
@@ -221,7 +221,7 @@ def share_pieces(loaded, task, user, options: Mapping[str, Any],
     config = perpcs_config(runtime)
     train_config = personal_train_config(runtime)
     user = recent_history(user, runtime.option("max_history", None))
-    gated = train_sharer_pieces(runtime.cache["stage1"], loaded.tokenizer, task, user, config,
+    gated = train_sharer_pieces(runtime.cache.stage1, loaded.tokenizer, task, user, config,
                                 train_config, sharer=pseudonym)
     shared = consent.filter_pieces(gated, seed=config.sharing_seed)
     submitted = 0
@@ -501,12 +501,12 @@ def evaluate(loaded, task, user, methods: Sequence[str], options: Mapping[str, A
     runtime = device_runtime(loaded, task, options, arrays)
     engine = _answer_engine(loaded, backend)
     if engine is not None:
-        runtime.cache["answer_engine"] = engine
+        runtime.cache.answer_engine = engine
     generation = GenerationConfig(max_new_tokens=task.max_new_tokens,
                                   batch_size=int(options.get("batch-size-eval", 8)),
                                   seed=runtime.seed)
     if pool is not None:
-        runtime.cache["perpcs_source"] = pool
+        runtime.cache.perpcs_source = pool
     out: dict[str, float] = {"task/kind": float(TASK_KINDS.index(task.kind)),
                              "task/labels": float(len(task.labels or ()))}
     answers: dict[str, list[str]] = {}
@@ -596,7 +596,7 @@ def answer_query(loaded, task, method: str, prompt: str, *, state_dir: Path | No
                        "in the prompt itself")
     runtime = device_runtime(loaded, task, options or {}, arrays)
     if pool is not None:
-        runtime.cache["perpcs_source"] = pool
+        runtime.cache.perpcs_source = pool
     core = spec.make_core()
     if core.uses_pool and pool is None:
         raise PflError(f"{method} needs the piece pool to read its recipe (--pool)")

@@ -58,9 +58,9 @@ def bench_personalize(model: str = "smollm2-135m", task: str = "news-headline",
                           else personal_epochs}}
     shared = Runtime(loaded=loaded, task=dataset.task, seed=seed, progress=False,
                      options=options, roles={"sharers": sharer_users})
-    shared.cache["stage1"] = loaded.model  # untrained stage 1: same cost, no training here
+    shared.cache.stage1 = loaded.model  # untrained stage 1: same cost, no training here
     config = PerFitConfig()
-    shared.cache["perfit_stage1"] = new_stages(config, loaded.model.config.num_hidden_layers,
+    shared.cache.perfit_stage1 = new_stages(config, loaded.model.config.num_hidden_layers,
                                                loaded.model.config.hidden_size, seed=seed)
     t0 = time.perf_counter()
     pool = piece_pool(shared)

@@ -159,7 +159,7 @@ def bench_poison(config: PoisonConfig) -> dict:
         for variant in config.variants:
             runtime.options = {**base_options, "perpcs": {
                 **(base_options.get("perpcs") or {}), **VARIANTS[variant]}}
-            runtime.cache["perpcs_pool"] = PiecePool(
+            runtime.cache.perpcs_pool = PiecePool(
                 pool=pieces, lookup={p.piece_id: p for p in pieces},
                 adapters=honest.adapters, embeddings=honest.embeddings, seconds=honest.seconds)
             log.info("poison: %d attackers, %s", k, variant)

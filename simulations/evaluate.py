@@ -76,8 +76,8 @@ def use_stores(runtime: Runtime, cache: str | None) -> None:
     """Let ``runtime`` keep and reuse what takes longest to train, under the cache dir:
     stage 1 and PerFit stage 1 (:mod:`shared.methods.store`, ``trained-state/``) and the
     PER-PCS sharers' pieces (``sharer-pieces/``)."""
-    runtime.cache["sharer_store"] = sharer_store(cache)
-    runtime.cache["state_store"] = cache_dir(cache) / "trained-state"
+    runtime.cache.sharer_store = sharer_store(cache)
+    runtime.cache.state_store = cache_dir(cache) / "trained-state"
 
 
 def run_options(config: EvalConfig) -> tuple[str, dict]:
@@ -272,7 +272,7 @@ def run_eval(config: EvalConfig, on_method=None, previous: dict | None = None) -
         # lazy: onnxruntime is loaded only by runs that answer with it
         from edge_client.ondevice.runtime import answer_engine
 
-        runtime.cache["answer_engine"] = answer_engine(
+        runtime.cache.answer_engine = answer_engine(
             loaded, config.backend, cache=config.cache_dir,
             progress=(lambda m: log.info("%s", m)) if not config.progress else print)
     generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens,

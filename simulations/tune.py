@@ -206,12 +206,13 @@ def _trial(loaded, dataset, roles, spec, stage, options, config, generation, mem
     stage1_key = json.dumps([options.get("stage1"), options.get("stage1_epochs")],
                             sort_keys=True)
     if memo.get("key") == stage1_key:  # the same stage 1: trained once, not per trial
-        runtime.cache.update(memo["cache"])
+        for name, value in memo["cache"].items():
+            setattr(runtime.cache, name, value)
     started = time.perf_counter()
     result = evaluate_method(runtime, spec, dataset, roles["validation"], {}, 0.0, generation)
-    if "stage1" in runtime.cache:
-        memo.update(key=stage1_key, cache={k: runtime.cache[k] for k in (
-            "stage1", "stage1_state", "stage1_stats") if k in runtime.cache})
+    if runtime.cache.stage1 is not None:
+        memo.update(key=stage1_key, cache={k: getattr(runtime.cache, k) for k in (
+            "stage1", "stage1_state", "stage1_stats")})
     return {"stage": stage, "setting": options[stage], "options": options,
             "metrics": result["metrics"], "intervals": result["intervals"],
             "seconds_per_user": result["seconds_per_user"],

@@ -176,9 +176,9 @@ def test_a_federated_run_gives_the_same_metrics_as_pfl_eval(tmp_path, huffpost_d
                       options=method_options, roles=roles)
     with np.load(tmp_path / "stage1-lora" / "global_arrays.npz") as data:
         lora = {k: __import__("torch").from_numpy(data[k]) for k in data.files}
-    runtime.cache["stage1"] = merge_lora(loaded.model, lora, stage1_lora())
+    runtime.cache.stage1 = merge_lora(loaded.model, lora, stage1_lora())
     with np.load(tmp_path / "stage1-perfit" / "global_arrays.npz") as data:
-        runtime.cache["perfit_stage1"] = perfit_from_arrays({k: data[k] for k in data.files})
+        runtime.cache.perfit_stage1 = perfit_from_arrays({k: data[k] for k in data.files})
     generation = GenerationConfig(max_new_tokens=dataset.task.max_new_tokens, batch_size=8)
     for name in METHODS.split(","):
         local = evaluate_method(runtime, parse_method(name), dataset, roles["targets"], {}, 0.0,

@@ -41,12 +41,12 @@ def setup(tiny, small_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     runtime, roles, states = small_world
     # what the federation leaves: the collective arrays, and a pool of signed pieces
-    arrays = {f"lora.{k}": v.numpy() for k, v in runtime.cache["stage1_state"].items()}
+    arrays = {f"lora.{k}": v.numpy() for k, v in runtime.cache.stage1_state.items()}
     arrays.update({f"perfit.{k}": v for k, v in
-                   perfit_to_arrays(*runtime.cache["perfit_stage1"]).items()})
+                   perfit_to_arrays(*runtime.cache.perfit_stage1).items()})
     save_npz(root / "global_arrays.npz", arrays)
     store = PoolStore(root / "pool")
-    pool = runtime.cache["perpcs_pool"]
+    pool = runtime.cache.perpcs_pool
     for sharer, pieces in pool.adapters.items():
         key = crypto.generate_device_key()
         store.submit([SignedPiece.sign(p, key, {"pool": True}) for p in pieces])

@@ -533,7 +533,7 @@ def test_sharer_pieces_are_kept_and_reused_only_while_what_trained_them_is_uncha
                    "perpcs": {"gate_steps": 2, "gate_lr": 1e-2, **perpcs}}
         rt = Runtime(loaded=tiny, task=dataset.task, seed=0, progress=False, options=options,
                      roles=roles)
-        rt.cache["sharer_store"] = tmp_path / "store"
+        rt.cache.sharer_store = tmp_path / "store"
         return rt
 
     with caplog.at_level(logging.INFO, logger=cores.log.name):

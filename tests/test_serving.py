@@ -74,12 +74,12 @@ def _reference_logits(served, name, core, state, prompt):
                                       next(served["model64"].parameters()).device),
                    task=runtime.task, seed=0, progress=False, options=runtime.options,
                    roles=runtime.roles)
-    rt64.cache.update({k: v for k, v in runtime.cache.items()
-                       if k in ("perpcs_pool", "perfit_stage1", "stage1_state")})
-    if "stage1_state" in runtime.cache:
+    for key in ("perpcs_pool", "perfit_stage1", "stage1_state"):
+        setattr(rt64.cache, key, getattr(runtime.cache, key))
+    if runtime.cache.stage1_state is not None:
         from shared.methods.oppu.config import stage1_lora
         from shared.methods.oppu.model import merge_lora
-        rt64.cache["stage1"] = merge_lora(served["model64"], runtime.cache["stage1_state"],
+        rt64.cache.stage1 = merge_lora(served["model64"], runtime.cache.stage1_state,
                                           stage1_lora())
     ids = torch.tensor([prompt], device=next(served["model64"].parameters()).device)
     if name.startswith("perfit"):

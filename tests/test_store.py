@@ -28,7 +28,7 @@ def _runtime(tiny, dataset, folder, *, collective=(2, 3), **options):
             "stage1_epochs": 1, **options}
     rt = Runtime(loaded=tiny, task=dataset.task, seed=0, progress=False, options=opts,
                  roles={"collective": [dataset.user(i) for i in collective]})
-    rt.cache["state_store"] = folder
+    rt.cache.state_store = folder
     return rt
 
 
@@ -81,7 +81,7 @@ def test_perfit_stage1_is_read_back_the_same(tmp_path, tiny, synthetic, monkeypa
 
 def test_without_a_store_nothing_is_written(tmp_path, tiny, synthetic):
     rt = _runtime(tiny, synthetic, tmp_path)
-    del rt.cache["state_store"]
+    rt.cache.state_store = None
     oppu_core.stage1_model(rt)
     assert not list(tmp_path.iterdir())
 

@@ -78,6 +78,36 @@ def options_section(options: Mapping[str, Any], cls, name: str, **defaults):
 
 
 @dataclass
+class RunState:
+    """What the methods of one run share (``Runtime.cache``): collective parts built once by
+    the first method that needs them, and the run's stores and engines. None: not there yet.
+    """
+
+    #: the stage-1 model (LoRA-C merged into a copy of the base), its LoRA factors by name,
+    #: its training statistics, those factors as serving updates, and a (model, digest) memo
+    stage1: Any = None
+    stage1_state: dict | None = None
+    stage1_stats: Any = None
+    stage1_updates: dict | None = None
+    stage1_digest: tuple | None = None
+    #: PerFit's collective stage: (stage 1, the shared stage 2)
+    perfit_stage1: tuple | None = None
+    #: this run's PER-PCS piece pool (``perpcs.core.PiecePool``), and on a device where the
+    #: pool is read from (``gates(modules)``, ``pieces(ids)``)
+    perpcs_pool: Any = None
+    perpcs_source: Any = None
+    #: the base model's digest (keys of the trained-state store)
+    base_digest: str | None = None
+    #: folders of trained state and sharer pieces kept between runs (None: not kept)
+    state_store: Any = None
+    sharer_store: Any = None
+    #: what answers instead of the PyTorch model (e.g. ONNX Runtime), None: the model
+    answer_engine: Any = None
+    #: training seconds saved by reusing stored state, this run
+    reused_seconds: float = 0.0
+
+
+@dataclass
 class Runtime:
     """What a method runs with: the loaded base model, the task and run options."""
 
@@ -88,8 +118,8 @@ class Runtime:
     options: dict = field(default_factory=dict)
     #: who plays which part: {"targets": [...], "sharers": [...], "collective": [...]} (Users)
     roles: dict = field(default_factory=dict)
-    #: collective results shared by methods within one run (e.g. the stage-1 merged model)
-    cache: dict = field(default_factory=dict)
+    #: what the methods of the run share, typed (the stage-1 model, the piece pool ...)
+    cache: RunState = field(default_factory=RunState)
 
     def option(self, key: str, default):
         return self.options.get(key, default)
@@ -141,11 +171,11 @@ class Core:
     def answer(self, runtime: Runtime, state: PersonalState, prompts: list[str],
                generation, *, desc: str = "generate", progress: bool = False) -> list[str]:
         """Generate the answers to ``prompts`` for a user in ``state``: with the run's answer
-        engine when it has one (``runtime.cache["answer_engine"]``, e.g. ONNX Runtime on the
+        engine when it has one (``runtime.cache.answer_engine``, e.g. ONNX Runtime on the
         exported graph), which answers this core's :meth:`serving_adapter` row; else with
         PyTorch (:meth:`answer_torch`). A core whose answers are not a model's (the
         reference rows) overrides this method instead."""
-        engine = runtime.cache.get("answer_engine")
+        engine = runtime.cache.answer_engine
         if engine is not None:
             return engine_generate(engine, runtime.tokenizer, self.serving_adapter(runtime, state),
                                    prompts, generation, desc=desc, progress=progress)

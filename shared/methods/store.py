@@ -45,9 +45,9 @@ def model_digest(model: torch.nn.Module) -> str:
 
 def base_digest(runtime) -> str:
     """:func:`model_digest` of the run's base model, once per run."""
-    if "base_digest" not in runtime.cache:
-        runtime.cache["base_digest"] = model_digest(runtime.model)
-    return runtime.cache["base_digest"]
+    if runtime.cache.base_digest is None:
+        runtime.cache.base_digest = model_digest(runtime.model)
+    return runtime.cache.base_digest
 
 
 def users_fingerprint(users: Sequence[User]) -> list:
@@ -123,11 +123,11 @@ def trained_once(runtime, kind: str, users: Sequence[User], examples: Sequence,
                  train: Callable[[], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]
                  ) -> tuple[dict[str, np.ndarray], dict]:
     """``train()``'s ``(arrays, stats)``, or the same read back from the run's store
-    (``runtime.cache["state_store"]``, a folder) when an earlier run trained it on the same
+    (``runtime.cache.state_store``, a folder) when an earlier run trained it on the same
     ``users``, ``examples`` (:func:`examples_digest`) and ``settings`` (a mapping, or a
     function that returns one: called only when there is a store). Stats kept carry
     ``train_seconds``; reading them back counts that time with :func:`note_reused`."""
-    store = runtime.cache.get("state_store")
+    store = runtime.cache.state_store
     if store is None:
         arrays, stats = train()
         return dict(arrays), dict(stats)
@@ -156,9 +156,9 @@ def note_reused(runtime, seconds: float) -> None:
     time it measured (:func:`reused_so_far` before and after), so that a resumed run reports
     what a method costs, not what reading its files costs. Entries kept before their time
     was recorded count 0."""
-    runtime.cache["reused_seconds"] = reused_so_far(runtime) + float(seconds or 0.0)
+    runtime.cache.reused_seconds = reused_so_far(runtime) + float(seconds or 0.0)
 
 
 def reused_so_far(runtime) -> float:
     """The training seconds this run has read back so far (:func:`note_reused`)."""
-    return float(runtime.cache.get("reused_seconds", 0.0))
+    return float(runtime.cache.reused_seconds)

@@ -57,7 +57,7 @@ def stage1_model(runtime: Runtime):
     PEFT retrieval). Collective users train on their history, capped at ``max_history``.
     On a device it comes from the federation's arrays instead (:class:`LoraStage1`).
     """
-    if "stage1" not in runtime.cache:
+    if runtime.cache.stage1 is None:
         collective = [recent_history(u, runtime.option("max_history", None))
                       for u in runtime.roles.get("collective", [])]
         if not collective:
@@ -76,10 +76,10 @@ def stage1_model(runtime: Runtime):
         arrays, stats = trained_once(runtime, "lora-stage1", collective, examples,
                                      {"lora": stage1_lora(), "train": config}, train)
         state = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        runtime.cache["stage1"] = merge_lora(runtime.model, state, stage1_lora())
-        runtime.cache["stage1_state"] = state
-        runtime.cache["stage1_stats"] = stats
-    return runtime.cache["stage1"]
+        runtime.cache.stage1 = merge_lora(runtime.model, state, stage1_lora())
+        runtime.cache.stage1_state = state
+        runtime.cache.stage1_stats = stats
+    return runtime.cache.stage1
 
 
 def stage1_digest(runtime: Runtime) -> str:
@@ -87,9 +87,9 @@ def stage1_digest(runtime: Runtime) -> str:
     keys of state trained on it (memoized per merged model: a federation may install
     another)."""
     model = stage1_model(runtime)
-    memo = runtime.cache.get("stage1_digest")
+    memo = runtime.cache.stage1_digest
     if memo is None or memo[0] is not model:
-        memo = runtime.cache["stage1_digest"] = (model, model_digest(model))
+        memo = runtime.cache.stage1_digest = (model, model_digest(model))
     return memo[1]
 
 
@@ -98,13 +98,13 @@ def stage1_updates(runtime: Runtime) -> dict:
     from shared.serving.rows import lora_state_updates  # cycle: shared.serving imports the methods
 
     stage1_model(runtime)
-    if "stage1_state" not in runtime.cache:
+    if runtime.cache.stage1_state is None:
         raise PflError("the stage-1 LoRA factors are not in this run (a merged model only)")
-    if "stage1_updates" not in runtime.cache:  # once per run, shared by every user's row
+    if runtime.cache.stage1_updates is None:  # once per run, shared by every user's row
         spec = stage1_lora()
-        runtime.cache["stage1_updates"] = lora_state_updates(runtime.cache["stage1_state"],
+        runtime.cache.stage1_updates = lora_state_updates(runtime.cache.stage1_state,
                                                              spec.alpha / spec.r)
-    return runtime.cache["stage1_updates"]
+    return runtime.cache.stage1_updates
 
 
 class PersonalLora(Core):
@@ -224,10 +224,10 @@ class LoraStage1(Collective):
             state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in
                      arrays.items()}
             _MERGED[key] = merge_lora(runtime.model, state, stage1_lora())
-        runtime.cache["stage1"] = _MERGED[key]
-        runtime.cache["stage1_state"] = {k: torch.from_numpy(np.array(v, dtype=np.float32))
+        runtime.cache.stage1 = _MERGED[key]
+        runtime.cache.stage1_state = {k: torch.from_numpy(np.array(v, dtype=np.float32))
                                          for k, v in arrays.items()}
-        runtime.cache.pop("stage1_updates", None)  # derived from the state just replaced
+        runtime.cache.stage1_updates = None  # derived from the state just replaced
 
 
 for _core in (PersonalLora, PersonalLoraNoStage1):

@@ -39,7 +39,7 @@ def perfit_config(runtime: Runtime) -> PerFitConfig:
 
 def perfit_stage1(runtime: Runtime):
     """PerFit stage 1 on the collective users: the collective shift and the shared stage 2."""
-    if "perfit_stage1" not in runtime.cache:
+    if runtime.cache.perfit_stage1 is None:
         collective = [recent_history(u, runtime.option("max_history", None))
                       for u in runtime.roles.get("collective", [])]
         examples = [ex for u in collective for ex in user_examples(runtime, u)]
@@ -57,8 +57,8 @@ def perfit_stage1(runtime: Runtime):
 
         arrays, _ = trained_once(runtime, "perfit-stage1", collective, examples,
                                  {"perfit": config.to_dict(), "train": train_config}, train)
-        runtime.cache["perfit_stage1"] = perfit_from_arrays(arrays, device=runtime.loaded.device)
-    return runtime.cache["perfit_stage1"]
+        runtime.cache.perfit_stage1 = perfit_from_arrays(arrays, device=runtime.loaded.device)
+    return runtime.cache.perfit_stage1
 
 
 def answer_with(runtime: Runtime, stage2, prompts, generation, *, desc: str, progress: bool):
@@ -268,7 +268,7 @@ class PerFitStage1(Collective):
         return {"orthonormality_error": max_orthonormality_error(arrays)}
 
     def install(self, runtime, arrays):
-        runtime.cache["perfit_stage1"] = perfit_from_arrays(arrays, device=runtime.loaded.device)
+        runtime.cache.perfit_stage1 = perfit_from_arrays(arrays, device=runtime.loaded.device)
 
 
 for _core in (CollectiveShift, PersonalShift):

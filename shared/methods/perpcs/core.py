@@ -13,7 +13,7 @@ device in the federation).
   loss on the target's history.
 
 A device reads pieces from the pool service through a *piece source* in
-``runtime.cache["perpcs_source"]``: an object with ``gates(modules)`` (the pool's gates:
+``runtime.cache.perpcs_source``: an object with ``gates(modules)`` (the pool's gates:
 ``piece_id``, ``sharer``, ``layer``, ``module``) and ``fetch(ids)`` ({id: Piece});
 :class:`LocalPieces` is the one of an in-process run.
 """
@@ -57,7 +57,7 @@ RECIPE_FILE = "recipe.pcr"
 
 @dataclass
 class PiecePool:
-    """The pieces PER-PCS reads in one run (``runtime.cache["perpcs_pool"]``).
+    """The pieces PER-PCS reads in one run (``runtime.cache.perpcs_pool``).
 
     ``pool``: the shared gated pieces targets assemble from; ``lookup``: piece id -> piece,
     for rebuilding a recipe. An in-process run (:func:`piece_pool`) also knows each sharer's
@@ -109,12 +109,12 @@ def piece_pool(runtime: Runtime) -> PiecePool:
     on the stage-1 model, splits it into pieces, trains their gates and shares the consented
     subset. Returns the :class:`PiecePool` (each sharer's whole adapter, embedding and time
     included)."""
-    if "perpcs_pool" in runtime.cache:
-        return runtime.cache["perpcs_pool"]
+    if runtime.cache.perpcs_pool is not None:
+        return runtime.cache.perpcs_pool
     config = perpcs_config(runtime)
     train_config = personal_train_config(runtime)  # both checked before stage 1 trains
     model = stage1_model(runtime)
-    store = runtime.cache.get("sharer_store")  # a folder: trained pieces kept between runs
+    store = runtime.cache.sharer_store  # a folder: trained pieces kept between runs
     pool, adapters, embeddings, seconds = [], {}, {}, {}
     sharers = runtime.roles.get("sharers", [])
     for n, sharer in enumerate(sharers, 1):
@@ -142,10 +142,10 @@ def piece_pool(runtime: Runtime) -> PiecePool:
     if not pool:
         raise ValueError("PER-PCS needs sharers: none were assigned")
     log.info("piece pool: %d pieces from %d sharers", len(pool), len(adapters))
-    runtime.cache["perpcs_pool"] = PiecePool(
+    runtime.cache.perpcs_pool = PiecePool(
         pool=pool, lookup={p.piece_id: p for ps in adapters.values() for p in ps},
         adapters=adapters, embeddings=embeddings, seconds=seconds)
-    return runtime.cache["perpcs_pool"]
+    return runtime.cache.perpcs_pool
 
 
 #: PerPcsConfig fields that change what a sharer trains (the others only select or assemble).
@@ -254,16 +254,16 @@ class PersonalPieces(Core):
 
     def load_payload(self, directory, runtime):
         """The recipe back from its compact form, its pieces' ids expanded against the
-        pool's candidates (``runtime.cache["perpcs_source"]`` on a device, else this run's
+        pool's candidates (``runtime.cache.perpcs_source`` on a device, else this run's
         pool), and the pieces it names made available to :meth:`model_for`."""
-        source = runtime.cache.get("perpcs_source") or LocalPieces(piece_pool(runtime))
+        source = runtime.cache.perpcs_source or LocalPieces(piece_pool(runtime))
         candidates: dict = {}
         for gate in source.gates(perpcs_config(runtime).target_modules):
             candidates.setdefault((gate.layer, gate.module), []).append(
                 (gate.piece_id, gate.sharer))
         recipe = Recipe.from_compact((directory / RECIPE_FILE).read_bytes(), candidates)
         lookup = source.fetch(sorted(recipe.piece_ids()))
-        runtime.cache["perpcs_pool"] = PiecePool.of(lookup)
+        runtime.cache.perpcs_pool = PiecePool.of(lookup)
         return recipe
 
 
