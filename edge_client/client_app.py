@@ -66,6 +66,7 @@ from edge_client import phases
 from edge_client.audit import AuditClientInterceptor, audit_mod, note_consent_rule
 from edge_client.consent import ConsentDenied, device_policy
 from edge_client.pool_client import describe_request
+from edge_client.pool_pieces import PoolPieces
 from edge_client.secagg import secagg_mod
 from edge_client.state import ClientState, ledger_path
 from shared.config import ARRAYS_DIGEST_KEY, KEPT_METRIC
@@ -316,12 +317,12 @@ def _needs_pool(methods: Sequence[str]) -> bool:
     return any(core_class(parse_method(m).core).uses_pool for m in methods)
 
 
-def _pool(options: Mapping[str, Any], context: Context, loaded) -> phases.PoolPieces:
+def _pool(options: Mapping[str, Any], context: Context, loaded) -> PoolPieces:
     """The pool service as this device reads it: its own CA, the sharers the server named,
     pieces that fit this model, every call audited, fetched pieces kept on the device."""
     target, ca, interceptors = _pool_access(options, context)
     directory = _device_dir(context, required=False)
-    return phases.PoolPieces(target, ca, interceptors=interceptors,
+    return PoolPieces(target, ca, interceptors=interceptors,
                              trusted_keys=phases.trusted_sharers(options),
                              run=str(options.get("pool-run") or ""),
                              shapes=ModelShapes.of(loaded.model),

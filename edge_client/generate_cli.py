@@ -25,7 +25,8 @@ def cmd_generate(args) -> int:
     import numpy as np
 
     # lazy: a command loads only what it runs (pfl --help loads no torch)
-    from edge_client.phases import PoolPieces, answer_query
+    from edge_client.phases import answer_query
+    from edge_client.pool_pieces import PoolPieces
     from shared.data import load_dataset
     from shared.models import load_model
     from shared.prompts import build_prompt

@@ -26,7 +26,8 @@ from cloud_server.pool_store import PoolStore
 from edge_client.audit import AuditLedger, read_entries, verify
 from edge_client.client_app import make_client_app
 from edge_client.consent import ConsentPolicy
-from edge_client.phases import fetch_pool, trusted_sharers
+from edge_client.phases import trusted_sharers
+from edge_client.pool_pieces import fetch_pool
 from edge_client.pool_client import PoolClient, PoolError
 from shared import crypto
 from shared.errors import (BAD_REQUEST, CONSENT_DENIED, DEVICE_ERRORS, FAILED, NOT_CONFIGURED,
