@@ -57,17 +57,24 @@ def classification_metrics(predictions: Sequence[str], golds: Sequence[str],
     }
 
 
+#: the rating scale of the rating tasks (LaMP-3, synthetic): 1 to 5 stars
+RATING_RANGE = (1.0, 5.0)
+
+
 def rating_value(prediction: str) -> float | None:
-    """float(prediction) when it is a finite number, else None."""
+    """float(prediction) when it is a number on the rating scale (:data:`RATING_RANGE`),
+    else None: "7" or "-3" is no more a rating than "great" is."""
     try:
         value = float(prediction.strip())
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
+    low, high = RATING_RANGE
+    return value if low <= value <= high else None
 
 
 def parse_rating(prediction: str, gold: float) -> float:
-    """float(prediction), or the one of 1 and 5 farther from the gold when unparsable."""
+    """float(prediction), or the one of 1 and 5 farther from the gold when it is not a
+    rating (unparsable or off the scale): an answer's error is at most 4."""
     value = rating_value(prediction)
     if value is not None:
         return value

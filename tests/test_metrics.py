@@ -54,6 +54,8 @@ def test_gold_outside_label_list_is_an_error():
 @pytest.mark.parametrize("pred,gold,expected", [
     ("4", 5.0, 4.0), (" 2.5 ", 3.0, 2.5), ("five", 5.0, 1.0), ("five", 1.0, 5.0),
     ("", 2.0, 5.0), ("", 4.0, 1.0), ("", 3.0, 5.0), ("nan", 2.0, 5.0),
+    # off the 1..5 scale: not a rating either
+    ("1000", 4.0, 1.0), ("-3", 2.0, 5.0), ("6", 5.0, 1.0), ("1", 1.0, 1.0), ("5.0", 2.0, 5.0),
 ])
 def test_parse_rating_falls_back_to_farther_extreme(pred, gold, expected):
     assert parse_rating(pred, gold) == expected
@@ -93,3 +95,15 @@ def test_evaluate_dispatches_by_task_kind():
     assert evaluate(news_category(("x", "y")), ["y"], ["y"])["accuracy"] == 1.0
     with pytest.raises(ValueError):
         evaluate(LAMP_4, ["a"], ["a", "b"])
+
+
+def test_an_honest_devices_wild_rating_answer_keeps_its_statistics():
+    """A model that answers "1000" or "-7" (the tiny random model can) is wrong, not hostile:
+    its error counts as the scale's worst (4), so the server's bounds still take the
+    device's statistics."""
+    from shared.metrics import check_stats, metric_stats
+    from shared.tasks import SYNTHETIC
+
+    stats = metric_stats(SYNTHETIC, ["1000", "-7", "3"], ["4", "2", "3"])
+    assert stats["abs_error"] == 3.0 + 3.0 and stats["valid"] == 1.0
+    assert check_stats(SYNTHETIC, stats) is None
