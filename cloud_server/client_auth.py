@@ -28,6 +28,9 @@ from cloud_server.rpc import RequestError
 from shared import crypto
 
 
+_SIGNED_CALL = (crypto.REQUEST_KEY, crypto.REQUEST_TIME, crypto.REQUEST_NONCE, crypto.REQUEST_SIG)
+
+
 def _unauthenticated(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.UNAUTHENTICATED, message)
 
@@ -64,6 +67,8 @@ class RequestAuth:
         answered."""
         meta: dict[str, bytes | str] = {}
         for item in context.invocation_metadata() or ():
+            if item.key not in _SIGNED_CALL:
+                continue
             if item.key in meta:
                 raise _unauthenticated(f"{item.key} given twice")
             meta[item.key] = item.value
