@@ -378,14 +378,21 @@ class Batcher:
             return self._fair_batch(min(len(self.queue), self.limits.max_batch))
 
     def _fair_batch(self, n: int) -> list[_Job]:
-        """``n`` queued jobs taken in turn from each client (in the order clients first
+        """Up to ``n`` queued jobs taken in turn from each client (in the order clients first
         queued), so one client's backlog cannot keep another's next request out of the next
-        batch; each client's own jobs keep their order. Call with the lock held."""
+        batch; each client's own jobs keep their order. With several clients waiting, each
+        puts at most ``max_batch // clients`` rows in a batch: a flooding client's backlog
+        does not make every other client's batch a full one (a client alone still fills
+        it). Call with the lock held."""
         by_client: dict[str, collections.deque] = {}
         for job in self.queue:
             by_client.setdefault(job.client, collections.deque()).append(job)
+        share = max(1, self.limits.max_batch // len(by_client)) if by_client else n
+        for client, jobs in by_client.items():
+            while len(jobs) > share:
+                jobs.pop()  # the newest wait for a later batch
         taken: list[_Job] = []
-        while len(taken) < n:
+        while len(taken) < n and by_client:
             for client in list(by_client):
                 taken.append(by_client[client].popleft())
                 if not by_client[client]:

@@ -662,7 +662,8 @@ def test_a_flooding_connection_beside_idle_streams_leaves_others_answered(tmp_pa
 
 def test_the_batcher_takes_clients_in_turn():
     """One client's backlog of 40 queued requests does not keep another client's request
-    out of the next batch of 32; each client's own requests keep their order."""
+    out of the next batch of 32, nor fill that batch (two clients waiting: at most 16 rows
+    each); each client's own requests keep their order; a client alone fills a batch."""
     from concurrent.futures import Future
 
     from cloud_server.inference_service import Batcher, ServeLimits, _Job
@@ -675,9 +676,11 @@ def test_the_batcher_takes_clients_in_turn():
             batcher.queue.extend(flood + [other])
             batch = batcher._fair_batch(32)
             left = list(batcher.queue)
-        assert other in batch and len(batch) == 32
-        assert [j for j in batch if j.client == "flood"] == flood[:31]
-        assert left == flood[31:]
+            alone = batcher._fair_batch(32)
+        assert other in batch and len(batch) == 17
+        assert [j for j in batch if j.client == "flood"] == flood[:16]
+        assert left == flood[16:]
+        assert alone == flood[16:]  # the flooder alone: the rest in one batch
     finally:
         batcher.close()
 
