@@ -38,6 +38,11 @@ DECLARED_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The history a trained method uses by default: each user's 50 most recent items, in `pfl
+#: eval`, `pfl tune`, `pfl simulate` and a federation's run config alike (0 in a run config:
+#: all of it).
+MAX_HISTORY = 50
+
 #: Config keys the server sends with each round of DP stage 1 (cloud_server.privacy); a
 #: device's ledger keeps them as meta with underscores (edge_client.audit).
 DP_ROUND_KEYS = ("dp-clipping-norm", "dp-noise-multiplier", "dp-epsilon", "dp-delta")
@@ -87,7 +92,7 @@ class RunConfig:
     pool_address: str = ""  # host:port of `pfl pool serve` (needed by perpcs)
     grant_key: str = ""  # the server's federation.key (from `pfl certs`): signs sharer grants
     recipe: str = "tuned"  # tuned (shipped for model+task, else paper), paper, or a file
-    max_history: int = 0  # trained methods use each user's N most recent items (0: all)
+    max_history: int = MAX_HISTORY  # trained methods use each user's N most recent items (0: all)
     stage1_epochs: float = 0.0  # 0: the recipe's
     personal_epochs: float = 0.0  # 0: the recipe's
     local_epochs: float = 0.0  # stage-1 epochs per round (0: the recipe's)

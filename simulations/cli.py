@@ -40,7 +40,7 @@ from edge_client.node_cli import add_device_key_command, add_node_key_command
 from edge_client.ondevice.cli import add_export_command
 from edge_client.audit import add_audit_commands
 from edge_client.audit import summary as ledger_summary
-from shared.config import settings_keys
+from shared.config import MAX_HISTORY, settings_keys
 from shared.errors import PflError
 from shared.files import write_json
 from simulations.bench_cli import add_bench_commands
@@ -632,7 +632,7 @@ def add_tune_command(commands) -> None:
                       help="the pfl eval run's --users, whose targets are left out (default 40)")
     tune.add_argument("--sharers", type=int, default=10)
     tune.add_argument("--collective", type=int, default=30)
-    tune.add_argument("--max-history", type=int, default=50)
+    tune.add_argument("--max-history", type=int, default=MAX_HISTORY)
     tune.add_argument("--min-history", type=int, default=None)
     tune.add_argument("--stages", default="stage1,oppu,perpcs,perfit",
                       help="the parts to tune, in order (default %(default)s)")

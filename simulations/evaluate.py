@@ -20,6 +20,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from shared.config import MAX_HISTORY
 from shared.data import HUFFPOST_TASKS, load_dataset
 from shared.errors import PflError
 from shared.generation import GenerationConfig
@@ -55,7 +56,7 @@ class EvalConfig:
     min_history: int | None = None  # None: the task's default
     sharers: int = 10
     collective: int = 30
-    max_history: int | None = 50  # trained methods use each user's most recent items only
+    max_history: int | None = MAX_HISTORY  # trained methods use each user's most recent items only
     stage1_epochs: float | None = None  # None: the recipe's (paper: 3)
     personal_epochs: float | None = None  # None: the recipe's (paper: 2)
     progress: bool = True

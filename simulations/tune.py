@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from shared.config import MAX_HISTORY
 from shared.data import load_dataset
 from shared.errors import PflError
 from shared.generation import GenerationConfig
@@ -65,7 +66,7 @@ class TuneConfig:
     targets: int = 40
     sharers: int = 10
     collective: int = 30
-    max_history: int | None = 50
+    max_history: int | None = MAX_HISTORY
     min_history: int | None = None
     stages: Sequence[str] = tuple(STAGE_METHOD)
     grid: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_GRID)))
