@@ -63,8 +63,10 @@ from shared.methods.perfit.core import perfit_config, perfit_from_arrays
 from shared.methods.perpcs.pieces import piece_updates
 from shared.methods.perpcs.recipe import rebuild
 from shared.prompts import encode_prompt
-from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, adapter_from_proto, adapter_id,
-                                  perfit_stage_from_proto, recipe_from_proto)
+from shared.methods.oppu.wire import adapter_from_proto, adapter_id
+from shared.methods.perfit.wire import perfit_stage_from_proto
+from shared.methods.perpcs.wire import recipe_from_proto
+from shared.serialization import DEFAULT_LIMITS, InvalidPiece
 from shared.serving.engine import BatchedEngine
 from shared.serving.rows import RowAdapter, RowIntervention, concat, lora_state_updates
 from shared.tasks import SYNTHETIC

@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import crypto
 from shared.errors import PflError
-from shared.serialization import (adapter_id, adapter_to_proto, perfit_stage_to_proto,
-                                  recipe_to_proto)
+from shared.methods.oppu.wire import adapter_id, adapter_to_proto
+from shared.methods.perfit.wire import perfit_stage_to_proto
+from shared.methods.perpcs.wire import recipe_to_proto
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20

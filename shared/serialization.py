@@ -1,4 +1,6 @@
-"""Pieces, gates and recipes <-> protobuf messages (shared.wire), with validation.
+"""Pieces, gates and grants <-> protobuf messages (shared.wire), with validation; the
+tensor codec every method's own wire format uses (a method folder's ``wire.py``: PER-PCS
+recipes, OPPU adapters, PerFit parameters).
 
 Tensors travel as raw little-endian row-major bytes in float32 or float16 (never bf16) with
 their shape and hex sha256. Decoding checks every inbound field before a :class:`Piece` is
@@ -26,7 +28,6 @@ import torch
 from shared import crypto
 from shared.errors import PflError
 from shared.methods.perpcs.pieces import Piece, tensor_bytes
-from shared.methods.perpcs.recipe import Recipe
 from shared.wire import pfl_pb2
 
 #: dtype names allowed on the wire -> (torch dtype, little-endian numpy dtype).
@@ -144,7 +145,7 @@ def tensor_from_proto(msg: pfl_pb2.Tensor, name: str = "tensor",
 
 
 # ----------------------------------------------------------------------- validation
-def _check_values(tensor: torch.Tensor, name: str, limits: Limits) -> None:
+def check_values(tensor: torch.Tensor, name: str, limits: Limits) -> None:
     if not bool(torch.isfinite(tensor).all()):
         raise InvalidPiece(f"{name} has non-finite values (NaN or inf)")
     norm = float(torch.linalg.vector_norm(tensor.double()))
@@ -184,7 +185,7 @@ def validate_piece(piece: Piece, limits: Limits = DEFAULT_LIMITS) -> Piece:
         if tensor.dtype not in _WIRE_NAME:
             raise InvalidPiece(f"{where}: {name} dtype {tensor.dtype} is not allowed "
                                "(float32 or float16; see piece_for_wire)")
-        _check_values(tensor, f"{where}: {name}", limits)
+        check_values(tensor, f"{where}: {name}", limits)
     update = update_norm(piece)
     if update > limits.max_update_norm:
         raise InvalidPiece(f"{where}: its update |scaling * B A| = {update:.4g} exceeds the "
@@ -436,7 +437,7 @@ class Gate:
         gate = tensor_from_proto(msg.gate, where, limits)
         if gate.dim() != 1:
             raise InvalidPiece(f"{where}: must be a vector, got shape {tuple(gate.shape)}")
-        _check_values(gate, where, limits)
+        check_values(gate, where, limits)
         return cls(msg.piece_id, msg.sharer, msg.layer, msg.module, msg.rank, gate,
                    bytes(msg.signature), bytes(msg.public_key))
 
@@ -479,132 +480,3 @@ def piece_from_content_bytes(data: bytes, sharer: str, expected_id: str | None =
                      float.fromhex(header["scaling"]), tensors["gate"])
     except (TypeError, KeyError, ValueError, json.JSONDecodeError) as exc:
         raise InvalidPiece(f"malformed piece content bytes: {exc}") from None
-
-
-# ---------------------------------------------------------------------------- recipes
-def recipe_to_proto(recipe: Recipe) -> pfl_pb2.Recipe:
-    """A PER-PCS recipe as a wire Recipe."""
-    msg = pfl_pb2.Recipe(combination=recipe.combination,
-                         config_json=json.dumps(recipe.config, sort_keys=True,
-                                                separators=(",", ":")))
-    for (layer, module), items in recipe.entries.items():
-        msg.entries.add(layer=layer, module=module,
-                        items=[pfl_pb2.RecipeItem(piece_id=p, weight=w) for p, w in items])
-    return msg
-
-
-def recipe_from_proto(msg: pfl_pb2.Recipe) -> Recipe:
-    """Decode and validate a wire Recipe (piece ids well formed, weights finite)."""
-    entries = {}
-    for entry in msg.entries:
-        key = (entry.layer, entry.module)
-        if key in entries:
-            raise InvalidPiece(f"recipe: layer {entry.layer} {entry.module} appears twice")
-        for item in entry.items:
-            if not is_piece_id(item.piece_id):
-                raise InvalidPiece(f"recipe: malformed piece id {item.piece_id[:70]!r}")
-            if not math.isfinite(item.weight) or abs(item.weight) > MAX_RECIPE_WEIGHT:
-                raise InvalidPiece(f"recipe: weight {item.weight!r} of layer {entry.layer} "
-                                   f"{entry.module} is not a finite number within "
-                                   f"+-{MAX_RECIPE_WEIGHT:g}")
-        entries[key] = [(item.piece_id, item.weight) for item in entry.items]
-    if len(msg.config_json) > MAX_RECIPE_CONFIG:
-        raise InvalidPiece(f"recipe: config of {len(msg.config_json)} characters (at most "
-                           f"{MAX_RECIPE_CONFIG})")
-    try:
-        config = json.loads(msg.config_json) if msg.config_json else {}
-    except RecursionError:
-        raise InvalidPiece("recipe: config is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidPiece(f"recipe: config is not JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise InvalidPiece("recipe: config is not a JSON object")
-    return Recipe(entries, msg.combination, config)
-
-
-#: A recipe item's weight is a mixing weight (a gate's share, about 0..1): far beyond this
-#: it can only overflow the assembly.
-MAX_RECIPE_WEIGHT = 1e4
-#: Characters of a recipe's ``config_json`` (the settings that produced it).
-MAX_RECIPE_CONFIG = 64 << 10
-
-
-# ------------------------------------------------------------ inference: personal state
-def adapter_to_proto(pieces) -> pfl_pb2.UploadAdapterRequest:
-    """A personal LoRA (ungated pieces, one per module) as an upload for the inference
-    service."""
-    msg = pfl_pb2.UploadAdapterRequest()
-    for piece in pieces:
-        piece = piece_for_wire(piece)
-        msg.factors.add(layer=piece.layer, module=piece.module, scaling=piece.scaling,
-                        a=tensor_to_proto(piece.A, "A"), b=tensor_to_proto(piece.B, "B"))
-    return msg
-
-
-def adapter_id(pieces) -> str:
-    """The id of a personal LoRA: sha256 over its pieces' content ids, sorted."""
-    return hashlib.sha256("".join(sorted(p.piece_id for p in pieces)).encode()).hexdigest()
-
-
-def adapter_from_proto(msg: pfl_pb2.UploadAdapterRequest, limits: Limits = DEFAULT_LIMITS,
-                       *, max_factors: int = 4096) -> list[Piece]:
-    """Decode and validate an uploaded personal LoRA: each factor pair as a piece must pass
-    :func:`validate_piece` (shapes, finiteness, norms, update bound), and a module appears
-    once. Shapes against the served model are the service's check."""
-    if not 1 <= len(msg.factors) <= max_factors:
-        raise InvalidPiece(f"an adapter has 1..{max_factors} modules, got {len(msg.factors)}")
-    pieces, seen = [], set()
-    for i, factor in enumerate(msg.factors):
-        check_names("upload", factor.layer, factor.module, limits)
-        key = (factor.layer, factor.module)
-        if key in seen:
-            raise InvalidPiece(f"adapter: layer {factor.layer} {factor.module} appears twice")
-        seen.add(key)
-        A = tensor_from_proto(factor.a, f"factor {i} A", limits)
-        B = tensor_from_proto(factor.b, f"factor {i} B", limits)
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-            raise InvalidPiece(f"factor {i} {key}: A {tuple(A.shape)} and B {tuple(B.shape)} "
-                               "are not (r, d_in) and (d_out, r)")
-        pieces.append(validate_piece(Piece("upload", factor.layer, factor.module, A, B,
-                                           float(factor.scaling)), limits))
-    return pieces
-
-
-def perfit_stage_to_proto(stage) -> pfl_pb2.PerFitParams:
-    """A PerFit stage (a user's personal stage 2) as inline request parameters."""
-    msg = pfl_pb2.PerFitParams()
-    for layer in stage.layers:
-        arrays = stage[layer].export_arrays()
-        msg.layers.add(layer=layer, **{name.lower(): tensor_to_proto(
-            torch.from_numpy(arrays[name]), name) for name in "RWb"})
-    return msg
-
-
-def perfit_stage_from_proto(msg: pfl_pb2.PerFitParams, limits: Limits = DEFAULT_LIMITS, *,
-                            max_layers: int = 256):
-    """Decode and validate inline PerFit parameters into a PerFitStage: per layer R and W
-    (r, d), b (r,), one rank and width for all, finite and within the norm bound; an R that
-    is not orthonormal is re-orthonormalized (as after FedAvg)."""
-    from shared.methods.perfit.model import PerFitStage  # cycle: perfit imports this module
-
-    if not 1 <= len(msg.layers) <= max_layers:
-        raise InvalidPiece(f"PerFit parameters need 1..{max_layers} layers, got "
-                           f"{len(msg.layers)}")
-    arrays, seen = {}, set()
-    for entry in msg.layers:
-        if entry.layer > limits.max_layer or entry.layer in seen:
-            raise InvalidPiece(f"PerFit: layer {entry.layer} is out of range or repeated")
-        seen.add(entry.layer)
-        for name, tensor_msg in (("R", entry.r), ("W", entry.w), ("b", entry.b)):
-            tensor = tensor_from_proto(tensor_msg, f"PerFit layer {entry.layer} {name}", limits)
-            _check_values(tensor, f"PerFit layer {entry.layer} {name}", limits)
-            arrays[f"layers.{entry.layer}.{name}"] = tensor.float().numpy()
-    shapes = {(a.shape[0], a.shape[-1] if a.ndim == 2 else None) for k, a in arrays.items()
-              if not k.endswith(".b")}
-    if len(shapes) != 1:
-        raise InvalidPiece(f"PerFit: R and W must all have one shape (rank, width), got "
-                           f"{sorted(shapes)}")
-    try:
-        return PerFitStage.from_arrays(arrays)
-    except (ValueError, RuntimeError) as exc:
-        raise InvalidPiece(f"PerFit parameters: {exc}") from None

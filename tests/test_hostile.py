@@ -809,7 +809,7 @@ def test_an_adapter_is_usable_only_by_the_key_that_uploaded_it(served):
     """The adapter id (what the device's ledger keeps) is not a credential: another key gets
     NOT_FOUND with it, and uploading the same adapter tells it nothing (created=True)."""
     from edge_client.inference_client import InferenceError
-    from shared.serialization import adapter_to_proto
+    from shared.methods.oppu.wire import adapter_to_proto
 
     pieces = _adapter(served["shapes"], 1)
     with _serve_client(served) as owner, _serve_client(served) as stranger:

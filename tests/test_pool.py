@@ -26,9 +26,10 @@ from shared import crypto
 from shared.errors import PflError
 from shared.methods.perpcs.pieces import Piece
 from shared.methods.perpcs.recipe import Recipe
+from shared.methods.perpcs.wire import recipe_from_proto, recipe_to_proto
 from shared.serialization import (InvalidPiece, Limits, SignedPiece, content_bytes,
                                   piece_for_wire, piece_from_content_bytes, piece_from_proto,
-                                  piece_to_proto, recipe_from_proto, recipe_to_proto)
+                                  piece_to_proto)
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
