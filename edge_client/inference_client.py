@@ -25,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared import crypto
 from shared.errors import PflError
-from shared.methods.oppu.wire import adapter_id, adapter_to_proto
+from shared.methods.oppu.wire import (UPLOAD_CONSENT, adapter_id, adapter_to_proto,
+                                      describe_upload)
 from shared.methods.perfit.wire import perfit_stage_to_proto
 from shared.methods.perpcs.wire import recipe_to_proto
+from shared.serialization import remote_kind
 from shared.wire import pfl_pb2, pfl_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
@@ -130,17 +132,13 @@ class InferenceClient:
         return reply.text
 
 
-def _tensors(messages: dict) -> dict:
-    import numpy as np
-
-    return {name: np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(tuple(t.shape))
-            for name, t in messages.items()}
-
-
 def inference_describer(policy):
     """The audit ledger's ``describe_request_fn`` for the inference service, under a device's
-    consent ``policy``: every request needs ``inference.remote``; PerFit parameters also
-    ``upload.perfit_stage2`` and an adapter upload ``upload.oppu_personal_lora``. A request
+    consent ``policy``: every request needs ``inference.remote``, and a method's
+    personalization also the consent kind its folder's ``wire.py`` registered
+    (:class:`shared.serialization.RemoteKind`: PerFit parameters ``upload.perfit_stage2``; an
+    adapter upload ``upload.oppu_personal_lora``; a recipe or an adapter id nothing more). A
+    request
     the policy does not allow raises :class:`edge_client.consent.ConsentDenied`, so it is
     neither recorded nor sent. The entry names the rule(s), describes every tensor sent, and
     keeps the prompt's sha256 and length (the ledger holds no raw text)."""
@@ -150,30 +148,23 @@ def inference_describer(policy):
         name = method.rsplit("/", 1)[-1]
         rules = [policy.require("inference_remote")]
         if name == "UploadAdapter":
-            rules.append(policy.require("oppu_personal_lora"))
-            arrays = _tensors({f"{f.layer}.{f.module}/{x}": getattr(f, x.lower())
-                               for f in request.factors for x in ("A", "B")})
-            return {"arrays": arrays, "consent_rule": "+".join(rules),
-                    "extra": {"modules": len(request.factors)}}
+            rules.append(policy.require(UPLOAD_CONSENT))
+            arrays, extra = describe_upload(request)
+            return {"arrays": arrays, "consent_rule": "+".join(rules), "extra": extra}
         if name != "Generate":
             raise PflError(f"inference: no consent rule covers {name}")
         kind = request.WhichOneof("personalization") or "stage1"
-        arrays = {}
+        arrays, extra, meta = {}, {}, {}
+        if kind not in ("stage1", "base"):  # a method's own: its wire.py says what leaves
+            remote = remote_kind(kind)
+            if remote.consent is not None:
+                rules.append(policy.require(remote.consent))
+            arrays, extra, meta = remote.describe(getattr(request, kind))
         extra = {"prompt": request.prompt, "personalization": kind,
-                 "max_new_tokens": request.max_new_tokens}
-        if kind == "perfit":
-            rules.append(policy.require("perfit_stage2"))
-            arrays = _tensors({f"{entry.layer}/{x}": getattr(entry, x.lower())
-                               for entry in request.perfit.layers for x in ("R", "W", "b")})
-        elif kind == "perpcs":
-            extra["recipe_pieces"] = sum(len(e.items) for e in request.perpcs.entries)
-        elif kind == "oppu_adapter":
-            extra["adapter_id"] = len(request.oppu_adapter)
+                 "max_new_tokens": request.max_new_tokens, **extra}
         data = request.prompt.encode("utf-8")
         return {"arrays": arrays, "consent_rule": "+".join(rules), "extra": extra,
                 "meta": {"prompt_sha256": hashlib.sha256(data).hexdigest(),
-                         "prompt_bytes": len(data),
-                         **({"adapter_id": request.oppu_adapter}
-                            if kind == "oppu_adapter" else {})}}
+                         "prompt_bytes": len(data), **meta}}
 
     return describe

@@ -20,7 +20,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -99,6 +99,43 @@ class ModelShapes:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class RemoteKind:
+    """How one method's personalization travels in a ``GenerateRequest`` (its ``oneof
+    personalization`` field), registered by the method folder's ``wire.py``: the consent
+    kind a device needs to send it (beyond ``inference_remote``; None: nothing more leaves
+    than ids), and what its audit entry says of it: ``describe(part)`` gives (arrays sent,
+    extra fields, meta)."""
+
+    field: str
+    consent: str | None
+    describe: Callable[[Any], tuple[dict, dict, dict]]
+
+
+_REMOTE_KINDS: dict[str, RemoteKind] = {}
+
+
+def register_remote_kind(kind: RemoteKind) -> None:
+    _REMOTE_KINDS[kind.field] = kind
+
+
+def remote_kind(field_name: str) -> RemoteKind:
+    """The registered kind of a ``GenerateRequest`` personalization field."""
+    # lazy: the method folders' wire modules import this one
+    from shared.methods.base import discover
+
+    discover()
+    if field_name not in _REMOTE_KINDS:
+        raise PflError(f"no method registered the personalization {field_name!r}")
+    return _REMOTE_KINDS[field_name]
+
+
+def wire_arrays(messages: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{name: Tensor message}`` as numpy arrays, as sent (no checks: for describing)."""
+    return {name: np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(tuple(t.shape))
+            for name, t in messages.items()}
 
 
 def is_piece_id(text: str) -> bool:

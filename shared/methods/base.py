@@ -306,8 +306,9 @@ _DISCOVERED: set[str] = set()
 
 
 def discover() -> None:
-    """Import every method folder of :mod:`shared.methods` (and its ``core`` module, if it
-    has one), once: each registers its cores and collective kinds where they are defined."""
+    """Import every method folder of :mod:`shared.methods` (and its ``core`` and ``wire``
+    modules, if it has them), once: each registers its cores, collective kinds, settings
+    and wire kinds where they are defined."""
     package = importlib.import_module("shared.methods")
     for folder in pkgutil.iter_modules(package.__path__):
         name = f"shared.methods.{folder.name}"
@@ -315,8 +316,9 @@ def discover() -> None:
             continue
         _DISCOVERED.add(name)
         importlib.import_module(name)
-        if importlib.util.find_spec(f"{name}.core") is not None:
-            importlib.import_module(f"{name}.core")
+        for part in ("core", "wire"):
+            if importlib.util.find_spec(f"{name}.{part}") is not None:
+                importlib.import_module(f"{name}.{part}")
 _CORE_ALIASES = {"base": "nonpersonalized", "none": "nonpersonalized", "k0": "nonpersonalized",
                  "non-personalized": "nonpersonalized"}
 _AUGMENTATION = re.compile(r"^(rag|random)(\d+)$")

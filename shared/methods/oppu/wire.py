@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 
 from shared.methods.perpcs.pieces import Piece
-from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, Limits, check_names,
-                                  piece_for_wire, tensor_from_proto, tensor_to_proto,
-                                  validate_piece)
+from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, Limits, RemoteKind,
+                                  check_names, piece_for_wire, register_remote_kind,
+                                  tensor_from_proto, tensor_to_proto, validate_piece,
+                                  wire_arrays)
 from shared.wire import pfl_pb2
 
 
@@ -50,3 +51,19 @@ def adapter_from_proto(msg: pfl_pb2.UploadAdapterRequest, limits: Limits = DEFAU
         pieces.append(validate_piece(Piece("upload", factor.layer, factor.module, A, B,
                                            float(factor.scaling)), limits))
     return pieces
+
+
+#: the consent kind an adapter upload needs (the user's personal LoRA leaves the device)
+UPLOAD_CONSENT = "oppu_personal_lora"
+
+
+def describe_upload(msg: pfl_pb2.UploadAdapterRequest) -> tuple[dict, dict]:
+    """(arrays sent, extra fields) of an adapter upload, for the device's audit entry."""
+    return (wire_arrays({f"{f.layer}.{f.module}/{x}": getattr(f, x.lower())
+                         for f in msg.factors for x in ("A", "B")}),
+            {"modules": len(msg.factors)})
+
+
+register_remote_kind(RemoteKind(
+    "oppu_adapter", None,  # an id of what this device uploaded (the upload was consented)
+    lambda ident: ({}, {"adapter_id": len(ident)}, {"adapter_id": ident})))

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from shared.methods.perfit.model import PerFitStage
-from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, Limits, check_values,
-                                  tensor_from_proto, tensor_to_proto)
+from shared.serialization import (DEFAULT_LIMITS, InvalidPiece, Limits, RemoteKind,
+                                  check_values, register_remote_kind, tensor_from_proto,
+                                  tensor_to_proto, wire_arrays)
 from shared.wire import pfl_pb2
 
 
@@ -47,3 +48,9 @@ def perfit_stage_from_proto(msg: pfl_pb2.PerFitParams, limits: Limits = DEFAULT_
         return PerFitStage.from_arrays(arrays)
     except (ValueError, RuntimeError) as exc:
         raise InvalidPiece(f"PerFit parameters: {exc}") from None
+
+
+register_remote_kind(RemoteKind(
+    "perfit", "perfit_stage2",  # the user's own parameters leave the device
+    lambda msg: (wire_arrays({f"{entry.layer}/{x}": getattr(entry, x.lower())
+                              for entry in msg.layers for x in ("R", "W", "b")}), {}, {})))

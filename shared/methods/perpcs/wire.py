@@ -7,7 +7,7 @@ import json
 import math
 
 from shared.methods.perpcs.recipe import Recipe
-from shared.serialization import InvalidPiece, is_piece_id
+from shared.serialization import InvalidPiece, RemoteKind, is_piece_id, register_remote_kind
 from shared.wire import pfl_pb2
 
 
@@ -56,3 +56,8 @@ def recipe_from_proto(msg: pfl_pb2.Recipe) -> Recipe:
 MAX_RECIPE_WEIGHT = 1e4
 #: Characters of a recipe's ``config_json`` (the settings that produced it).
 MAX_RECIPE_CONFIG = 64 << 10
+
+
+register_remote_kind(RemoteKind(
+    "perpcs", None,  # piece ids and weights of the service's own pool: no tensor leaves
+    lambda msg: ({}, {"recipe_pieces": sum(len(e.items) for e in msg.entries)}, {})))
