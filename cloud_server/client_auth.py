@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 
@@ -33,17 +32,6 @@ _SIGNED_CALL = (crypto.REQUEST_KEY, crypto.REQUEST_TIME, crypto.REQUEST_NONCE, c
 
 def _unauthenticated(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.UNAUTHENTICATED, message)
-
-
-@dataclass(frozen=True)
-class Caller:
-    """An authenticated caller: its raw public key and a short name for logs and limits."""
-
-    key: bytes
-
-    @property
-    def name(self) -> str:
-        return "key-" + crypto.key_fingerprint(self.key)
 
 
 class RequestAuth:
@@ -61,9 +49,9 @@ class RequestAuth:
         self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def check(self, context, method: str, request) -> Caller:
-        """The caller of ``method`` (its short name, e.g. ``"Generate"``) with ``request``,
-        from the call's metadata; :class:`~cloud_server.rpc.RequestError` when it is not
+    def check(self, context, method: str, request) -> bytes:
+        """The caller's raw public key (its identity) for ``method`` (its short name, e.g.
+        ``"Generate"``) with ``request``, from the call's metadata; :class:`~cloud_server.rpc.RequestError` when it is not
         answered."""
         meta: dict[str, bytes | str] = {}
         for item in context.invocation_metadata() or ():
@@ -105,4 +93,4 @@ class RequestAuth:
             if tag in self._seen:
                 raise _unauthenticated("a replayed call (its nonce was seen)")
             self._seen[tag] = now
-        return Caller(bytes(key))
+        return bytes(key)

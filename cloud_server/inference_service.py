@@ -53,7 +53,7 @@ import grpc
 import numpy as np
 import torch
 
-from cloud_server.client_auth import Caller, RequestAuth
+from cloud_server.client_auth import RequestAuth
 from cloud_server.rpc import (Admission, RequestError, guard, run_until_stopped, target_of,
                               tls_server)
 from shared.errors import PflError
@@ -106,46 +106,16 @@ def _bad(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-class _Lru:
-    """Values by key, evicting the least recently used beyond ``capacity`` bytes."""
-
-    def __init__(self, capacity: int):
-        self.capacity = int(capacity)
-        self.items: collections.OrderedDict = collections.OrderedDict()
-        self.size = 0
-        self.lock = threading.Lock()
-
-    def get(self, key):
-        with self.lock:
-            if key not in self.items:
-                return None
-            self.items.move_to_end(key)
-            return self.items[key][0]
-
-    def put(self, key, value, size: int) -> bool:
-        """Keep ``value``; False (and nothing kept) if it alone exceeds the capacity."""
-        with self.lock:
-            if size > self.capacity:
-                return False
-            if key in self.items:
-                self.items.move_to_end(key)
-                return True
-            self.items[key] = (value, size)
-            self.size += size
-            while self.size > self.capacity:
-                _, (_, dropped) = self.items.popitem(last=False)
-                self.size -= dropped
-            return True
-
-    def __len__(self) -> int:
-        return len(self.items)
+#: the owner of entries every caller may use (assembled PER-PCS recipes: pool pieces only)
+SHARED = b""
 
 
 class _OwnedLru:
     """Values by (owner, key): each owner's share bounded by ``quota`` bytes (its own least
     recently used are evicted first), all owners together by ``capacity`` bytes (the least
     recently used of anyone's beyond that). One owner cannot push out another's entries
-    while the cache has room for both, and never finds an entry another owner put."""
+    while the cache has room for both, and never finds an entry another owner put. With
+    ``quota == capacity`` and one owner (:data:`SHARED`) it is a plain LRU bounded in bytes."""
 
     def __init__(self, capacity: int, quota: int):
         self.capacity, self.quota = int(capacity), int(min(quota, capacity))
@@ -210,7 +180,8 @@ class Personalizer:
         self.pool = pool
         self.adapters = _OwnedLru(int(limits.adapter_cache_mb * (1 << 20)),
                                   int(limits.adapter_quota_mb * (1 << 20)))
-        self.recipes = _Lru(int(limits.recipe_cache_mb * (1 << 20)))
+        recipe_bytes = int(limits.recipe_cache_mb * (1 << 20))
+        self.recipes = _OwnedLru(recipe_bytes, recipe_bytes)
         self.base_row = engine.place(RowAdapter(self.stage1, name="stage1")
                                      if self.stage1 else None)
 
@@ -243,7 +214,7 @@ class Personalizer:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                "this service has no piece pool: PER-PCS recipes are not served")
         key = hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
-        cached = self.recipes.get(key)
+        cached = self.recipes.get(SHARED, key)
         if cached is not None:
             return cached
         try:
@@ -264,7 +235,7 @@ class Personalizer:
             raise _bad(f"recipe: {exc}") from None
         self._checked(RowAdapter(updates, name="perpcs"), place=False)  # alone: shapes fit?
         row = self._checked(RowAdapter(concat(self.stage1, updates), name="perpcs"))
-        self.recipes.put(key, row, _updates_bytes(updates))
+        self.recipes.put(SHARED, key, row, _updates_bytes(updates))
         return row
 
     def _perfit(self, msg: pfl_pb2.PerFitParams) -> RowAdapter:
@@ -467,7 +438,7 @@ class InferenceServicer(pfl_pb2_grpc.InferenceServicer):
         self.personalizer, self.batcher = personalizer, batcher
         self.tokenizer, self.limits, self.auth = tokenizer, limits, auth
 
-    def _caller(self, context, method: str, request) -> Caller:
+    def _caller(self, context, method: str, request) -> bytes:
         try:
             return self.auth.check(context, method, request)
         except RequestError as exc:
@@ -477,7 +448,7 @@ class InferenceServicer(pfl_pb2_grpc.InferenceServicer):
     def UploadAdapter(self, request, context):
         caller = self._caller(context, "UploadAdapter", request)
         try:
-            ident, created = self.personalizer.upload(request, caller.key)
+            ident, created = self.personalizer.upload(request, caller)
         except RequestError as exc:
             context.abort(exc.code, str(exc))
         return pfl_pb2.UploadAdapterReply(adapter_id=ident, created=created)
@@ -486,7 +457,7 @@ class InferenceServicer(pfl_pb2_grpc.InferenceServicer):
     def Generate(self, request, context):
         caller = self._caller(context, "Generate", request)
         try:
-            prompt, max_new, row = self._parse(request, caller.key)
+            prompt, max_new, row = self._parse(request, caller)
             future = self.batcher.submit(prompt, row, max_new, _client_of(context),
                                          min_new_tokens=request.min_new_tokens)
         except RequestError as exc:

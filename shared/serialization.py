@@ -123,10 +123,11 @@ def register_remote_kind(kind: RemoteKind) -> None:
 
 def remote_kind(field_name: str) -> RemoteKind:
     """The registered kind of a ``GenerateRequest`` personalization field."""
-    # lazy: the method folders' wire modules import this one
-    from shared.methods.base import discover
+    if field_name not in _REMOTE_KINDS:  # not yet imported: look in the method folders once
+        # lazy: the method folders' wire modules import this one
+        from shared.methods.base import discover
 
-    discover()
+        discover()
     if field_name not in _REMOTE_KINDS:
         raise PflError(f"no method registered the personalization {field_name!r}")
     return _REMOTE_KINDS[field_name]
