@@ -73,10 +73,10 @@ def _remote_client(args):
     key_path = args.device_key or (Path(args.state) / "device.key" if args.state else None)
     if key_path is None:
         raise PflError("--remote needs --device-key (or --state, whose device.key is used)")
-    interceptor = AuditClientInterceptor(ledger, "inference-grpc", args.remote,
-                                         inference_describer(policy))
-    return InferenceClient(args.remote, args.ca, key=crypto.device_key(key_path),
-                           interceptors=[interceptor])
+    key = crypto.device_key(key_path)
+    describer = inference_describer(policy, crypto.public_key_bytes(key))
+    interceptor = AuditClientInterceptor(ledger, "inference-grpc", args.remote, describer)
+    return InferenceClient(args.remote, args.ca, key=key, interceptors=[interceptor])
 
 
 def add_generate_command(subparsers) -> None:

@@ -132,7 +132,7 @@ class InferenceClient:
         return reply.text
 
 
-def inference_describer(policy):
+def inference_describer(policy, signed_by: bytes | None = None):
     """The audit ledger's ``describe_request_fn`` for the inference service, under a device's
     consent ``policy``: every request needs ``inference.remote``, and a method's
     personalization also the consent kind its folder's ``wire.py`` registered
@@ -141,8 +141,12 @@ def inference_describer(policy):
     request
     the policy does not allow raises :class:`edge_client.consent.ConsentDenied`, so it is
     neither recorded nor sent. The entry names the rule(s), describes every tensor sent, and
-    keeps the prompt's sha256 and length (the ledger holds no raw text)."""
+    keeps the prompt's sha256 and length (the ledger holds no raw text). ``signed_by``: the
+    device's public key that signs each call (it travels in the call's metadata, with the
+    time, a nonce and the signature), recorded in every entry's meta."""
     import hashlib
+
+    signer = {"signed_by": signed_by.hex()} if signed_by else {}
 
     def describe(method: str, request) -> dict:
         name = method.rsplit("/", 1)[-1]
@@ -150,7 +154,8 @@ def inference_describer(policy):
         if name == "UploadAdapter":
             rules.append(policy.require(UPLOAD_CONSENT))
             arrays, extra = describe_upload(request)
-            return {"arrays": arrays, "consent_rule": "+".join(rules), "extra": extra}
+            return {"arrays": arrays, "consent_rule": "+".join(rules), "extra": extra,
+                    "meta": dict(signer)}
         if name != "Generate":
             raise PflError(f"inference: no consent rule covers {name}")
         kind = request.WhichOneof("personalization") or "stage1"
@@ -165,6 +170,6 @@ def inference_describer(policy):
         data = request.prompt.encode("utf-8")
         return {"arrays": arrays, "consent_rule": "+".join(rules), "extra": extra,
                 "meta": {"prompt_sha256": hashlib.sha256(data).hexdigest(),
-                         "prompt_bytes": len(data), **meta}}
+                         "prompt_bytes": len(data), **meta, **signer}}
 
     return describe

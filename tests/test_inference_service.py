@@ -287,6 +287,9 @@ def test_pfl_generate_answers_the_same_locally_and_remotely_under_consent(setup,
     assert uploads[0]["consent_rule"] == "inference.remote+upload.oppu_personal_lora"
     perfit = next(e for e in generates if "upload.perfit_stage2" in e["consent_rule"])
     assert perfit["arrays"] and query not in json.dumps(entries)  # no raw text in the ledger
+    # the device key that signs every call leaves with it: each entry names it
+    signer = crypto.public_key_bytes(crypto.load_device_key(state_dir / "device.key")).hex()
+    assert all(e["meta"]["signed_by"] == signer for e in generates + uploads)
 
 
 def test_a_devices_evaluation_scores_the_same_locally_through_the_service_and_on_onnx(
